@@ -1,0 +1,48 @@
+"""sqlalchemy-outbox: transactional outbox for SQLAlchemy, relayed to Kafka.
+
+Write events in your business transaction::
+
+    from outbox import Outbox
+
+    outbox = Outbox()
+    with Session(engine) as session, session.begin():
+        session.add(order)
+        outbox.publish(session, "orders", {"id": order.id}, key=str(order.id))
+
+then run ``outbox-relay --db-url ... --bootstrap-servers ...``. See ``docs/``.
+"""
+
+from outbox.config import RelayConfig
+from outbox.exceptions import (
+    ConfigurationError,
+    DatabaseError,
+    DatabaseUnavailableError,
+    MissingTablesError,
+    OutboxError,
+    PayloadError,
+    TransportError,
+)
+from outbox.message import HEADER_CONTENT_TYPE, HEADER_MESSAGE_ID, Message, uuid7
+from outbox.outbox import Outbox
+from outbox.relay import Relay, RelayStats
+from outbox.schema import OutboxTables, define_tables
+
+__all__ = [
+    "HEADER_CONTENT_TYPE",
+    "HEADER_MESSAGE_ID",
+    "ConfigurationError",
+    "DatabaseError",
+    "DatabaseUnavailableError",
+    "Message",
+    "MissingTablesError",
+    "Outbox",
+    "OutboxError",
+    "OutboxTables",
+    "PayloadError",
+    "Relay",
+    "RelayConfig",
+    "RelayStats",
+    "TransportError",
+    "define_tables",
+    "uuid7",
+]

@@ -1,0 +1,88 @@
+"""Exceptions raised by the library.
+
+Every exception the library raises derives from :class:`OutboxError`. A class's docstring is
+its default message. Database driver errors are translated here, in :func:`translate_db_errors`;
+Kafka client errors are translated in ``outbox.transport.kafka`` (the only module that imports
+``confluent_kafka``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import psycopg
+import sqlalchemy.exc
+
+
+class OutboxError(Exception):
+    """An outbox operation failed."""
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message or (self.__doc__ or "").strip())
+
+
+class ConfigurationError(OutboxError):
+    """The configuration is invalid; fix the option named in the message and retry.
+
+    The CLI exits with status 2 on this error: it is a usage error, nothing was done.
+    """
+
+
+class PayloadError(OutboxError):
+    """The message cannot be stored: its topic, key, headers or payload are invalid."""
+
+
+class DatabaseError(OutboxError):
+    """The database failed; check that it is reachable and retry."""
+
+
+class DatabaseUnavailableError(DatabaseError):
+    """Cannot connect to the database; check the URL, that the server is up, and retry."""
+
+
+class MissingTablesError(ConfigurationError):
+    """The outbox tables do not exist; run `outbox db upgrade --db-url URL` (or
+    `alembic upgrade outbox@head`) first."""
+
+
+class TransportError(OutboxError):
+    """The message broker failed."""
+
+
+def _is_undefined_table(exc: BaseException) -> bool:
+    # psycopg's UndefinedTable carries SQLSTATE 42P01; checked by code so that this module
+    # does not depend on the driver's class hierarchy.
+    return getattr(exc, "sqlstate", None) == "42P01"
+
+
+@contextlib.contextmanager
+def translate_db_errors(what: str = "database operation") -> Iterator[None]:
+    """Translate SQLAlchemy and psycopg errors into :class:`OutboxError` subclasses."""
+    try:
+        yield
+    except OutboxError:
+        raise
+    except sqlalchemy.exc.ArgumentError as exc:
+        raise ConfigurationError(f"invalid database URL: {exc}") from exc
+    except sqlalchemy.exc.DBAPIError as exc:
+        orig = exc.orig
+        if orig is not None and _is_undefined_table(orig):
+            raise MissingTablesError() from exc
+        if isinstance(exc, sqlalchemy.exc.OperationalError) and exc.connection_invalidated:
+            raise DatabaseUnavailableError() from exc
+        raise DatabaseError(f"{what} failed: {_first_line(orig or exc)}") from exc
+    except psycopg.errors.UndefinedTable as exc:
+        raise MissingTablesError() from exc
+    except psycopg.OperationalError as exc:
+        raise DatabaseUnavailableError(
+            f"cannot reach the database ({_first_line(exc)}); check the URL and that the "
+            "server is up"
+        ) from exc
+    except psycopg.Error as exc:
+        raise DatabaseError(f"{what} failed: {_first_line(exc)}") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

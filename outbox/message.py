@@ -1,0 +1,147 @@
+"""Messages as the application hands them over, and their stored (encoded) form."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import decimal
+import enum
+import json
+import os
+import re
+import time
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+from outbox.exceptions import PayloadError
+
+#: Kafka header carrying the message id: consumers deduplicate on it.
+HEADER_MESSAGE_ID = "message-id"
+#: Kafka header carrying the payload's media type.
+HEADER_CONTENT_TYPE = "content-type"
+_RESERVED_HEADERS = frozenset({HEADER_MESSAGE_ID})
+
+JSON = "application/json"
+OCTET_STREAM = "application/octet-stream"
+TEXT = "text/plain; charset=utf-8"
+
+# Kafka's own rule for topic names.
+_TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Message:
+    """One event to publish.
+
+    ``payload``: ``dict``/``list`` (and other JSON values), a dataclass or pydantic model (sent as
+    JSON), ``str`` (UTF-8 text), ``bytes`` (as is), or ``None`` (a tombstone for compacted
+    topics). ``key``: ``str`` or ``bytes``; messages with the same key keep their order.
+    ``message_id`` defaults to a new time-ordered UUID (version 7).
+    """
+
+    topic: str
+    payload: Any
+    key: str | bytes | None = None
+    headers: Mapping[str, str] | None = None
+    message_id: uuid.UUID | None = None
+    content_type: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodedMessage:
+    """A message in the form it is stored and sent."""
+
+    message_id: uuid.UUID
+    topic: str
+    key: bytes | None
+    payload: bytes | None
+    headers: dict[str, str]
+
+
+def uuid7() -> uuid.UUID:
+    """A time-ordered UUID (RFC 9562 version 7): ids sort by creation time, which keeps the
+    unique index on ``message_id`` append-mostly."""
+    ms = time.time_ns() // 1_000_000
+    rand = int.from_bytes(os.urandom(10), "big")
+    rand_a = (rand >> 64) & 0xFFF
+    rand_b = rand & 0x3FFF_FFFF_FFFF_FFFF
+    value = ((ms & 0xFFFF_FFFF_FFFF) << 80) | (0x7 << 76) | (rand_a << 64) | (0b10 << 62) | rand_b
+    return uuid.UUID(int=value)
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, (datetime.datetime, datetime.date, datetime.time)):
+        return obj.isoformat()
+    if isinstance(obj, uuid.UUID):
+        return str(obj)
+    if isinstance(obj, decimal.Decimal):
+        # A string keeps every digit: money must not go through a float.
+        return str(obj)
+    if isinstance(obj, enum.Enum):
+        return obj.value
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.asdict(obj)
+    dump = getattr(obj, "model_dump", None)
+    if callable(dump):  # pydantic v2
+        return dump(mode="json")
+    raise TypeError(f"{type(obj).__name__} is not JSON serializable")
+
+
+def encode_payload(payload: Any) -> tuple[bytes | None, str | None]:
+    """Return the payload's bytes and its default content type."""
+    if payload is None:
+        return None, None
+    if isinstance(payload, (bytes, bytearray, memoryview)):
+        return bytes(payload), OCTET_STREAM
+    if isinstance(payload, str):
+        return payload.encode(), TEXT
+    dump_json = getattr(payload, "model_dump_json", None)
+    if callable(dump_json) and not isinstance(payload, type):
+        return str(dump_json()).encode(), JSON
+    try:
+        text = json.dumps(
+            payload,
+            default=_json_default,
+            ensure_ascii=False,
+            allow_nan=False,
+            separators=(",", ":"),
+        )
+    except (TypeError, ValueError) as exc:
+        raise PayloadError(
+            f"payload cannot be encoded as JSON ({exc}); pass bytes, str, or JSON-compatible data"
+        ) from exc
+    return text.encode(), JSON
+
+
+def encode(message: Message) -> EncodedMessage:
+    """Validate and encode; raises :class:`PayloadError` with what to fix."""
+    topic = message.topic
+    if not isinstance(topic, str) or not _TOPIC.match(topic):
+        raise PayloadError(
+            f"invalid topic {topic!r}: use 1-249 characters from letters, digits, '.', '_', '-'"
+        )
+    key = message.key
+    if isinstance(key, str):
+        key = key.encode()
+    elif key is not None and not isinstance(key, bytes):
+        raise PayloadError(f"invalid key of type {type(key).__name__}: use str, bytes or None")
+    payload, content_type = encode_payload(message.payload)
+    headers: dict[str, str] = {}
+    for name, value in (message.headers or {}).items():
+        if not isinstance(name, str) or not name:
+            raise PayloadError(f"invalid header name {name!r}: use a non-empty str")
+        if name.lower() in _RESERVED_HEADERS:
+            raise PayloadError(f"header {name!r} is set by the outbox; pass message_id= instead")
+        if not isinstance(value, str):
+            raise PayloadError(f"header {name!r} must be a str, not {type(value).__name__}")
+        headers[name] = value
+    ctype = message.content_type or content_type
+    if ctype is not None:
+        headers[HEADER_CONTENT_TYPE] = ctype
+    message_id = message.message_id if message.message_id is not None else uuid7()
+    if not isinstance(message_id, uuid.UUID):
+        raise PayloadError(f"message_id must be a uuid.UUID, not {type(message_id).__name__}")
+    return EncodedMessage(
+        message_id=message_id, topic=topic, key=key, payload=payload, headers=headers
+    )

@@ -1,0 +1,113 @@
+"""Publishing: write messages into the caller's own transaction."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, TypeAlias
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from outbox import statements
+from outbox.exceptions import translate_db_errors
+from outbox.message import EncodedMessage, Message, encode
+from outbox.schema import DEFAULT_TABLE, OutboxTables, define_tables
+
+if TYPE_CHECKING:
+    # Imported for typing only: sqlalchemy.ext.asyncio needs greenlet, which sync users
+    # need not install.
+    from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+
+SyncTarget: TypeAlias = "Session | sa.Connection"
+AsyncTarget: TypeAlias = "AsyncSession | AsyncConnection"
+
+
+class Outbox:
+    """The outbox table of one application, and the way to publish into it.
+
+    ``Outbox()`` uses the default table name ``outbox_messages`` in the connection's default
+    schema; pass ``table=`` / ``schema=`` to match what you installed, and ``metadata=`` to
+    declare the table on your own ``MetaData`` (for ``alembic check``).
+
+    Publishing inserts rows in the session's current transaction: they become visible to the
+    relay when that transaction commits, and vanish with it when it rolls back.
+    """
+
+    def __init__(
+        self,
+        *,
+        table: str = DEFAULT_TABLE,
+        schema: str | None = None,
+        metadata: sa.MetaData | None = None,
+    ) -> None:
+        self.tables: OutboxTables = define_tables(metadata, table=table, schema=schema)
+
+    def publish(
+        self,
+        session: SyncTarget,
+        topic: str,
+        payload: Any,
+        *,
+        key: str | bytes | None = None,
+        headers: Mapping[str, str] | None = None,
+        message_id: uuid.UUID | None = None,
+        content_type: str | None = None,
+    ) -> uuid.UUID:
+        """Publish one message in ``session``'s transaction; returns its message id.
+
+        Raises :class:`~outbox.PayloadError` at once, before anything is written, when the
+        topic, key, headers or payload are invalid.
+        """
+        msg = Message(topic, payload, key, headers, message_id, content_type)
+        return self.publish_many(session, [msg])[0]
+
+    def publish_many(self, session: SyncTarget, messages: Iterable[Message]) -> list[uuid.UUID]:
+        """Publish several messages in one round trip, in the given order."""
+        encoded = [encode(m) for m in messages]
+        if encoded:
+            stmt, params = self._insert(encoded)
+            with translate_db_errors("publish"):
+                session.execute(stmt, params)
+        return [e.message_id for e in encoded]
+
+    async def apublish(
+        self,
+        session: AsyncTarget,
+        topic: str,
+        payload: Any,
+        *,
+        key: str | bytes | None = None,
+        headers: Mapping[str, str] | None = None,
+        message_id: uuid.UUID | None = None,
+        content_type: str | None = None,
+    ) -> uuid.UUID:
+        """:meth:`publish` for an ``AsyncSession`` or ``AsyncConnection``."""
+        msg = Message(topic, payload, key, headers, message_id, content_type)
+        return (await self.apublish_many(session, [msg]))[0]
+
+    async def apublish_many(
+        self, session: AsyncTarget, messages: Iterable[Message]
+    ) -> list[uuid.UUID]:
+        """:meth:`publish_many` for an ``AsyncSession`` or ``AsyncConnection``."""
+        encoded = [encode(m) for m in messages]
+        if encoded:
+            stmt, params = self._insert(encoded)
+            with translate_db_errors("publish"):
+                await session.execute(stmt, params)
+        return [e.message_id for e in encoded]
+
+    def _insert(self, encoded: Sequence[EncodedMessage]) -> tuple[sa.TextClause, dict[str, Any]]:
+        lock_ids = sorted(
+            {self.tables.lock_id(e.topic.encode(), e.key) for e in encoded if e.key is not None}
+        )
+        params: dict[str, Any] = {
+            "message_ids": [e.message_id for e in encoded],
+            "topics": [e.topic for e in encoded],
+            "keys": [e.key for e in encoded],
+            "payloads": [e.payload for e in encoded],
+            "headers": [json.dumps(e.headers, separators=(",", ":")) for e in encoded],
+            "lock_ids": lock_ids,
+        }
+        return statements.insert_messages(self.tables), params

@@ -1,0 +1,558 @@
+"""The relay: claim committed rows, send them, mark them sent once acknowledged.
+
+Design (see ``docs/guarantees.md``):
+
+* **One active relay.** A relay becomes the leader by taking a session-scoped advisory lock on
+  the same connection it claims and marks with. The lock lives exactly as long as that
+  session: a crashed leader's lock is released by PostgreSQL, and a relay that lost its
+  connection cannot mark anything. Other relays wait as standbys.
+* **Order.** Writers take a per-key transaction lock before their rows get ids (see
+  :func:`outbox.statements.insert_messages`), so per key, id order is commit order and the
+  claim (``ORDER BY id``) never skips a row that commits late. The leader sends in id order
+  and the transport keeps per-key order.
+* **At least once.** Rows are deleted (or marked) only after the broker acknowledged them.
+  Anything unacknowledged at a crash is sent again: duplicates, never loss.
+* **Pipelining.** Up to ``max_inflight_batches`` batches are out at once, so the database work
+  for one batch overlaps the broker's acknowledgement of another.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import logging
+import random
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import psycopg
+import psycopg.conninfo
+
+from outbox import statements
+from outbox.config import RelayConfig, parse_db_url
+from outbox.exceptions import (
+    DatabaseUnavailableError,
+    OutboxError,
+    TransportError,
+    translate_db_errors,
+)
+from outbox.message import HEADER_MESSAGE_ID
+from outbox.schema import DEAD, define_tables
+from outbox.transport.base import (
+    DeliveryFailure,
+    FailureKind,
+    MessageRejected,
+    OutgoingMessage,
+    Transport,
+    TransportUnavailable,
+)
+
+logger = logging.getLogger(__name__)
+
+TransportFactory = Callable[[], Transport]
+
+
+def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random) -> float:
+    """Exponential backoff with full jitter: uniform in [0, min(cap, base * 2**attempt)].
+
+    Full jitter spreads retries of many messages (or relays) evenly instead of in waves.
+    """
+    return rng.uniform(0, min(cap, base * (2 ** min(attempt, 32))))
+
+
+@dataclasses.dataclass
+class RelayStats:
+    """Counters since the relay started (also logged at shutdown)."""
+
+    sent: int = 0
+    failed_attempts: int = 0
+    parked: int = 0
+    batches: int = 0
+    transport_failures: int = 0
+
+
+@dataclasses.dataclass
+class _Row:
+    id: int
+    message_id: uuid.UUID
+    topic: str
+    key: bytes | None
+    payload: bytes | None
+    headers: dict[str, str]
+    attempts: int
+
+
+@dataclasses.dataclass
+class _Batch:
+    rows: list[_Row]
+    started: float
+    outstanding: int = 0
+    acked: list[int] = dataclasses.field(default_factory=list)
+    # (id, reason): counted as a failed attempt.
+    failed: list[tuple[int, str]] = dataclasses.field(default_factory=list)
+    transport_failures: list[str] = dataclasses.field(default_factory=list)
+    fatal: bool = False
+
+    @property
+    def done(self) -> bool:
+        return self.outstanding == 0
+
+
+class Relay:
+    """Moves committed outbox rows to a broker. Not thread-safe; call :meth:`stop` from any
+    thread or a signal handler."""
+
+    def __init__(
+        self,
+        config: RelayConfig,
+        transport_factory: TransportFactory,
+        *,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.config = config
+        self.tables = define_tables(table=config.table, schema=config.schema)
+        self.stats = RelayStats()
+        self._transport_factory = transport_factory
+        self._transport: Transport | None = None
+        self._conn: psycopg.Connection[Any] | None = None
+        self._leader = False
+        self._inflight: collections.deque[_Batch] = collections.deque()
+        self._stop = threading.Event()
+        self._woken = False
+        self._rng = rng or random.Random()
+        self._broker_failures = 0
+        self._broker_retry_at = 0.0
+        self._next_retry_due: float | None = None
+        self._db_failures = 0
+        self._standby_logged = False
+        self._conninfo = _conninfo(config)
+        self._sql = {
+            name: statements.to_driver_sql(build(self.tables))
+            for name, build in (
+                ("claim", statements.claim),
+                ("delete", statements.delete_sent),
+                ("mark", statements.mark_sent),
+                ("fail", statements.record_failures),
+                ("probe", statements.probe_tables),
+                ("listen", statements.listen),
+            )
+        }
+        self._sql["lock"] = statements.to_driver_sql(statements.try_leader_lock())
+
+    # -- public -------------------------------------------------------------------------------
+
+    @property
+    def is_leader(self) -> bool:
+        return self._leader
+
+    def stop(self) -> None:
+        """Ask :meth:`run` to finish the in-flight batches and return."""
+        self._stop.set()
+
+    def check(self) -> None:
+        """Fail fast on bad setup: the database must be reachable and the tables installed."""
+        conn = self._connect()
+        conn.close()
+
+    def run(self) -> RelayStats:
+        """Relay until :meth:`stop` is called. Survives database and broker outages."""
+        logger.info("relay starting", extra=self._describe())
+        try:
+            while not self._stop.is_set():
+                try:
+                    if not self._ensure_leader():
+                        self._sleep(self.config.leader_retry_interval)
+                        continue
+                    if not self._step(drain=False):
+                        self._wait_for_work()
+                except (DatabaseUnavailableError, psycopg.OperationalError) as exc:
+                    self._lost_database(exc)
+                    self._sleep(
+                        backoff_delay(
+                            self._db_failures,
+                            self.config.broker_backoff_base,
+                            self.config.broker_backoff_max,
+                            self._rng,
+                        )
+                    )
+        finally:
+            self._shutdown()
+        return self.stats
+
+    def run_once(self) -> RelayStats:
+        """Send everything that is due now, then return (``outbox-relay --once``).
+
+        Raises :class:`~outbox.TransportError` when the broker cannot be reached and
+        :class:`~outbox.OutboxError` when another relay is the leader.
+        """
+        try:
+            if not self._ensure_leader():
+                raise OutboxError(
+                    "another relay is active (it holds the leader lock); it will send the "
+                    "pending messages"
+                )
+            self._transport_or_create().check(self.config.delivery_timeout)
+            while not self._stop.is_set():
+                if not self._step(drain=True) and not self._inflight:
+                    break
+                if self._broker_failures:
+                    raise TransportError(
+                        "the broker did not acknowledge messages; check that it is reachable"
+                    )
+        finally:
+            self._shutdown()
+        return self.stats
+
+    # -- one round ----------------------------------------------------------------------------
+
+    def _step(self, *, drain: bool) -> bool:
+        """Claim and send one batch if there is room, then finish the oldest batch if the
+        pipeline is full or nothing more was claimed. Returns whether anything happened."""
+        progressed = False
+        claimed_full = False
+        if len(self._inflight) < self.config.max_inflight_batches and self._broker_ready():
+            rows = self._claim()
+            if rows:
+                self._inflight.append(self._send(rows))
+                progressed = True
+                claimed_full = len(rows) == self.config.batch_size
+        if self._inflight and (
+            len(self._inflight) >= self.config.max_inflight_batches or not claimed_full
+        ):
+            batch = self._inflight[0]
+            self._await(batch)
+            self._inflight.popleft()
+            self._finish(batch)
+            progressed = True
+        return progressed
+
+    def _claim(self) -> list[_Row]:
+        exclude = [row.id for batch in self._inflight for row in batch.rows]
+        conn = self._require_conn()
+        with translate_db_errors("claim"):
+            cur = conn.execute(
+                self._sql["claim"], {"exclude": exclude, "limit": self.config.batch_size}
+            )
+            return [_Row(*r) for r in cur.fetchall()]
+
+    def _send(self, rows: list[_Row]) -> _Batch:
+        transport = self._transport_or_create()
+        batch = _Batch(rows=rows, started=time.monotonic())
+        held: set[tuple[str, bytes]] = set()
+        for row in rows:
+            if row.key is not None and (row.topic, row.key) in held:
+                continue  # an earlier message of this key was refused: keep the order
+            message = OutgoingMessage(
+                topic=row.topic,
+                key=row.key,
+                value=row.payload,
+                headers=[(HEADER_MESSAGE_ID, str(row.message_id).encode())]
+                + [(k, v.encode()) for k, v in row.headers.items()],
+            )
+            try:
+                transport.send(message, self._reporter(batch, row.id))
+            except MessageRejected as exc:
+                batch.failed.append((row.id, str(exc)))
+                if row.key is not None:
+                    held.add((row.topic, row.key))
+                continue
+            except TransportUnavailable as exc:
+                batch.transport_failures.append(str(exc))
+                batch.fatal = batch.fatal or transport.broken
+                break  # the rest of the batch stays pending, in order
+            batch.outstanding += 1
+        return batch
+
+    @staticmethod
+    def _reporter(batch: _Batch, row_id: int) -> Callable[[DeliveryFailure | None], None]:
+        def on_delivery(failure: DeliveryFailure | None) -> None:
+            batch.outstanding -= 1
+            if failure is None:
+                batch.acked.append(row_id)
+            elif failure.kind is FailureKind.MESSAGE:
+                batch.failed.append((row_id, failure.reason))
+            else:
+                batch.transport_failures.append(failure.reason)
+                batch.fatal = batch.fatal or failure.kind is FailureKind.FATAL
+
+        return on_delivery
+
+    def _await(self, batch: _Batch) -> None:
+        transport = self._transport_or_create()
+        # librdkafka reports every message within message.timeout.ms; the margin covers the
+        # rest. Past it, give up on the stragglers (they stay unsent) and re-create the client.
+        deadline = batch.started + self.config.delivery_timeout + 5.0
+        while not batch.done:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                batch.transport_failures.append("no delivery report before the deadline")
+                batch.fatal = True
+                batch.outstanding = 0
+                break
+            transport.poll(min(remaining, 0.1))
+
+    def _finish(self, batch: _Batch) -> None:
+        conn = self._require_conn()
+        failures = batch.failed
+        delays = [
+            backoff_delay(
+                self._attempts_of(batch, row_id),
+                self.config.retry_backoff_base,
+                self.config.retry_backoff_max,
+                self._rng,
+            )
+            for row_id, _ in failures
+        ]
+        parked: list[tuple[Any, ...]] = []
+        with translate_db_errors("mark sent"), conn.transaction():
+            if batch.acked:
+                conn.execute(
+                    self._sql["mark" if self.config.retain_sent else "delete"],
+                    {"ids": batch.acked},
+                )
+            if failures:
+                cur = conn.execute(
+                    self._sql["fail"],
+                    {
+                        "ids": [f[0] for f in failures],
+                        "errors": [f[1][:2000] for f in failures],
+                        "delays": delays,
+                        "max_attempts": self.config.max_attempts,
+                    },
+                )
+                parked = [r for r in cur.fetchall() if r[1] == DEAD]
+        self.stats.batches += 1
+        self.stats.sent += len(batch.acked)
+        self.stats.failed_attempts += len(failures)
+        self.stats.parked += len(parked)
+        if failures:
+            due = time.monotonic() + min(delays)
+            self._next_retry_due = min(due, self._next_retry_due or due)
+            for row_id, reason in failures:
+                logger.warning("send failed", extra={"outbox_id": row_id, "error": reason})
+        for row in parked:
+            logger.error(
+                "message parked",
+                extra={"outbox_id": row[0], "attempts": row[2], "status": DEAD},
+            )
+        if batch.transport_failures:
+            self.stats.transport_failures += 1
+            self._broker_failed(batch.transport_failures[0], fatal=batch.fatal)
+        elif batch.acked:
+            self._broker_failures = 0
+        logger.debug(
+            "batch done",
+            extra={
+                "claimed": len(batch.rows),
+                "acked": len(batch.acked),
+                "failed": len(failures),
+                "unsent": len(batch.rows) - len(batch.acked) - len(failures),
+                "ms": round((time.monotonic() - batch.started) * 1000, 1),
+            },
+        )
+
+    @staticmethod
+    def _attempts_of(batch: _Batch, row_id: int) -> int:
+        for row in batch.rows:
+            if row.id == row_id:
+                return row.attempts
+        return 0
+
+    # -- broker health ------------------------------------------------------------------------
+
+    def _broker_failed(self, reason: str, *, fatal: bool) -> None:
+        delay = backoff_delay(
+            self._broker_failures,
+            self.config.broker_backoff_base,
+            self.config.broker_backoff_max,
+            self._rng,
+        )
+        self._broker_failures += 1
+        self._broker_retry_at = time.monotonic() + delay
+        logger.warning(
+            "broker unavailable, backing off",
+            extra={
+                "error": reason,
+                "retry_in_s": round(delay, 2),
+                "failures": self._broker_failures,
+            },
+        )
+        if fatal or (self._transport is not None and self._transport.broken):
+            self._discard_transport()
+
+    def _broker_ready(self) -> bool:
+        if not self._broker_failures:
+            return True
+        if time.monotonic() < self._broker_retry_at:
+            return False
+        if self._inflight:
+            return False  # let the outstanding batch tell us first
+        try:
+            self._transport_or_create().check(min(self.config.delivery_timeout, 5.0))
+        except TransportError as exc:
+            self._broker_failed(str(exc), fatal=False)
+            return False
+        logger.info("broker reachable again")
+        self._broker_failures = 0
+        return True
+
+    def _transport_or_create(self) -> Transport:
+        if self._transport is None:
+            self._transport = self._transport_factory()
+        return self._transport
+
+    def _discard_transport(self) -> None:
+        if self._transport is not None:
+            logger.warning("re-creating the broker client")
+            transport, self._transport = self._transport, None
+            try:
+                transport.close(0)
+            except Exception:  # a broken client may fail to close; it is dropped either way
+                logger.debug("closing the broken client failed", exc_info=True)
+
+    # -- database and leadership --------------------------------------------------------------
+
+    def _connect(self) -> psycopg.Connection[Any]:
+        with translate_db_errors("connect"):
+            conn = psycopg.connect(self._conninfo, autocommit=True)
+        try:
+            with translate_db_errors("check tables"):
+                conn.execute(self._sql["probe"])
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _ensure_leader(self) -> bool:
+        if self._conn is not None and self._leader:
+            return True
+        if self._conn is None:
+            conn = self._connect()
+            with translate_db_errors("listen"):
+                conn.execute(self._sql["listen"])
+            conn.add_notify_handler(self._on_notify)
+            self._conn = conn
+        with translate_db_errors("leader lock"):
+            row = self._conn.execute(
+                self._sql["lock"], {"lock_id": self.tables.leader_lock_id}
+            ).fetchone()
+        became = bool(row and row[0])
+        if became:
+            logger.info("relay is the leader", extra={"table": self.tables.qualified_name})
+            self._leader = True
+            self._db_failures = 0
+            self._standby_logged = False
+            self._woken = True  # look for work at once
+        elif not self._standby_logged:
+            logger.info("relay is a standby: another relay is the leader")
+            self._standby_logged = True
+        return became
+
+    def _require_conn(self) -> psycopg.Connection[Any]:
+        if self._conn is None:
+            raise DatabaseUnavailableError("not connected")
+        return self._conn
+
+    def _lost_database(self, exc: BaseException) -> None:
+        logger.warning(
+            "database connection lost, reconnecting",
+            extra={
+                "error": str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+                "abandoned": sum(len(b.rows) for b in self._inflight),
+            },
+        )
+        # Whatever is in flight can no longer be marked; it stays unsent and is sent again
+        # (a bounded number of duplicates) once a relay is the leader.
+        self._inflight.clear()
+        self._leader = False
+        if self._conn is not None:
+            with contextlib.suppress(psycopg.Error):
+                self._conn.close()
+            self._conn = None
+        self._db_failures += 1
+
+    # -- waiting ------------------------------------------------------------------------------
+
+    def _on_notify(self, _notify: psycopg.Notify) -> None:
+        self._woken = True
+
+    def _wait_for_work(self) -> None:
+        """Sleep until a writer's commit notifies us, a retry falls due, or the fallback poll
+        interval passes. Issues no statements while it waits."""
+        now = time.monotonic()
+        deadline = now + self.config.poll_interval
+        if self._next_retry_due is not None:
+            deadline = min(deadline, self._next_retry_due)
+            if self._next_retry_due <= now + self.config.poll_interval:
+                self._next_retry_due = None
+        if self._broker_failures:
+            deadline = min(deadline, self._broker_retry_at)
+        conn = self._require_conn()
+        while not self._stop.is_set() and not self._woken:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            with translate_db_errors("wait for notifications"):
+                for _ in conn.notifies(timeout=min(remaining, 0.25), stop_after=1):
+                    self._woken = True
+        self._woken = False
+
+    def _sleep(self, seconds: float) -> None:
+        self._stop.wait(seconds)
+
+    # -- shutdown -----------------------------------------------------------------------------
+
+    def _shutdown(self) -> None:
+        deadline = time.monotonic() + self.config.shutdown_timeout
+        try:
+            while self._inflight and self._conn is not None:
+                batch = self._inflight[0]
+                transport = self._transport_or_create()
+                while not batch.done and time.monotonic() < deadline:
+                    transport.poll(0.1)
+                # Acknowledged rows are marked even if the batch is incomplete; the rest stays.
+                self._inflight.popleft()
+                batch.outstanding = 0
+                self._finish(batch)
+        except (OutboxError, psycopg.Error) as exc:
+            logger.warning(
+                "could not mark the last batch; it will be sent again", extra={"error": str(exc)}
+            )
+        finally:
+            self._inflight.clear()
+            if self._transport is not None:
+                self._transport.close(max(0.0, deadline - time.monotonic()))
+                self._transport = None
+            if self._conn is not None:
+                self._conn.close()  # releases the leader lock
+                self._conn = None
+            self._leader = False
+            logger.info("relay stopped", extra=dataclasses.asdict(self.stats))
+
+    def _describe(self) -> dict[str, Any]:
+        return {
+            "table": self.tables.qualified_name,
+            "batch_size": self.config.batch_size,
+            "retain_sent": self.config.retain_sent,
+        }
+
+
+def _conninfo(config: RelayConfig) -> str:
+    url = parse_db_url(config.db_url)
+    params: dict[str, Any] = {
+        k: v for k, v in url.translate_connect_args(username="user", database="dbname").items()
+    }
+    params.update({k: v for k, v in url.query.items() if isinstance(v, str)})
+    params.setdefault("application_name", config.application_name)
+    params.setdefault("connect_timeout", max(1, int(config.db_connect_timeout)))
+    # Detect a dead server or network within about a minute instead of hanging on TCP.
+    params.setdefault("keepalives", 1)
+    params.setdefault("keepalives_idle", 10)
+    params.setdefault("keepalives_interval", 5)
+    params.setdefault("keepalives_count", 3)
+    params.update(config.extra_db_options)
+    return psycopg.conninfo.make_conninfo(**params)

@@ -1,0 +1,138 @@
+"""Table definitions, built by a factory on the caller's ``MetaData``.
+
+The shipped Alembic revisions (``migrations/``) create exactly these tables; a test fails when
+the two drift apart. Every constraint and index is named so that migrations can refer to it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import re
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
+
+from outbox.exceptions import ConfigurationError
+
+DEFAULT_TABLE = "outbox_messages"
+
+#: Values of the ``status`` column.
+PENDING = "pending"  # waiting for its first attempt
+RETRY = "retry"  # failed; next attempt at ``next_attempt_at``; holds back its key until then
+DEAD = "dead"  # parked after too many attempts; holds back its key until replayed or removed
+SENT = "sent"  # acknowledged by the broker (retain mode only; delete mode removes the row)
+STATUSES = (PENDING, RETRY, DEAD, SENT)
+
+_IDENT = re.compile(r"^[a-z_][a-z0-9_]{0,47}$")
+
+
+def validate_identifier(value: str, what: str) -> str:
+    """Table and schema names become SQL identifiers and NOTIFY channels: keep them plain."""
+    if not _IDENT.match(value):
+        raise ConfigurationError(
+            f"invalid {what} {value!r}: use lower-case letters, digits and underscores, "
+            "starting with a letter, at most 48 characters"
+        )
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class OutboxTables:
+    """The outbox's tables on one ``MetaData``, plus names derived from them."""
+
+    metadata: sa.MetaData
+    messages: sa.Table
+
+    @property
+    def qualified_name(self) -> str:
+        t = self.messages
+        return f"{t.schema}.{t.name}" if t.schema else t.name
+
+    @property
+    def channel(self) -> str:
+        """The LISTEN/NOTIFY channel that writers notify on commit."""
+        return self.qualified_name.replace(".", "__")
+
+    def lock_id(self, *parts: bytes) -> int:
+        """A stable signed 64-bit advisory-lock id, namespaced by the table's name.
+
+        Stable across processes and Python versions (unlike ``hash()``), so writers and relays
+        agree on it.
+        """
+        h = hashlib.blake2b(digest_size=8)
+        h.update(self.qualified_name.encode())
+        for part in parts:
+            h.update(b"\x00")
+            h.update(part)
+        return int.from_bytes(h.digest(), "big", signed=True)
+
+    @property
+    def leader_lock_id(self) -> int:
+        """The advisory lock that the active relay holds for as long as its session lives."""
+        return self.lock_id(b"relay-leader")
+
+
+def define_tables(
+    metadata: sa.MetaData | None = None,
+    *,
+    table: str = DEFAULT_TABLE,
+    schema: str | None = None,
+) -> OutboxTables:
+    """Declare the outbox tables on ``metadata`` (a new one if not given).
+
+    Use it to make the tables part of your own models (so ``alembic check`` and
+    ``metadata.create_all`` see them); install them with the shipped migrations.
+    """
+    validate_identifier(table, "table name")
+    if schema is not None:
+        validate_identifier(schema, "schema name")
+    md = metadata if metadata is not None else sa.MetaData()
+    status_list = ", ".join(f"'{s}'" for s in STATUSES)
+    messages = sa.Table(
+        table,
+        md,
+        sa.Column("id", sa.BigInteger, sa.Identity(), nullable=False),
+        sa.Column("message_id", sa.Uuid(), nullable=False),
+        sa.Column("topic", sa.Text, nullable=False),
+        sa.Column("key", sa.LargeBinary, nullable=True),
+        sa.Column("payload", sa.LargeBinary, nullable=True),
+        sa.Column(
+            "headers",
+            postgresql.JSONB(),
+            nullable=False,
+            server_default=sa.text("'{}'::jsonb"),
+        ),
+        sa.Column("status", sa.Text, nullable=False, server_default=sa.text(f"'{PENDING}'")),
+        sa.Column("attempts", sa.Integer, nullable=False, server_default=sa.text("0")),
+        sa.Column("last_error", sa.Text, nullable=True),
+        sa.Column("next_attempt_at", sa.DateTime(timezone=True), nullable=True),
+        sa.Column(
+            "created_at",
+            sa.DateTime(timezone=True),
+            nullable=False,
+            server_default=sa.text("now()"),
+        ),
+        sa.Column("sent_at", sa.DateTime(timezone=True), nullable=True),
+        sa.PrimaryKeyConstraint("id", name=f"pk_{table}"),
+        sa.UniqueConstraint("message_id", name=f"uq_{table}_message_id"),
+        sa.CheckConstraint("length(topic) > 0", name=f"ck_{table}_topic"),
+        sa.CheckConstraint(f"status IN ({status_list})", name=f"ck_{table}_status"),
+        # The relay's claim: unsent rows in id order. Partial, so that rows kept in retain mode
+        # do not slow it down.
+        sa.Index(
+            f"ix_{table}_unsent",
+            "id",
+            postgresql_where=sa.text(f"status IN ('{PENDING}', '{RETRY}')"),
+        ),
+        # Keys held back by a failing or parked message; empty while all is well.
+        sa.Index(
+            f"ix_{table}_held",
+            "topic",
+            "key",
+            "id",
+            postgresql_where=sa.text(f"status IN ('{RETRY}', '{DEAD}')"),
+        ),
+        schema=schema,
+    )
+    return OutboxTables(metadata=md, messages=messages)

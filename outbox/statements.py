@@ -1,0 +1,162 @@
+"""Every SQL statement the library runs, built by named functions.
+
+Builders only build; they never execute. Each takes the :class:`~outbox.schema.OutboxTables`
+it works on, so table and schema names are configurable and quoted by SQLAlchemy.
+Statements are written for PostgreSQL 13+.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import psycopg as pg_psycopg
+
+from outbox.schema import DEAD, PENDING, RETRY, SENT, OutboxTables
+
+_DIALECT = pg_psycopg.dialect()  # type: ignore[no-untyped-call]
+
+
+def _table(tables: OutboxTables) -> str:
+    return _DIALECT.identifier_preparer.format_table(tables.messages)
+
+
+def _literal(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+@functools.lru_cache(maxsize=64)
+def insert_messages(tables: OutboxTables) -> sa.TextClause:
+    """Insert a list of messages in one round trip, in list order.
+
+    Before any row gets its id, the statement takes a transaction-scoped advisory lock per
+    distinct (topic, key) (ids pre-sorted by the caller, so two writers never deadlock on each
+    other's keys). The lock is held until commit, so a later writer of the same key only gets
+    its ids after the earlier one committed or rolled back: per key, id order is commit order,
+    and a row that the relay sees is never overtaken by a lower id of the same key. The
+    ``pg_notify`` fires only on commit, waking the relay.
+    """
+    sql = f"""
+INSERT INTO {_table(tables)} (message_id, topic, key, payload, headers)
+SELECT m.message_id, m.topic, m.key, m.payload, m.headers
+FROM unnest(
+        CAST(:message_ids AS uuid[]), CAST(:topics AS text[]), CAST(:keys AS bytea[]),
+        CAST(:payloads AS bytea[]), CAST(:headers AS jsonb[])
+     ) WITH ORDINALITY AS m(message_id, topic, key, payload, headers, ord),
+     (SELECT count(pg_advisory_xact_lock(l)) AS n
+        FROM unnest(CAST(:lock_ids AS bigint[])) AS l) AS locks,
+     (SELECT pg_notify({_literal(tables.channel)}, '')) AS wake
+ORDER BY m.ord
+"""
+    return sa.text(sql)
+
+
+@functools.lru_cache(maxsize=64)
+def claim(tables: OutboxTables) -> sa.TextClause:
+    """The next messages to send, in id order.
+
+    Excludes ids already in flight, retries whose time has not come, parked messages, and every
+    message of a (topic, key) that has an earlier message in backoff or parked: a failing
+    message holds back its own key only. Only the leader relay runs it, so it takes no row
+    locks. Cost stays flat with the backlog: it walks the partial index ``ix_*_unsent`` and
+    probes ``ix_*_held``, which is empty while nothing fails.
+    """
+    t = _table(tables)
+    sql = f"""
+SELECT o.id, o.message_id, o.topic, o.key, o.payload, o.headers, o.attempts
+FROM {t} AS o
+WHERE o.status IN ('{PENDING}', '{RETRY}')
+  AND (o.status = '{PENDING}' OR o.next_attempt_at <= now())
+  AND o.id <> ALL(CAST(:exclude AS bigint[]))
+  AND NOT EXISTS (
+      SELECT 1 FROM {t} AS h
+      WHERE h.status IN ('{RETRY}', '{DEAD}')
+        AND h.topic = o.topic AND h.key = o.key AND h.id < o.id
+        AND (h.status = '{DEAD}' OR h.next_attempt_at > now())
+  )
+ORDER BY o.id
+LIMIT :limit
+"""
+    return sa.text(sql)
+
+
+@functools.lru_cache(maxsize=64)
+def delete_sent(tables: OutboxTables) -> sa.TextClause:
+    """Remove acknowledged messages (the default ``delete`` mode)."""
+    return sa.text(f"DELETE FROM {_table(tables)} WHERE id = ANY(CAST(:ids AS bigint[]))")
+
+
+@functools.lru_cache(maxsize=64)
+def mark_sent(tables: OutboxTables) -> sa.TextClause:
+    """Keep acknowledged messages with their send time (``retain`` mode)."""
+    return sa.text(
+        f"UPDATE {_table(tables)} SET status = '{SENT}', sent_at = now(), "
+        "next_attempt_at = NULL WHERE id = ANY(CAST(:ids AS bigint[]))"
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def record_failures(tables: OutboxTables) -> sa.TextClause:
+    """Count one failed attempt per message; park those that reached ``max_attempts``.
+
+    ``delays`` are seconds until the next attempt, chosen by the caller (backoff with jitter).
+    Returns the new status of each row.
+    """
+    sql = f"""
+UPDATE {_table(tables)} AS o
+SET attempts = o.attempts + 1,
+    last_error = f.error,
+    status = CASE WHEN o.attempts + 1 >= :max_attempts THEN '{DEAD}' ELSE '{RETRY}' END,
+    next_attempt_at = CASE WHEN o.attempts + 1 >= :max_attempts THEN NULL
+                           ELSE now() + f.delay * interval '1 second' END
+FROM unnest(CAST(:ids AS bigint[]), CAST(:errors AS text[]), CAST(:delays AS float8[]))
+     AS f(id, error, delay)
+WHERE o.id = f.id AND o.status IN ('{PENDING}', '{RETRY}')
+RETURNING o.id, o.status, o.attempts
+"""
+    return sa.text(sql)
+
+
+@functools.lru_cache(maxsize=64)
+def replay_dead(tables: OutboxTables) -> sa.TextClause:
+    """Give parked messages (all, or the listed ids) a fresh set of attempts."""
+    return sa.text(
+        f"UPDATE {_table(tables)} SET status = '{PENDING}', attempts = 0, "
+        f"next_attempt_at = NULL WHERE status = '{DEAD}' "
+        "AND (CAST(:ids AS bigint[]) IS NULL OR id = ANY(CAST(:ids AS bigint[]))) "
+        "RETURNING id"
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def count_by_status(tables: OutboxTables) -> sa.TextClause:
+    return sa.text(
+        f"SELECT status, count(*) AS n, min(created_at) AS oldest FROM {_table(tables)} "
+        "GROUP BY status"
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def probe_tables(tables: OutboxTables) -> sa.TextClause:
+    """Fails with UndefinedTable when the tables are not installed."""
+    return sa.text(f"SELECT 1 FROM {_table(tables)} LIMIT 0")
+
+
+def try_leader_lock() -> sa.TextClause:
+    """Session-scoped: held until released or the session ends (crash included)."""
+    return sa.text("SELECT pg_try_advisory_lock(:lock_id)")
+
+
+def release_leader_lock() -> sa.TextClause:
+    return sa.text("SELECT pg_advisory_unlock(:lock_id)")
+
+
+@functools.lru_cache(maxsize=64)
+def listen(tables: OutboxTables) -> sa.TextClause:
+    return sa.text(f"LISTEN {_DIALECT.identifier_preparer.quote(tables.channel)}")
+
+
+@functools.lru_cache(maxsize=256)
+def to_driver_sql(stmt: sa.TextClause) -> str:
+    """Compile for running directly on a psycopg connection (``%(name)s`` parameters)."""
+    return str(stmt.compile(dialect=_DIALECT))

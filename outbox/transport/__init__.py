@@ -1,0 +1,1 @@
+"""Broker transports: ``base`` (the protocol), ``kafka`` and ``memory``."""

@@ -1,0 +1,72 @@
+"""The relay's view of a message broker: a small protocol that every transport implements."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+from outbox.exceptions import TransportError
+
+
+class FailureKind(enum.Enum):
+    #: The message itself was refused (too large, invalid, not authorized, unknown topic):
+    #: counts as an attempt; the message is parked after ``max_attempts``.
+    MESSAGE = "message"
+    #: The broker could not be reached or did not answer in time: not the message's fault,
+    #: so no attempt is counted; the relay backs off and sends it again.
+    TRANSPORT = "transport"
+    #: The client is in a state it cannot leave (fenced, fatal): the relay re-creates it.
+    FATAL = "fatal"
+
+
+@dataclasses.dataclass(frozen=True)
+class DeliveryFailure:
+    kind: FailureKind
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True)
+class OutgoingMessage:
+    topic: str
+    key: bytes | None
+    value: bytes | None
+    headers: Sequence[tuple[str, bytes]]
+
+
+#: Called exactly once per accepted message, from :meth:`Transport.poll`: ``None`` on success.
+OnDelivery = Callable[[DeliveryFailure | None], None]
+
+
+class MessageRejected(TransportError):
+    """The transport refused the message before sending it; nothing was queued."""
+
+
+class TransportUnavailable(TransportError):
+    """The transport cannot take messages now; nothing was queued."""
+
+
+class Transport(Protocol):
+    """What the relay needs from a broker client.
+
+    Order: messages passed to :meth:`send` for the same topic and key reach the broker in the
+    order of the calls. Acknowledgement: ``on_delivery(None)`` means the broker durably
+    accepted the message (for Kafka: all in-sync replicas).
+    """
+
+    def send(self, message: OutgoingMessage, on_delivery: OnDelivery) -> None:
+        """Queue a message; raises :class:`MessageRejected` or :class:`TransportUnavailable`."""
+
+    def poll(self, timeout: float) -> None:
+        """Wait up to ``timeout`` seconds and run pending delivery callbacks."""
+
+    def check(self, timeout: float) -> None:
+        """Raise :class:`TransportUnavailable` unless the broker answers within ``timeout``."""
+
+    @property
+    def broken(self) -> bool:
+        """True once the client must be closed and re-created."""
+
+    def close(self, timeout: float) -> None:
+        """Wait up to ``timeout`` for queued messages, then release resources."""

@@ -1,0 +1,197 @@
+"""Kafka transport on confluent-kafka (librdkafka). The only module that imports it.
+
+Kafka client errors are translated here into the library's exceptions and failure kinds.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import confluent_kafka
+from confluent_kafka import KafkaError, KafkaException
+
+from outbox.exceptions import ConfigurationError
+from outbox.transport.base import (
+    DeliveryFailure,
+    FailureKind,
+    MessageRejected,
+    OnDelivery,
+    OutgoingMessage,
+    TransportUnavailable,
+)
+
+logger = logging.getLogger(__name__)
+librdkafka_logger = logging.getLogger("outbox.transport.librdkafka")
+
+#: Settings the relay's guarantees rest on; a user may not override them.
+REQUIRED = {"enable.idempotence": "true", "acks": "all"}
+_ALLOWED = {"enable.idempotence": {"true"}, "acks": {"all", "-1"}}
+
+#: Defaults a user may override with ``-X name=value``.
+DEFAULTS: dict[str, str] = {
+    # Same key -> same partition as the Java client, so mixed producers agree.
+    "partitioner": "murmur2_random",
+    "linger.ms": "5",
+    # How long a message may wait for its acknowledgement before the relay hears it failed.
+    "message.timeout.ms": "30000",
+    # Turn a batch failure that would leave a gap in a partition into a fatal error instead
+    # of letting later messages (of the same key) through: the relay re-creates the producer
+    # and sends them again, in order.
+    "enable.gapless.guarantee": "true",
+    "socket.keepalive.enable": "true",
+}
+
+# Errors that are no fault of the message: broker down, slow, moving leaders; or messages
+# purged by our own shutdown.
+_TRANSPORT_CODES = {
+    KafkaError._MSG_TIMED_OUT,
+    KafkaError._TIMED_OUT,
+    KafkaError._TRANSPORT,
+    KafkaError._ALL_BROKERS_DOWN,
+    KafkaError._PURGE_QUEUE,
+    KafkaError._PURGE_INFLIGHT,
+    KafkaError.REQUEST_TIMED_OUT,
+    KafkaError.NOT_ENOUGH_REPLICAS,
+    KafkaError.NOT_ENOUGH_REPLICAS_AFTER_APPEND,
+    KafkaError.NOT_LEADER_FOR_PARTITION,
+    KafkaError.LEADER_NOT_AVAILABLE,
+}
+
+# Settings whose values must never reach a log line.
+_SECRET_HINTS = ("password", "secret", "key", "token", "jaas")
+
+
+def classify(err: KafkaError) -> DeliveryFailure:
+    """Map a librdkafka error to what the relay should do about it."""
+    reason = f"{err.name()}: {err.str()}"
+    if err.fatal():
+        return DeliveryFailure(FailureKind.FATAL, reason)
+    if err.code() in _TRANSPORT_CODES or err.retriable():
+        return DeliveryFailure(FailureKind.TRANSPORT, reason)
+    return DeliveryFailure(FailureKind.MESSAGE, reason)
+
+
+def redact(config: Mapping[str, str]) -> dict[str, str]:
+    """The configuration with secret-looking values hidden, for logs and error messages."""
+    return {
+        k: ("***" if any(h in k.lower() for h in _SECRET_HINTS) else v) for k, v in config.items()
+    }
+
+
+def producer_config(bootstrap_servers: str, overrides: Mapping[str, str]) -> dict[str, str]:
+    """Merge defaults, user overrides and required settings; refuse unsafe overrides."""
+    if not bootstrap_servers:
+        raise ConfigurationError(
+            "no Kafka bootstrap servers: pass --bootstrap-servers (or OUTBOX_BOOTSTRAP_SERVERS)"
+        )
+    conf = {**DEFAULTS, **overrides, "bootstrap.servers": bootstrap_servers}
+    for name, allowed in _ALLOWED.items():
+        if name in overrides and str(overrides[name]).lower() not in allowed:
+            raise ConfigurationError(
+                f"Kafka setting {name}={overrides[name]} is not allowed: the relay needs "
+                f"{name}={REQUIRED[name]} for at-least-once, in-order delivery"
+            )
+        conf[name] = REQUIRED[name]
+    return conf
+
+
+class KafkaTransport:
+    """Idempotent Kafka producer (``acks=all``); see :data:`DEFAULTS` and :data:`REQUIRED`."""
+
+    def __init__(self, bootstrap_servers: str, overrides: Mapping[str, str] | None = None) -> None:
+        self._config = producer_config(bootstrap_servers, overrides or {})
+        full: dict[str, Any] = {
+            **self._config,
+            "error_cb": self._on_error,
+            "logger": librdkafka_logger,
+        }
+        try:
+            self._producer = confluent_kafka.Producer(full)
+        except (KafkaException, ValueError, TypeError) as exc:
+            raise ConfigurationError(f"invalid Kafka setting: {_describe(exc)}") from exc
+        self._broken = False
+        self._last_error_log = 0.0
+
+    def _on_error(self, err: KafkaError) -> None:
+        if err.fatal():
+            self._broken = True
+            logger.error("kafka producer fatal error", extra={"error": err.str()})
+            return
+        # librdkafka repeats connection errors while a broker is down: one line per 30 s.
+        now = time.monotonic()
+        if now - self._last_error_log >= 30:
+            self._last_error_log = now
+            logger.warning("kafka client error", extra={"error": f"{err.name()}: {err.str()}"})
+
+    def send(self, message: OutgoingMessage, on_delivery: OnDelivery) -> None:
+        if self._broken:
+            raise TransportUnavailable("the Kafka producer is in a fatal state")
+
+        def report(err: KafkaError | None, _msg: object) -> None:
+            if err is None:
+                on_delivery(None)
+                return
+            failure = classify(err)
+            if failure.kind is FailureKind.FATAL:
+                self._broken = True
+            on_delivery(failure)
+
+        while True:
+            try:
+                self._producer.produce(
+                    message.topic,
+                    value=message.value,
+                    key=message.key,
+                    headers=list(message.headers),
+                    on_delivery=report,
+                )
+                return
+            except BufferError:
+                # The local queue is full: serve delivery reports to make room.
+                self._producer.poll(0.05)
+            except KafkaException as exc:
+                err = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
+                if err is None:
+                    raise TransportUnavailable(_describe(exc)) from exc
+                failure = classify(err)
+                if failure.kind is FailureKind.MESSAGE:
+                    raise MessageRejected(failure.reason) from exc
+                if failure.kind is FailureKind.FATAL:
+                    self._broken = True
+                raise TransportUnavailable(failure.reason) from exc
+
+    def poll(self, timeout: float) -> None:
+        self._producer.poll(timeout)
+
+    def check(self, timeout: float) -> None:
+        try:
+            self._producer.list_topics(timeout=timeout)
+        except KafkaException as exc:
+            raise TransportUnavailable(
+                f"cannot reach Kafka at {self._config['bootstrap.servers']} "
+                f"({_describe(exc)}); check --bootstrap-servers and that the broker is up"
+            ) from exc
+
+    @property
+    def broken(self) -> bool:
+        return self._broken
+
+    def close(self, timeout: float) -> None:
+        remaining = self._producer.flush(timeout)
+        if remaining:
+            # Whatever is left was never acknowledged: its rows stay unsent in the database.
+            self._producer.purge()
+            self._producer.poll(0)
+            logger.warning(
+                "kafka producer closed with unacknowledged messages", extra={"count": remaining}
+            )
+
+
+def _describe(exc: BaseException) -> str:
+    arg = exc.args[0] if exc.args else None
+    if isinstance(arg, KafkaError):
+        return f"{arg.name()}: {arg.str()}"
+    return str(exc) or type(exc).__name__
