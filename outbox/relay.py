@@ -234,6 +234,10 @@ class Relay:
         exclude = [row.id for batch in self._inflight for row in batch.rows]
         conn = self._require_conn()
         with translate_db_errors("claim"):
+            # Notifications already received are for commits this claim will see; drop them
+            # (psycopg queues them until read: under constant load they would pile up).
+            for _ in conn.notifies(timeout=0):
+                pass
             cur = conn.execute(
                 self._sql["claim"], {"exclude": exclude, "limit": self.config.batch_size}
             )
@@ -434,7 +438,6 @@ class Relay:
             conn = self._connect()
             with translate_db_errors("listen"):
                 conn.execute(self._sql["listen"])
-            conn.add_notify_handler(self._on_notify)
             self._conn = conn
         with translate_db_errors("leader lock"):
             row = self._conn.execute(
@@ -476,9 +479,6 @@ class Relay:
         self._db_failures += 1
 
     # -- waiting ------------------------------------------------------------------------------
-
-    def _on_notify(self, _notify: psycopg.Notify) -> None:
-        self._woken = True
 
     def _wait_for_work(self) -> None:
         """Sleep until a writer's commit notifies us, a retry falls due, or the fallback poll

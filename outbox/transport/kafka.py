@@ -26,6 +26,17 @@ from outbox.transport.base import (
 logger = logging.getLogger(__name__)
 librdkafka_logger = logging.getLogger("outbox.transport.librdkafka")
 
+
+class _QuietExpectedWarnings(logging.Filter):
+    """librdkafka warns that enable.gapless.guarantee is experimental on every start; we set
+    it on purpose (see DEFAULTS), so that line would only teach operators to ignore warnings."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "enable.gapless.guarantee is experimental" not in record.getMessage()
+
+
+librdkafka_logger.addFilter(_QuietExpectedWarnings())
+
 #: Settings the relay's guarantees rest on; a user may not override them.
 REQUIRED = {"enable.idempotence": "true", "acks": "all"}
 _ALLOWED = {"enable.idempotence": {"true"}, "acks": {"all", "-1"}}
