@@ -27,7 +27,7 @@ OCTET_STREAM = "application/octet-stream"
 TEXT = "text/plain; charset=utf-8"
 
 # Kafka's own rule for topic names.
-_TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
+_TOPIC = re.compile(r"[A-Za-z0-9._-]{1,249}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,7 +98,10 @@ def encode_payload(payload: Any) -> tuple[bytes | None, str | None]:
         return payload.encode(), TEXT
     dump_json = getattr(payload, "model_dump_json", None)
     if callable(dump_json) and not isinstance(payload, type):
-        return str(dump_json()).encode(), JSON
+        try:
+            return str(dump_json()).encode(), JSON
+        except (TypeError, ValueError) as exc:  # pydantic's serialization errors are ValueErrors
+            raise PayloadError(f"payload cannot be encoded as JSON ({exc})") from exc
     try:
         text = json.dumps(
             payload,
@@ -117,7 +120,9 @@ def encode_payload(payload: Any) -> tuple[bytes | None, str | None]:
 def encode(message: Message) -> EncodedMessage:
     """Validate and encode; raises :class:`PayloadError` with what to fix."""
     topic = message.topic
-    if not isinstance(topic, str) or not _TOPIC.match(topic):
+    # fullmatch: with match, "$" would accept a trailing newline. "." and ".." are not
+    # allowed by Kafka either.
+    if not isinstance(topic, str) or not _TOPIC.fullmatch(topic) or topic in (".", ".."):
         raise PayloadError(
             f"invalid topic {topic!r}: use 1-249 characters from letters, digits, '.', '_', '-'"
         )
@@ -137,6 +142,8 @@ def encode(message: Message) -> EncodedMessage:
             raise PayloadError(f"header {name!r} must be a str, not {type(value).__name__}")
         headers[name] = value
     ctype = message.content_type or content_type
+    if message.content_type is None and any(n.lower() == HEADER_CONTENT_TYPE for n in headers):
+        ctype = None  # the caller's own content-type header wins over the default
     if ctype is not None:
         headers[HEADER_CONTENT_TYPE] = ctype
     message_id = message.message_id if message.message_id is not None else uuid7()

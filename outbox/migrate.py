@@ -105,9 +105,30 @@ def sql(*, table: str = DEFAULT_TABLE, schema: str | None = None, revision: str 
 
 
 def _run(db_url: str, table: str, schema: str | None, fn: Any, revision: str) -> None:
+    cfg = _config(table, schema)  # validates the names before connecting
     engine = _engine(db_url)
     try:
         with translate_db_errors("migrate"), engine.begin() as conn:
-            fn(_config(table, schema, connection=conn), revision)
+            cfg.attributes["connection"] = conn
+            fn(cfg, revision)
+            if fn is command.upgrade:
+                _check_installed(conn, table, schema)
     finally:
         engine.dispose()
+
+
+def _check_installed(conn: sa.Connection, table: str, schema: str | None) -> None:
+    """Fail (rolling the upgrade back) when the version table records a revision but the table
+    is missing. The version table is per schema, not per table: a second outbox table in a
+    schema that already has one would otherwise be reported as installed without existing."""
+    ctx = MigrationContext.configure(
+        conn, opts={"version_table": VERSION_TABLE, "version_table_schema": schema}
+    )
+    rev = ctx.get_current_revision()
+    if rev is not None and not sa.inspect(conn).has_table(table, schema=schema):
+        where = f"schema {schema!r}" if schema else "the default schema"
+        raise ConfigurationError(
+            f"{VERSION_TABLE} in {where} records revision {rev}, but table {table!r} does not "
+            "exist: the version table belongs to another outbox table (install this one in its "
+            "own schema with --schema), or the table was dropped by hand"
+        )

@@ -63,7 +63,8 @@ def claim(tables: OutboxTables) -> sa.TextClause:
     """
     t = _table(tables)
     sql = f"""
-SELECT o.id, o.message_id, o.topic, o.key, o.payload, o.headers, o.attempts
+SELECT o.id, CAST(o.message_id AS text), o.topic, o.key, o.payload, CAST(o.headers AS text),
+       o.attempts
 FROM {t} AS o
 WHERE o.status IN ('{PENDING}', '{RETRY}')
   AND (o.status = '{PENDING}' OR o.next_attempt_at <= now())

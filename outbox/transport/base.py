@@ -27,7 +27,7 @@ class DeliveryFailure:
     reason: str
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class OutgoingMessage:
     topic: str
     key: bytes | None

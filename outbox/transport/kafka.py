@@ -175,7 +175,17 @@ class KafkaTransport:
                 raise TransportUnavailable(failure.reason) from exc
 
     def poll(self, timeout: float) -> None:
-        self._producer.poll(timeout)
+        try:
+            self._producer.poll(timeout)
+        except KafkaException as exc:
+            self._fatal(exc)
+
+    def _fatal(self, exc: KafkaException) -> None:
+        # confluent-kafka raises a fatal error (e.g. fenced, gapless guarantee broken) from
+        # poll()/flush() instead of passing it to error_cb. The client must be re-created; the
+        # pending delivery reports still arrive on the next polls.
+        self._broken = True
+        logger.error("kafka producer fatal error", extra={"error": _describe(exc)})
 
     def check(self, timeout: float) -> None:
         try:
@@ -191,11 +201,15 @@ class KafkaTransport:
         return self._broken
 
     def close(self, timeout: float) -> None:
-        remaining = self._producer.flush(timeout)
+        try:
+            remaining = self._producer.flush(timeout)
+        except KafkaException as exc:
+            self._fatal(exc)
+            remaining = len(self._producer)
         if remaining:
             # Whatever is left was never acknowledged: its rows stay unsent in the database.
             self._producer.purge()
-            self._producer.poll(0)
+            self.poll(0)
             logger.warning(
                 "kafka producer closed with unacknowledged messages", extra={"count": remaining}
             )

@@ -1,7 +1,15 @@
 """An in-process transport for fast tests of relay logic (and of your own code).
 
 Delivery reports are served from :meth:`MemoryTransport.poll`, like a real client. Failures
-are injected with ``reject`` (synchronous, at send) and ``fail`` (asynchronous, at delivery).
+are injected with ``reject`` (synchronous, at send) and ``fail`` (asynchronous, at delivery),
+and a broker outage with ``available = False``.
+
+Like librdkafka with ``enable.gapless.guarantee``, it never writes a message behind a gap:
+
+* once a message of a (topic, key) fails during a poll, the later queued messages of that
+  (topic, key) in the same poll fail with :attr:`FailureKind.TRANSPORT` and are not written;
+* once a message fails with :attr:`FailureKind.FATAL`, the client is broken: the rest of the
+  queue fails with ``FATAL`` and :meth:`send` raises until the client is replaced.
 """
 
 from __future__ import annotations
@@ -32,6 +40,8 @@ class MemoryTransport:
         self.available = True
         #: Every message the "broker" accepted, in order.
         self.sent: list[OutgoingMessage] = []
+        #: Every failed delivery (asynchronous), in order, with its failure.
+        self.failed: list[tuple[OutgoingMessage, DeliveryFailure]] = []
         self._queue: collections.deque[tuple[OutgoingMessage, OnDelivery]] = collections.deque()
         self._broken = False
         self._lock = threading.Lock()
@@ -53,16 +63,28 @@ class MemoryTransport:
         with self._lock:
             items = list(self._queue)
             self._queue.clear()
+        gaps: set[tuple[str, bytes]] = set()
         for message, on_delivery in items:
             failure: DeliveryFailure | None
-            if not self.available:
+            ordered = message.key is not None
+            if self._broken:
+                failure = DeliveryFailure(FailureKind.FATAL, "transport is broken")
+            elif not self.available:
                 failure = DeliveryFailure(FailureKind.TRANSPORT, "broker unavailable")
+            elif ordered and (message.topic, message.key) in gaps:
+                failure = DeliveryFailure(
+                    FailureKind.TRANSPORT, "an earlier message of this key failed (gapless)"
+                )
             else:
                 failure = self.fail(message) if self.fail is not None else None
             if failure is None:
                 self.sent.append(message)
-            elif failure.kind is FailureKind.FATAL:
-                self._broken = True
+            else:
+                self.failed.append((message, failure))
+                if failure.kind is FailureKind.FATAL:
+                    self._broken = True
+                if message.key is not None:
+                    gaps.add((message.topic, message.key))
             on_delivery(failure)
 
     def check(self, timeout: float) -> None:

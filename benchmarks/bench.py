@@ -1,0 +1,431 @@
+"""Benchmarks of the outbox and relay, each printed as a ratio to a limit measured in the same
+run on the same PostgreSQL and broker. Prints numbers; asserts nothing.
+
+    .venv/bin/python benchmarks/bench.py            # everything (a few minutes)
+    .venv/bin/python benchmarks/bench.py throughput latency write idle claim
+
+Environment: OUTBOX_BENCH_PG (host:port, default 127.0.0.1:5432, user postgres; the database
+``outbox_bench`` is dropped and re-created), OUTBOX_BENCH_KAFKA (bootstrap servers; default:
+start a Tansu broker).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import random
+import statistics
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import sqlalchemy as sa
+from confluent_kafka import Producer
+from sqlalchemy.orm import Session
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from outbox import Message, Outbox, Relay, RelayConfig, migrate, statements  # noqa: E402
+from outbox.schema import define_tables  # noqa: E402
+from outbox.transport.base import OnDelivery, OutgoingMessage  # noqa: E402
+from outbox.transport.kafka import KafkaTransport  # noqa: E402
+from tests.support.broker import Broker  # noqa: E402
+
+EVENTS = 20_000
+KEYS = 100
+PARTITIONS = 8
+TXN_SIZE = 100
+
+PG = os.environ.get("OUTBOX_BENCH_PG", "127.0.0.1:5432")
+HOST, _, PORT = PG.partition(":")
+DB_URL = f"postgresql+psycopg://postgres@{HOST}:{PORT or 5432}/outbox_bench"
+
+
+def payload(i: int) -> dict[str, Any]:
+    # About 200 bytes of JSON.
+    return {
+        "type": "OrderPlaced",
+        "order_id": str(uuid.UUID(int=i)),
+        "customer": f"customer-{i % KEYS:03d}",
+        "amount": f"{(i % 997) + 0.99:.2f}",
+        "currency": "EUR",
+        "lines": [{"sku": f"SKU-{i % 37:04d}", "qty": 1 + i % 3}],
+        "note": "x" * 40,
+    }
+
+
+def fresh_db() -> None:
+    with psycopg.connect(host=HOST, port=PORT or "5432", user="postgres", dbname="postgres",
+                         autocommit=True) as conn:
+        conn.execute("DROP DATABASE IF EXISTS outbox_bench WITH (FORCE)")
+        conn.execute("CREATE DATABASE outbox_bench")
+    migrate.upgrade(DB_URL)
+
+
+def fill(engine: sa.Engine, topic: str, n: int = EVENTS) -> None:
+    outbox = Outbox()
+    for start in range(0, n, TXN_SIZE):
+        with Session(engine) as s, s.begin():
+            outbox.publish_many(
+                s,
+                [
+                    Message(topic, payload(i), key=f"key-{i % KEYS}")
+                    for i in range(start, min(n, start + TXN_SIZE))
+                ],
+            )
+    with engine.connect() as c:
+        c.execute(sa.text("ANALYZE outbox_messages"))
+        c.commit()
+
+
+def count(engine: sa.Engine) -> int:
+    with engine.connect() as c:
+        return int(c.execute(sa.text("SELECT count(*) FROM outbox_messages")).scalar() or 0)
+
+
+def kafka_settings(extra: dict[str, str]) -> dict[str, str]:
+    return {"message.timeout.ms": "30000", **extra}
+
+
+# -- throughput --------------------------------------------------------------------------------
+
+
+def bare_drain() -> float:
+    """Select a batch, delete it, commit: the database's share of relaying, with no broker."""
+    tables = define_tables()
+    claim = statements.to_driver_sql(statements.claim(tables))
+    delete = statements.to_driver_sql(statements.delete_sent(tables))
+    conninfo = f"host={HOST} port={PORT or 5432} user=postgres dbname=outbox_bench"
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        start = time.perf_counter()
+        n = 0
+        while True:
+            rows = conn.execute(claim, {"exclude": [], "limit": 1000}).fetchall()
+            if not rows:
+                break
+            conn.execute(delete, {"ids": [r[0] for r in rows]})
+            n += len(rows)
+        return n / (time.perf_counter() - start)
+
+
+def direct_produce(bootstrap: str, topic: str, engine: sa.Engine, extra: dict[str, str]) -> float:
+    """The same events, already in memory, produced straight from confluent-kafka."""
+    with engine.connect() as c:
+        rows = c.execute(
+            sa.text("SELECT message_id, topic, key, payload, headers FROM outbox_messages "
+                    "ORDER BY id")
+        ).all()
+    producer = Producer({
+        "bootstrap.servers": bootstrap, "enable.idempotence": True, "acks": "all",
+        "partitioner": "murmur2_random", **extra,
+    })
+    for r in rows[:1000]:  # warm up: connections, metadata, producer id
+        producer.produce(topic, value=r.payload, key=r.key)
+    producer.flush(30)
+    acked = 0
+
+    def on_delivery(err: Any, _m: Any) -> None:
+        nonlocal acked
+        if err is None:
+            acked += 1
+
+    start = time.perf_counter()
+    for r in rows:
+        headers = [("message-id", str(r.message_id).encode())] + [
+            (k, v.encode()) for k, v in r.headers.items()
+        ]
+        while True:
+            try:
+                producer.produce(topic, value=r.payload, key=r.key, headers=headers,
+                                 on_delivery=on_delivery)
+                break
+            except BufferError:
+                producer.poll(0.01)
+    producer.flush(60)
+    elapsed = time.perf_counter() - start
+    assert acked == len(rows), (acked, len(rows))
+    return len(rows) / elapsed
+
+
+def relay_drain(bootstrap: str, extra: dict[str, str], **config: Any) -> float:
+    n = count(sa.create_engine(DB_URL))
+    relay = Relay(RelayConfig(db_url=DB_URL, **config),
+                  lambda: KafkaTransport(bootstrap, kafka_settings(extra)))
+    relay._ensure_leader()  # connect before the clock starts, like a running relay
+    relay._transport_or_create().check(10)
+    start = time.perf_counter()
+    stats = relay.run_once()
+    elapsed = time.perf_counter() - start
+    assert stats.sent == n, (stats.sent, n)
+    return n / elapsed
+
+
+def bench_throughput(broker: Broker, engine: sa.Engine, extra: dict[str, str]) -> None:
+    topic = broker.create_topic(partitions=PARTITIONS)
+    print(f"\n== relay throughput: {EVENTS} events, {KEYS} keys, {PARTITIONS} partitions, "
+          f"transactions of {TXN_SIZE}, producer {extra or 'defaults'}")
+    results: dict[str, list[float]] = {"relay": [], "direct": [], "drain": []}
+    for _ in range(2):  # interleaved rounds: noise hits all three alike
+        fill(engine, topic)
+        results["drain"].append(bare_drain())
+        fill(engine, topic)
+        results["direct"].append(direct_produce(broker.bootstrap, topic, engine, extra))
+        results["relay"].append(relay_drain(broker.bootstrap, extra))
+        with engine.begin() as c:
+            c.execute(sa.text("DELETE FROM outbox_messages"))
+    best = {k: max(v) for k, v in results.items()}
+    limit = min(best["direct"], best["drain"])
+    for k in ("relay", "direct", "drain"):
+        runs = ", ".join(f"{x:,.0f}" for x in results[k])
+        print(f"  {k:7} {best[k]:>9,.0f} events/s   (runs: {runs})")
+    print(f"  relay / min(direct, drain) = {best['relay'] / limit:.2f}   (target >= 0.5)")
+
+
+# -- latency -----------------------------------------------------------------------------------
+
+
+class TimingTransport:
+    """Wraps a transport and records when each message id was acknowledged."""
+
+    def __init__(self, inner: KafkaTransport, acked: dict[str, float]) -> None:
+        self.inner = inner
+        self.acked = acked
+
+    def send(self, message: OutgoingMessage, on_delivery: OnDelivery) -> None:
+        mid = dict(message.headers)["message-id"].decode()
+
+        def report(failure: Any) -> None:
+            if failure is None:
+                self.acked[mid] = time.monotonic()
+            on_delivery(failure)
+
+        self.inner.send(message, report)
+
+    def poll(self, timeout: float) -> None:
+        self.inner.poll(timeout)
+
+    def check(self, timeout: float) -> None:
+        self.inner.check(timeout)
+
+    @property
+    def broken(self) -> bool:
+        return self.inner.broken
+
+    def close(self, timeout: float) -> None:
+        self.inner.close(timeout)
+
+
+def _paced_writer(topic: str, rate: int, seconds: float, out: Any) -> None:
+    """Runs in its own process: one event per transaction at ``rate``/s; reports commit times
+    (CLOCK_MONOTONIC is system-wide on Linux, so the parent can compare)."""
+    engine = sa.create_engine(DB_URL)
+    outbox = Outbox()
+    commits: dict[str, float] = {}
+    interval = 1.0 / rate
+    start = time.monotonic()
+    for i in range(int(rate * seconds)):
+        target = start + i * interval
+        delay = target - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        with Session(engine) as s, s.begin():
+            mid = outbox.publish(s, topic, payload(i), key=f"key-{i % KEYS}")
+        commits[str(mid)] = time.monotonic()
+    out.put(commits)
+
+
+def bench_latency(broker: Broker, extra: dict[str, str], rate: int = 500,
+                  seconds: float = 10.0) -> None:
+    topic = broker.create_topic(partitions=PARTITIONS)
+    acked: dict[str, float] = {}
+    relay = Relay(
+        RelayConfig(db_url=DB_URL),
+        lambda: TimingTransport(KafkaTransport(broker.bootstrap, kafka_settings(extra)), acked),
+    )
+    thread = threading.Thread(target=relay.run, daemon=True)
+    thread.start()
+    while not relay.is_leader:
+        time.sleep(0.01)
+    q: Any = multiprocessing.get_context("spawn").Queue()
+    writer = multiprocessing.get_context("spawn").Process(
+        target=_paced_writer, args=(topic, rate, seconds, q)
+    )
+    writer.start()
+    commits: dict[str, float] = q.get(timeout=seconds * 3 + 30)
+    writer.join()
+    deadline = time.monotonic() + 30
+    while len(acked) < len(commits) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    relay.stop()
+    thread.join(30)
+    lat = sorted((acked[m] - t) * 1000 for m, t in commits.items() if m in acked)
+    missing = len(commits) - len(lat)
+    p = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))]  # noqa: E731
+    print(f"\n== commit-to-acknowledged latency at {rate} events/s for {seconds:.0f} s "
+          f"({len(lat)} events{f', {missing} missing' if missing else ''}), producer "
+          f"{extra or 'defaults'}")
+    print(f"  p50 {p(0.50):.2f} ms   p90 {p(0.90):.2f} ms   p99 {p(0.99):.2f} ms   "
+          f"max {lat[-1]:.2f} ms   (targets: p50 <= 5, p99 <= 25)")
+
+
+# -- write overhead ----------------------------------------------------------------------------
+
+
+def bench_write(engine: sa.Engine, n: int = 2000) -> None:
+    with engine.begin() as c:
+        c.execute(sa.text(
+            "CREATE TABLE IF NOT EXISTS bench_orders (id bigserial PRIMARY KEY, "
+            "customer text NOT NULL, amount numeric(12,2) NOT NULL, body jsonb NOT NULL)"
+        ))
+    outbox = Outbox()
+    insert = sa.text(
+        "INSERT INTO bench_orders (customer, amount, body) VALUES (:c, :a, CAST(:b AS jsonb))"
+    )
+
+    def txn(i: int, with_event: bool) -> float:
+        start = time.perf_counter()
+        with Session(engine) as s, s.begin():
+            s.execute(insert, {"c": f"customer-{i % KEYS}", "a": i % 997,
+                               "b": json.dumps(payload(i))})
+            if with_event:
+                outbox.publish(s, "orders", payload(i), key=f"customer-{i % KEYS}")
+        return time.perf_counter() - start
+
+    for i in range(200):  # warm up the pool, caches, plans
+        txn(i, i % 2 == 0)
+    without: list[float] = []
+    with_: list[float] = []
+    for i in range(n):  # alternate so that drift and noise hit both alike
+        (with_ if i % 2 else without).append(txn(i, bool(i % 2)))
+    a, b = statistics.median(without), statistics.median(with_)
+    print(f"\n== write overhead: business transaction of one order row, {n // 2} each, "
+          "alternating")
+    print(f"  without event {a * 1000:.3f} ms   with one event {b * 1000:.3f} ms (medians)   "
+          f"ratio {b / a:.2f}   (target <= 1.25)")
+    print(f"  means: {statistics.mean(without) * 1000:.3f} ms vs "
+          f"{statistics.mean(with_) * 1000:.3f} ms   ratio "
+          f"{statistics.mean(with_) / statistics.mean(without):.2f}")
+
+
+# -- idle cost ---------------------------------------------------------------------------------
+
+
+class CountingRelay(Relay):
+    statements_run = 0
+
+    def _connect(self) -> psycopg.Connection[Any]:
+        conn = super()._connect()
+        execute = conn.execute
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            CountingRelay.statements_run += 1
+            return execute(*args, **kwargs)
+
+        conn.execute = counted  # type: ignore[method-assign]
+        return conn
+
+
+def bench_idle(broker: Broker, seconds: float = 30.0) -> None:
+    relay = CountingRelay(RelayConfig(db_url=DB_URL),
+                          lambda: KafkaTransport(broker.bootstrap, kafka_settings({})))
+    thread = threading.Thread(target=relay.run, daemon=True)
+    thread.start()
+    while not relay.is_leader:
+        time.sleep(0.01)
+    time.sleep(1.0)
+    before = CountingRelay.statements_run
+    cpu0 = time.process_time()
+    time.sleep(seconds)
+    n = CountingRelay.statements_run - before
+    cpu = time.process_time() - cpu0
+    relay.stop()
+    thread.join(30)
+    print(f"\n== idle cost over {seconds:.0f} s: {n} statements = {n / seconds:.2f}/s "
+          f"(target <= 1); process CPU {cpu / seconds * 100:.2f}%")
+
+
+# -- claim time vs backlog ---------------------------------------------------------------------
+
+
+def bench_claim(engine: sa.Engine) -> None:
+    tables = define_tables()
+    claim = statements.to_driver_sql(statements.claim(tables))
+    conninfo = f"host={HOST} port={PORT or 5432} user=postgres dbname=outbox_bench"
+    print("\n== claim time (1000 rows) by backlog, median of 30")
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        conn.execute("DELETE FROM outbox_messages")
+        have = 0
+        for target in (10_000, 100_000, 1_000_000):
+            conn.execute(
+                "INSERT INTO outbox_messages (message_id, topic, key, payload) "
+                "SELECT gen_random_uuid(), 'bench', convert_to('key-' || (g % 100), 'UTF8'), "
+                "convert_to(repeat('x', 200), 'UTF8') FROM generate_series(%s, %s) AS g",
+                (have, target - 1),
+            )
+            have = target
+            conn.execute("VACUUM ANALYZE outbox_messages")
+            times = []
+            for _ in range(30):
+                start = time.perf_counter()
+                conn.execute(claim, {"exclude": [], "limit": 1000}).fetchall()
+                times.append(time.perf_counter() - start)
+            # With 1000 rows in flight excluded, as the pipelined relay asks.
+            exclude = [r[0] for r in conn.execute(
+                "SELECT id FROM outbox_messages ORDER BY id LIMIT 1000").fetchall()]
+            times_ex = []
+            for _ in range(30):
+                start = time.perf_counter()
+                conn.execute(claim, {"exclude": exclude, "limit": 1000}).fetchall()
+                times_ex.append(time.perf_counter() - start)
+            print(f"  {target:>9,} pending: {statistics.median(times) * 1000:6.2f} ms   "
+                  f"(1000 in flight excluded: {statistics.median(times_ex) * 1000:6.2f} ms)")
+        conn.execute("DELETE FROM outbox_messages")
+
+
+BENCHES: dict[str, Callable[..., None]] = {}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("which", nargs="*",
+                        default=["throughput", "latency", "write", "idle", "claim"])
+    parser.add_argument("-X", action="append", default=[], help="producer setting NAME=VALUE")
+    args = parser.parse_args()
+    extra = dict(x.split("=", 1) for x in args.X)
+    random.seed(1)
+    fresh_db()
+    engine = sa.create_engine(DB_URL)
+    external = os.environ.get("OUTBOX_BENCH_KAFKA")
+    broker = Broker(bootstrap=external) if external else Broker()
+    broker.start()
+    print(f"PostgreSQL {PG}, broker {'external ' + external if external else 'Tansu (local)'}, "
+          f"Python {sys.version.split()[0]}, {os.cpu_count()} cores")
+    try:
+        for name in args.which:
+            if name == "throughput":
+                bench_throughput(broker, engine, extra)
+            elif name == "latency":
+                bench_latency(broker, extra)
+            elif name == "write":
+                bench_write(engine)
+            elif name == "idle":
+                bench_idle(broker)
+            elif name == "claim":
+                bench_claim(engine)
+            else:
+                parser.error(f"unknown benchmark {name}")
+    finally:
+        broker.stop()
+        engine.dispose()
+
+
+if __name__ == "__main__":
+    main()

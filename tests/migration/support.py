@@ -1,0 +1,244 @@
+"""Helpers for the migration tests: catalog inspection, drift detection, a user's Alembic
+project written to a temporary folder."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+
+from outbox import migrate
+from outbox.schema import OutboxTables
+
+
+def engine(db_url: str) -> sa.Engine:
+    return sa.create_engine(db_url, poolclass=sa.pool.NullPool)
+
+
+def qualified(table: str, schema: str | None) -> str:
+    return f"{schema}.{table}" if schema else table
+
+
+def tables_in(db_url: str) -> set[str]:
+    """``schema.table`` of every ordinary table outside the system schemas."""
+    eng = engine(db_url)
+    try:
+        with eng.connect() as conn:
+            rows = conn.execute(
+                sa.text(
+                    "SELECT schemaname || '.' || tablename FROM pg_tables "
+                    "WHERE schemaname NOT IN ('pg_catalog', 'information_schema')"
+                )
+            ).scalars()
+            return set(rows)
+    finally:
+        eng.dispose()
+
+
+def schemas_in(db_url: str) -> set[str]:
+    eng = engine(db_url)
+    try:
+        with eng.connect() as conn:
+            return set(conn.execute(sa.text("SELECT nspname FROM pg_namespace")).scalars())
+    finally:
+        eng.dispose()
+
+
+def scalars(db_url: str, query: str) -> list[Any]:
+    eng = engine(db_url)
+    try:
+        with eng.connect() as conn:
+            return list(conn.execute(sa.text(query)).scalars())
+    finally:
+        eng.dispose()
+
+
+# --- drift --------------------------------------------------------------------------------
+
+
+def autogenerate_diff(conn: sa.Connection, tables: OutboxTables) -> list[Any]:
+    """What ``alembic check`` would report between the database and ``tables.metadata``,
+    limited to the outbox's schema and ignoring the version table."""
+    schema = tables.messages.schema
+
+    def include_name(name: str | None, type_: str, parent: Any) -> bool:
+        if type_ == "schema":
+            return name == schema
+        if type_ == "table":
+            return name != migrate.VERSION_TABLE
+        return True
+
+    ctx = MigrationContext.configure(
+        conn,
+        opts={
+            "include_schemas": schema is not None,
+            "include_name": include_name,
+            "compare_type": True,
+            "compare_server_default": True,
+        },
+    )
+    return list(compare_metadata(ctx, tables.metadata))
+
+
+_CATALOG = {
+    "table": """
+        SELECT c.relkind::text, c.relpersistence::text, coalesce(c.reloptions::text, '')
+        FROM pg_class c WHERE c.oid = to_regclass(:rel)""",
+    "columns": """
+        SELECT a.attnum, a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull,
+               coalesce(pg_get_expr(d.adbin, d.adrelid), ''), a.attidentity::text,
+               a.attgenerated::text, coalesce(a.attcollation::regcollation::text, '')
+        FROM pg_attribute a
+        LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+        WHERE a.attrelid = to_regclass(:rel) AND a.attnum > 0 AND NOT a.attisdropped
+        ORDER BY a.attnum""",
+    "identity": """
+        SELECT format_type(s.seqtypid, NULL), s.seqstart, s.seqincrement, s.seqmax, s.seqmin,
+               s.seqcache, s.seqcycle
+        FROM pg_sequence s
+        WHERE s.seqrelid = to_regclass(pg_get_serial_sequence(:rel, 'id'))""",
+    "constraints": """
+        SELECT conname, contype::text, pg_get_constraintdef(oid, true), condeferrable,
+               condeferred
+        FROM pg_constraint WHERE conrelid = to_regclass(:rel) ORDER BY conname""",
+    "indexes": """
+        SELECT c.relname, pg_get_indexdef(i.indexrelid)
+        FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+        WHERE i.indrelid = to_regclass(:rel) ORDER BY c.relname""",
+}
+
+
+def catalog(
+    conn: sa.Connection, table: str, schema: str | None
+) -> dict[str, list[tuple[Any, ...]]]:
+    """Everything PostgreSQL knows about the table that matters to the outbox: columns (type,
+    nullability, default, identity), the identity sequence, constraints with their definitions,
+    indexes with their full definitions (including partial-index predicates)."""
+    rel = qualified(table, schema)
+    snap = {
+        name: [tuple(r) for r in conn.execute(sa.text(q), {"rel": rel})]
+        for name, q in _CATALOG.items()
+    }
+    assert snap["columns"], f"table {rel} does not exist"
+    return snap
+
+
+def drift(conn: sa.Connection, tables: OutboxTables) -> list[str]:
+    """Differences between the table in the database (as the migrations built it) and
+    ``tables``: what Alembic's autogenerate sees, plus a comparison of the catalog with the one
+    that ``metadata.create_all`` produces (which also covers index predicates and check
+    constraints, which autogenerate does not compare). Leaves the database as it was."""
+    t = tables.messages
+    problems = [f"autogenerate: {d}" for d in autogenerate_diff(conn, tables)]
+    migrated = catalog(conn, t.name, t.schema)
+    with conn.begin_nested() as sp:
+        conn.execute(sa.text(f"DROP TABLE {qualified(t.name, t.schema)}"))
+        tables.metadata.create_all(conn, tables=[t])
+        declared = catalog(conn, t.name, t.schema)
+        sp.rollback()
+    for part in _CATALOG:
+        if migrated[part] != declared[part]:
+            problems.append(
+                f"catalog {part}:\n  migrations: {migrated[part]}\n  declared:   {declared[part]}"
+            )
+    return problems
+
+
+# --- a user's own Alembic project -----------------------------------------------------------
+
+USER_ENV_PY = """
+import sqlalchemy as sa
+from alembic import context
+
+from outbox.migrate import names_from_config
+from outbox.schema import define_tables
+
+config = context.config
+
+# The application's own models, with the outbox table declared on the same metadata so that
+# `alembic check` covers it too.
+target_metadata = sa.MetaData()
+sa.Table(
+    "users",
+    target_metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("name", sa.Text, nullable=False),
+)
+outbox_table, outbox_schema = names_from_config(config)
+define_tables(target_metadata, table=outbox_table, schema=outbox_schema)
+
+
+def include_name(name, type_, parent):
+    if type_ == "schema":
+        return name in (None, outbox_schema)
+    return True
+
+
+engine = sa.create_engine(config.get_main_option("sqlalchemy.url"), poolclass=sa.pool.NullPool)
+with engine.connect() as connection:
+    context.configure(
+        connection=connection,
+        target_metadata=target_metadata,
+        include_schemas=outbox_schema is not None,
+        include_name=include_name,
+        compare_server_default=True,
+    )
+    with context.begin_transaction():
+        context.run_migrations()
+engine.dispose()
+"""
+
+USER_REVISION = '''
+"""The application's first revision (its own branch, independent of the outbox's)."""
+import sqlalchemy as sa
+from alembic import op
+
+revision = "app_0001"
+down_revision = None
+branch_labels = ("app",)
+depends_on = None
+
+
+def upgrade():
+    op.create_table(
+        "users",
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("name", sa.Text, nullable=False),
+    )
+
+
+def downgrade():
+    op.drop_table("users")
+'''
+
+
+def user_project(
+    root: Path,
+    db_url: str,
+    *,
+    version_locations: str,
+    path_separator: str | None = "space",
+    extra: str = "",
+) -> Path:
+    """Write an Alembic project (``alembic.ini``, ``migrations/env.py``, one revision) under
+    ``root``; return the path of its alembic.ini. ``version_locations`` is written as given
+    (``%(here)s`` is the project folder)."""
+    versions = root / "migrations" / "versions"
+    versions.mkdir(parents=True)
+    (root / "migrations" / "env.py").write_text(USER_ENV_PY)
+    (versions / "app_0001_users.py").write_text(USER_REVISION)
+    lines = [
+        "[alembic]",
+        "script_location = %(here)s/migrations",
+        f"version_locations = {version_locations}",
+        f"sqlalchemy.url = {db_url}",
+    ]
+    if path_separator is not None:
+        lines.append(f"path_separator = {path_separator}")
+    ini = root / "alembic.ini"
+    ini.write_text("\n".join(lines) + "\n" + textwrap.dedent(extra))
+    return ini

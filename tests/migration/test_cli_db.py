@@ -1,0 +1,190 @@
+"""``outbox db upgrade|downgrade|sql|versions-dir`` and ``outbox status``."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import sqlalchemy as sa
+from click.testing import CliRunner
+
+from outbox import migrate
+from outbox.cli import main
+from outbox.schema import DEFAULT_TABLE, define_tables
+from tests.migration.support import drift, engine, scalars, tables_in
+
+HEAD = "outbox_0001"
+
+
+def _run(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    result = CliRunner().invoke(main, list(args), env=env, catch_exceptions=False)
+    return result.exit_code, result.stdout, result.stderr
+
+
+def _insert(url: str, n: int, table: str = DEFAULT_TABLE, status: str = "pending") -> None:
+    eng = engine(url)
+    try:
+        with eng.begin() as conn:
+            for _ in range(n):
+                conn.execute(
+                    sa.text(
+                        f"INSERT INTO {table} (message_id, topic, status) VALUES (:m, 't', :s)"
+                    ),
+                    {"m": uuid.uuid4(), "s": status},
+                )
+    finally:
+        eng.dispose()
+
+
+def test_upgrade_downgrade_status(empty_db_url: str) -> None:
+    url = empty_db_url
+
+    code, _, err = _run("status", "--db-url", url)
+    assert code == 2
+    assert "outbox db upgrade" in err
+
+    code, out, _ = _run("db", "upgrade", "--db-url", url)
+    assert (code, out) == (0, f"outbox tables at revision {HEAD}\n")
+    assert f"public.{DEFAULT_TABLE}" in tables_in(url)
+    code, out, _ = _run("db", "upgrade", "--db-url", url)
+    assert (code, out) == (0, f"outbox tables at revision {HEAD}\n")
+
+    code, out, _ = _run("status", "--db-url", url)
+    assert (code, out) == (0, "")
+    _insert(url, 2)
+    _insert(url, 1, status="dead")
+    code, out, _ = _run("status", "--db-url", url)
+    assert code == 0
+    lines = out.splitlines()
+    assert [line.split()[:2] for line in lines] == [["dead", "1"], ["pending", "2"]]
+
+    # --revision is required: no accidental drops.
+    code, _, err = _run("db", "downgrade", "--db-url", url)
+    assert code == 2
+    assert "--revision" in err
+    assert f"public.{DEFAULT_TABLE}" in tables_in(url)
+
+    code, out, _ = _run("db", "downgrade", "--db-url", url, "--revision", "base")
+    assert code == 0
+    assert out.startswith("outbox tables at revision")
+    assert HEAD not in out
+    assert tables_in(url) == {f"public.{migrate.VERSION_TABLE}"}
+    assert migrate.current(url) is None
+
+
+def test_custom_names_from_environment(empty_db_url: str) -> None:
+    env = {"OUTBOX_DB_URL": empty_db_url, "OUTBOX_TABLE": "events_out", "OUTBOX_SCHEMA": "msg"}
+    code, out, _ = _run("db", "upgrade", env=env)
+    assert (code, out) == (0, f"outbox tables at revision {HEAD}\n")
+    assert tables_in(empty_db_url) == {"msg.events_out", f"msg.{migrate.VERSION_TABLE}"}
+
+    _insert(empty_db_url, 3, table="msg.events_out", status="retry")
+    code, out, _ = _run("status", env=env)
+    assert code == 0
+    assert out.split()[:2] == ["retry", "3"]
+
+    code, out, _ = _run("db", "downgrade", "--revision", "base", env=env)
+    assert code == 0
+    assert tables_in(empty_db_url) == {f"msg.{migrate.VERSION_TABLE}"}
+
+
+def test_second_table_in_same_schema_fails_cleanly(db_url: str) -> None:
+    code, out, err = _run("db", "upgrade", "--db-url", db_url, "--table", "events_out")
+    assert code == 2
+    assert out == ""
+    assert "--schema" in err
+    assert "public.events_out" not in tables_in(db_url)
+
+
+def test_usage_and_connection_errors() -> None:
+    code, _, err = _run("db", "upgrade", "--db-url", "mysql://u@h/d")
+    assert code == 2
+    assert "unsupported database URL" in err
+    code, _, err = _run("db", "upgrade", "--db-url", "postgresql+psycopg://u@127.0.0.1:1/d")
+    assert code == 1
+    assert err.startswith("error:")
+    # Names are checked before connecting: a usage error, not a connection failure.
+    code, _, err = _run(
+        "db", "upgrade", "--db-url", "postgresql+psycopg://u@127.0.0.1:1/d", "--table", "Bad-Name"
+    )
+    assert code == 2
+    assert "invalid table name" in err
+
+
+def test_sql_prints_ddl() -> None:
+    code, out, _ = _run("db", "sql")
+    assert code == 0
+    assert f"CREATE TABLE {DEFAULT_TABLE} (" in out
+    assert f"CREATE TABLE {migrate.VERSION_TABLE} (" in out
+    assert (
+        f"CREATE INDEX ix_{DEFAULT_TABLE}_unsent ON {DEFAULT_TABLE} (id) "
+        "WHERE status IN ('pending', 'retry');" in out
+    )
+    assert (
+        f"CREATE INDEX ix_{DEFAULT_TABLE}_held ON {DEFAULT_TABLE} (topic, key, id) "
+        "WHERE status IN ('retry', 'dead');" in out
+    )
+    assert f"CONSTRAINT ck_{DEFAULT_TABLE}_status CHECK" in out
+    assert f"VALUES ('{HEAD}')" in out
+    assert out.startswith("BEGIN;")
+    assert out.rstrip().endswith("COMMIT;")
+    assert "CREATE SCHEMA" not in out
+
+    code, out, _ = _run("db", "sql", "--table", "events_out", "--schema", "msg")
+    assert code == 0
+    assert "CREATE TABLE msg.events_out (" in out
+    assert "CREATE INDEX ix_events_out_unsent ON msg.events_out (id)" in out
+    # The schema comes first: the version table lives in it.
+    assert out.index("CREATE SCHEMA IF NOT EXISTS msg;") < out.index(
+        f"CREATE TABLE msg.{migrate.VERSION_TABLE}"
+    )
+
+
+def test_sql_output_installs_the_same_table(empty_db_url: str) -> None:
+    """Teams that apply DDL with their own tools get the same result as `outbox db upgrade`,
+    and `outbox db upgrade` afterwards knows it is installed."""
+    code, ddl, _ = _run("db", "sql", "--table", "events_out", "--schema", "msg")
+    assert code == 0
+    eng = engine(empty_db_url)
+    try:
+        with eng.connect() as conn:
+            conn.execution_options(isolation_level="AUTOCOMMIT").exec_driver_sql(ddl)
+        with eng.connect() as conn:
+            assert drift(conn, define_tables(table="events_out", schema="msg")) == []
+    finally:
+        eng.dispose()
+    assert migrate.current(empty_db_url, schema="msg") == HEAD
+    code, out, _ = _run(
+        "db", "upgrade", "--db-url", empty_db_url, "--table", "events_out", "--schema", "msg"
+    )
+    assert (code, out) == (0, f"outbox tables at revision {HEAD}\n")
+
+
+def test_versions_dir() -> None:
+    code, out, _ = _run("db", "versions-dir")
+    assert code == 0
+    path = Path(out.strip())
+    assert path == migrate.versions_dir()
+    assert path.is_absolute()
+    assert (path / "outbox_0001_messages.py").is_file()
+    assert (path.parent / "env.py").is_file()
+
+
+def test_console_script(empty_db_url: str) -> None:
+    """The installed ``outbox`` entry point (a real process, not CliRunner)."""
+    exe = Path(sys.executable).with_name("outbox")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run(
+        [str(exe), "db", "upgrade", "--db-url", empty_db_url],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == f"outbox tables at revision {HEAD}\n"
+    assert scalars(empty_db_url, f"SELECT count(*) FROM {DEFAULT_TABLE}") == [0]

@@ -1,0 +1,139 @@
+"""``outbox.migrate``: upgrade, downgrade to base, upgrade again, on an empty database, with the
+default names and with a custom table and schema."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+import sqlalchemy as sa
+
+from outbox import migrate
+from outbox.exceptions import ConfigurationError
+from outbox.schema import DEFAULT_TABLE
+from tests.migration.support import engine, qualified, scalars, schemas_in, tables_in
+
+HEAD = "outbox_0001"
+
+NAMES = [
+    pytest.param(DEFAULT_TABLE, None, id="default"),
+    pytest.param("events_out", "messaging", id="custom"),
+]
+
+
+def _oid(db_url: str, table: str, schema: str | None) -> int | None:
+    eng = engine(db_url)
+    try:
+        with eng.connect() as conn:
+            return conn.execute(
+                sa.text("SELECT to_regclass(:rel)::oid"), {"rel": qualified(table, schema)}
+            ).scalar()
+    finally:
+        eng.dispose()
+
+
+def _insert(db_url: str, table: str, schema: str | None) -> None:
+    eng = engine(db_url)
+    try:
+        with eng.begin() as conn:
+            conn.execute(
+                sa.text(
+                    f"INSERT INTO {qualified(table, schema)} (message_id, topic) VALUES (:m, 't')"
+                ),
+                {"m": uuid.uuid4()},
+            )
+    finally:
+        eng.dispose()
+
+
+@pytest.mark.parametrize(("table", "schema"), NAMES)
+def test_upgrade_downgrade_upgrade(empty_db_url: str, table: str, schema: str | None) -> None:
+    url = empty_db_url
+    where = schema or "public"
+    outbox_table = f"{where}.{table}"
+    version_table = f"{where}.{migrate.VERSION_TABLE}"
+    assert migrate.current(url, schema=schema) is None
+    assert tables_in(url) == set()
+    if schema:
+        assert schema not in schemas_in(url)
+
+    migrate.upgrade(url, table=table, schema=schema)
+    assert migrate.current(url, schema=schema) == HEAD
+    assert tables_in(url) == {outbox_table, version_table}
+    assert scalars(url, f"SELECT version_num FROM {version_table}") == [HEAD]
+    oid = _oid(url, table, schema)
+    assert oid is not None
+
+    # Again: a no-op. The table is not recreated and keeps its rows.
+    _insert(url, table, schema)
+    migrate.upgrade(url, table=table, schema=schema)
+    assert migrate.current(url, schema=schema) == HEAD
+    assert _oid(url, table, schema) == oid
+    assert scalars(url, f"SELECT count(*) FROM {outbox_table}") == [1]
+    assert scalars(url, f"SELECT version_num FROM {version_table}") == [HEAD]
+
+    migrate.downgrade(url, table=table, schema=schema, revision="base")
+    assert migrate.current(url, schema=schema) is None
+    # Alembic keeps its (now empty) version table; the schema stays too.
+    assert tables_in(url) == {version_table}
+    assert scalars(url, f"SELECT count(*) FROM {version_table}") == [0]
+
+    migrate.upgrade(url, table=table, schema=schema)
+    assert migrate.current(url, schema=schema) == HEAD
+    assert tables_in(url) == {outbox_table, version_table}
+    assert scalars(url, f"SELECT count(*) FROM {outbox_table}") == [0]
+
+
+def test_custom_schema_is_separate_from_default(empty_db_url: str) -> None:
+    """Each schema has its own version table: an outbox in one schema does not hide another."""
+    url = empty_db_url
+    migrate.upgrade(url, table="events_out", schema="messaging")
+    assert migrate.current(url) is None
+    assert migrate.current(url, schema="messaging") == HEAD
+
+    migrate.upgrade(url)
+    assert migrate.current(url) == HEAD
+    assert tables_in(url) == {
+        "messaging.events_out",
+        f"messaging.{migrate.VERSION_TABLE}",
+        f"public.{DEFAULT_TABLE}",
+        f"public.{migrate.VERSION_TABLE}",
+    }
+
+    migrate.downgrade(url, table="events_out", schema="messaging")
+    assert migrate.current(url, schema="messaging") is None
+    assert migrate.current(url) == HEAD
+    assert f"public.{DEFAULT_TABLE}" in tables_in(url)
+
+
+def test_custom_table_in_default_schema(empty_db_url: str) -> None:
+    migrate.upgrade(empty_db_url, table="events_out")
+    assert migrate.current(empty_db_url) == HEAD
+    assert tables_in(empty_db_url) == {"public.events_out", f"public.{migrate.VERSION_TABLE}"}
+
+
+def test_second_table_in_same_schema_is_refused(empty_db_url: str) -> None:
+    """The version table is per schema: a second outbox table in a schema that has one would be
+    recorded as installed without being created. ``upgrade`` says so instead of succeeding."""
+    url = empty_db_url
+    migrate.upgrade(url)
+    with pytest.raises(ConfigurationError, match="--schema"):
+        migrate.upgrade(url, table="events_out")
+    assert tables_in(url) == {f"public.{DEFAULT_TABLE}", f"public.{migrate.VERSION_TABLE}"}
+    assert migrate.current(url) == HEAD
+
+
+def test_upgrade_step_by_step(empty_db_url: str) -> None:
+    """Explicit revisions work (and ``head`` after the last revision is a no-op)."""
+    migrate.upgrade(empty_db_url, revision=HEAD)
+    assert migrate.current(empty_db_url) == HEAD
+    migrate.upgrade(empty_db_url, revision="outbox@head")
+    assert migrate.current(empty_db_url) == HEAD
+
+
+def test_invalid_names_are_refused_before_connecting() -> None:
+    url = "postgresql+psycopg://nobody@127.0.0.1:1/none"  # nothing listens there
+    with pytest.raises(ConfigurationError, match="table name"):
+        migrate.upgrade(url, table="Bad-Name")
+    with pytest.raises(ConfigurationError, match="schema name"):
+        migrate.downgrade(url, schema="x; DROP TABLE y")
