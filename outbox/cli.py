@@ -162,7 +162,8 @@ def upgrade(db_url: str, table: str, schema: str | None, revision: str) -> None:
 def downgrade(db_url: str, table: str, schema: str | None, revision: str) -> None:
     """Revert the tables to a revision ('base' removes them and their rows)."""
     migrate.downgrade(db_url, table=table, schema=schema, revision=revision)
-    click.echo(f"outbox tables at revision {migrate.current(db_url, schema=schema)}")
+    current = migrate.current(db_url, schema=schema)
+    click.echo(f"outbox tables at revision {current}" if current else "outbox tables removed")
 
 
 @db.command("sql")

@@ -511,8 +511,11 @@ class Relay:
             },
         )
         # Whatever is in flight can no longer be marked; it stays unsent and is sent again
-        # (a bounded number of duplicates) once a relay is the leader.
+        # (a bounded number of duplicates) once a relay is the leader. Purge what the producer
+        # still holds: another relay may take over once the server drops our session, and
+        # messages from us arriving after its own would break per-key order.
         self._inflight.clear()
+        self._discard_transport()
         self._leader = False
         if self._conn is not None:
             with contextlib.suppress(psycopg.Error):
@@ -593,15 +596,23 @@ def _conninfo(config: RelayConfig) -> str:
     params.update({k: v for k, v in url.query.items() if isinstance(v, str)})
     params.setdefault("application_name", config.application_name)
     params.setdefault("connect_timeout", max(1, int(config.db_connect_timeout)))
-    # Detect a dead server or network within about a minute instead of hanging on TCP.
+    # Client side: notice a dead server or network in about 25 s instead of hanging on TCP,
+    # and stop sending (see _lost_database).
     params.setdefault("keepalives", 1)
     params.setdefault("keepalives_idle", 10)
     params.setdefault("keepalives_interval", 5)
     params.setdefault("keepalives_count", 3)
-    # Marking rows sent need not wait for the WAL flush: if the database crashes before it,
-    # those rows are sent again (duplicates, which at-least-once allows), never lost.
-    params["options"] = " ".join(
-        filter(None, [str(params.get("options", "")), "-c synchronous_commit=off"])
-    )
+    server_options = [
+        # Server side: end the session of a relay that vanished from the network (releasing
+        # leadership) after about 60 s -- later than the relay itself gives up (25 s), so a
+        # new leader never sends while the old one still could.
+        "-c tcp_keepalives_idle=30",
+        "-c tcp_keepalives_interval=10",
+        "-c tcp_keepalives_count=3",
+        # Marking rows sent need not wait for the WAL flush: if the database crashes before
+        # it, those rows are sent again (duplicates, which at-least-once allows), never lost.
+        "-c synchronous_commit=off",
+    ]
+    params["options"] = " ".join(filter(None, [str(params.get("options", "")), *server_options]))
     params.update(config.extra_db_options)
     return psycopg.conninfo.make_conninfo(**params)

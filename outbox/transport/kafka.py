@@ -71,6 +71,21 @@ _TRANSPORT_CODES = {
     KafkaError.LEADER_NOT_AVAILABLE,
 }
 
+# Errors about the producer's identity or sequence state, not about a message: the idempotent
+# producer is fenced or lost its state (a message failed with one of them would only fail again
+# on the same client), so the client is re-created and nothing is counted against the message.
+_PRODUCER_STATE_CODES = {
+    KafkaError._FATAL,
+    KafkaError._FENCED,
+    KafkaError._GAPLESS_GUARANTEE,
+    KafkaError._INCONSISTENT,
+    KafkaError.PRODUCER_FENCED,
+    KafkaError.INVALID_PRODUCER_EPOCH,
+    KafkaError.INVALID_PRODUCER_ID_MAPPING,
+    KafkaError.UNKNOWN_PRODUCER_ID,
+    KafkaError.OUT_OF_ORDER_SEQUENCE_NUMBER,
+}
+
 # Settings whose values must never reach a log line.
 _SECRET_HINTS = ("password", "secret", "key", "token", "jaas")
 
@@ -78,7 +93,7 @@ _SECRET_HINTS = ("password", "secret", "key", "token", "jaas")
 def classify(err: KafkaError) -> DeliveryFailure:
     """Map a librdkafka error to what the relay should do about it."""
     reason = f"{err.name()}: {err.str()}"
-    if err.fatal():
+    if err.fatal() or err.code() in _PRODUCER_STATE_CODES:
         return DeliveryFailure(FailureKind.FATAL, reason)
     if err.code() in _TRANSPORT_CODES or err.retriable():
         return DeliveryFailure(FailureKind.TRANSPORT, reason)

@@ -451,7 +451,8 @@ def test_retry_is_not_forgotten_when_a_notification_wakes_the_relay(
     )
     with Running(relay):
         wait_for(lambda: row_of(engine, "x").status == "retry", what="x to fail once")
-        publish(engine, [("other", "y")])
+        wait_for(lambda: relay_is_waiting(engine), 10, "the relay to wait for x's retry")
+        publish(engine, [("other", "y")])  # wakes the relay before x is due
         wait_for(lambda: by_key(transport.sent).get("other") == ["y"], 10, "y sent")
         wait_for(lambda: by_key(transport.sent).get("k") == ["x"], 10, "x retried")
 
