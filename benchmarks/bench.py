@@ -32,11 +32,11 @@ from sqlalchemy.orm import Session
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from outbox import Message, Outbox, Relay, RelayConfig, migrate, statements  # noqa: E402
-from outbox.schema import define_tables  # noqa: E402
-from outbox.transport.base import OnDelivery, OutgoingMessage  # noqa: E402
-from outbox.transport.kafka import KafkaTransport  # noqa: E402
-from tests.support.broker import Broker  # noqa: E402
+from outbox import Message, Outbox, Relay, RelayConfig, migrate, statements
+from outbox.schema import define_tables
+from outbox.transport.base import OnDelivery, OutgoingMessage
+from outbox.transport.kafka import KafkaTransport
+from tests.support.broker import Broker
 
 EVENTS = 20_000
 KEYS = 100
@@ -62,8 +62,9 @@ def payload(i: int) -> dict[str, Any]:
 
 
 def fresh_db() -> None:
-    with psycopg.connect(host=HOST, port=PORT or "5432", user="postgres", dbname="postgres",
-                         autocommit=True) as conn:
+    with psycopg.connect(
+        host=HOST, port=PORT or "5432", user="postgres", dbname="postgres", autocommit=True
+    ) as conn:
         conn.execute("DROP DATABASE IF EXISTS outbox_bench WITH (FORCE)")
         conn.execute("CREATE DATABASE outbox_bench")
     migrate.upgrade(DB_URL)
@@ -119,13 +120,19 @@ def direct_produce(bootstrap: str, topic: str, engine: sa.Engine, extra: dict[st
     """The same events, already in memory, produced straight from confluent-kafka."""
     with engine.connect() as c:
         rows = c.execute(
-            sa.text("SELECT message_id, topic, key, payload, headers FROM outbox_messages "
-                    "ORDER BY id")
+            sa.text(
+                "SELECT message_id, topic, key, payload, headers FROM outbox_messages ORDER BY id"
+            )
         ).all()
-    producer = Producer({
-        "bootstrap.servers": bootstrap, "enable.idempotence": True, "acks": "all",
-        "partitioner": "murmur2_random", **extra,
-    })
+    producer = Producer(
+        {
+            "bootstrap.servers": bootstrap,
+            "enable.idempotence": True,
+            "acks": "all",
+            "partitioner": "murmur2_random",
+            **extra,
+        }
+    )
     for r in rows[:1000]:  # warm up: connections, metadata, producer id
         producer.produce(topic, value=r.payload, key=r.key)
     producer.flush(30)
@@ -143,8 +150,9 @@ def direct_produce(bootstrap: str, topic: str, engine: sa.Engine, extra: dict[st
         ]
         while True:
             try:
-                producer.produce(topic, value=r.payload, key=r.key, headers=headers,
-                                 on_delivery=on_delivery)
+                producer.produce(
+                    topic, value=r.payload, key=r.key, headers=headers, on_delivery=on_delivery
+                )
                 break
             except BufferError:
                 producer.poll(0.01)
@@ -156,8 +164,10 @@ def direct_produce(bootstrap: str, topic: str, engine: sa.Engine, extra: dict[st
 
 def relay_drain(bootstrap: str, extra: dict[str, str], **config: Any) -> float:
     n = count(sa.create_engine(DB_URL))
-    relay = Relay(RelayConfig(db_url=DB_URL, **config),
-                  lambda: KafkaTransport(bootstrap, kafka_settings(extra)))
+    relay = Relay(
+        RelayConfig(db_url=DB_URL, **config),
+        lambda: KafkaTransport(bootstrap, kafka_settings(extra)),
+    )
     relay._ensure_leader()  # connect before the clock starts, like a running relay
     relay._transport_or_create().check(10)
     start = time.perf_counter()
@@ -169,8 +179,10 @@ def relay_drain(bootstrap: str, extra: dict[str, str], **config: Any) -> float:
 
 def bench_throughput(broker: Broker, engine: sa.Engine, extra: dict[str, str]) -> None:
     topic = broker.create_topic(partitions=PARTITIONS)
-    print(f"\n== relay throughput: {EVENTS} events, {KEYS} keys, {PARTITIONS} partitions, "
-          f"transactions of {TXN_SIZE}, producer {extra or 'defaults'}")
+    print(
+        f"\n== relay throughput: {EVENTS} events, {KEYS} keys, {PARTITIONS} partitions, "
+        f"transactions of {TXN_SIZE}, producer {extra or 'defaults'}"
+    )
     results: dict[str, list[float]] = {"relay": [], "direct": [], "drain": []}
     for _ in range(2):  # interleaved rounds: noise hits all three alike
         fill(engine, topic)
@@ -241,8 +253,9 @@ def _paced_writer(topic: str, rate: int, seconds: float, out: Any) -> None:
     out.put(commits)
 
 
-def bench_latency(broker: Broker, extra: dict[str, str], rate: int = 500,
-                  seconds: float = 10.0) -> None:
+def bench_latency(
+    broker: Broker, extra: dict[str, str], rate: int = 500, seconds: float = 10.0
+) -> None:
     topic = broker.create_topic(partitions=PARTITIONS)
     acked: dict[str, float] = {}
     relay = Relay(
@@ -268,11 +281,15 @@ def bench_latency(broker: Broker, extra: dict[str, str], rate: int = 500,
     lat = sorted((acked[m] - t) * 1000 for m, t in commits.items() if m in acked)
     missing = len(commits) - len(lat)
     p = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))]  # noqa: E731
-    print(f"\n== commit-to-acknowledged latency at {rate} events/s for {seconds:.0f} s "
-          f"({len(lat)} events{f', {missing} missing' if missing else ''}), producer "
-          f"{extra or 'defaults'}")
-    print(f"  p50 {p(0.50):.2f} ms   p90 {p(0.90):.2f} ms   p99 {p(0.99):.2f} ms   "
-          f"max {lat[-1]:.2f} ms   (targets: p50 <= 5, p99 <= 25)")
+    print(
+        f"\n== commit-to-acknowledged latency at {rate} events/s for {seconds:.0f} s "
+        f"({len(lat)} events{f', {missing} missing' if missing else ''}), producer "
+        f"{extra or 'defaults'}"
+    )
+    print(
+        f"  p50 {p(0.50):.2f} ms   p90 {p(0.90):.2f} ms   p99 {p(0.99):.2f} ms   "
+        f"max {lat[-1]:.2f} ms   (targets: p50 <= 5, p99 <= 25)"
+    )
 
 
 # -- write overhead ----------------------------------------------------------------------------
@@ -280,10 +297,12 @@ def bench_latency(broker: Broker, extra: dict[str, str], rate: int = 500,
 
 def bench_write(engine: sa.Engine, n: int = 2000) -> None:
     with engine.begin() as c:
-        c.execute(sa.text(
-            "CREATE TABLE IF NOT EXISTS bench_orders (id bigserial PRIMARY KEY, "
-            "customer text NOT NULL, amount numeric(12,2) NOT NULL, body jsonb NOT NULL)"
-        ))
+        c.execute(
+            sa.text(
+                "CREATE TABLE IF NOT EXISTS bench_orders (id bigserial PRIMARY KEY, "
+                "customer text NOT NULL, amount numeric(12,2) NOT NULL, body jsonb NOT NULL)"
+            )
+        )
     outbox = Outbox()
     insert = sa.text(
         "INSERT INTO bench_orders (customer, amount, body) VALUES (:c, :a, CAST(:b AS jsonb))"
@@ -292,8 +311,9 @@ def bench_write(engine: sa.Engine, n: int = 2000) -> None:
     def txn(i: int, with_event: bool) -> float:
         start = time.perf_counter()
         with Session(engine) as s, s.begin():
-            s.execute(insert, {"c": f"customer-{i % KEYS}", "a": i % 997,
-                               "b": json.dumps(payload(i))})
+            s.execute(
+                insert, {"c": f"customer-{i % KEYS}", "a": i % 997, "b": json.dumps(payload(i))}
+            )
             if with_event:
                 outbox.publish(s, "orders", payload(i), key=f"customer-{i % KEYS}")
         return time.perf_counter() - start
@@ -305,13 +325,16 @@ def bench_write(engine: sa.Engine, n: int = 2000) -> None:
     for i in range(n):  # alternate so that drift and noise hit both alike
         (with_ if i % 2 else without).append(txn(i, bool(i % 2)))
     a, b = statistics.median(without), statistics.median(with_)
-    print(f"\n== write overhead: business transaction of one order row, {n // 2} each, "
-          "alternating")
-    print(f"  without event {a * 1000:.3f} ms   with one event {b * 1000:.3f} ms (medians)   "
-          f"ratio {b / a:.2f}   (target <= 1.25)")
-    print(f"  means: {statistics.mean(without) * 1000:.3f} ms vs "
-          f"{statistics.mean(with_) * 1000:.3f} ms   ratio "
-          f"{statistics.mean(with_) / statistics.mean(without):.2f}")
+    print(f"\n== write overhead: business transaction of one order row, {n // 2} each, alternating")
+    print(
+        f"  without event {a * 1000:.3f} ms   with one event {b * 1000:.3f} ms (medians)   "
+        f"ratio {b / a:.2f}   (target <= 1.25)"
+    )
+    print(
+        f"  means: {statistics.mean(without) * 1000:.3f} ms vs "
+        f"{statistics.mean(with_) * 1000:.3f} ms   ratio "
+        f"{statistics.mean(with_) / statistics.mean(without):.2f}"
+    )
 
 
 # -- idle cost ---------------------------------------------------------------------------------
@@ -333,8 +356,9 @@ class CountingRelay(Relay):
 
 
 def bench_idle(broker: Broker, seconds: float = 30.0) -> None:
-    relay = CountingRelay(RelayConfig(db_url=DB_URL),
-                          lambda: KafkaTransport(broker.bootstrap, kafka_settings({})))
+    relay = CountingRelay(
+        RelayConfig(db_url=DB_URL), lambda: KafkaTransport(broker.bootstrap, kafka_settings({}))
+    )
     thread = threading.Thread(target=relay.run, daemon=True)
     thread.start()
     while not relay.is_leader:
@@ -347,8 +371,10 @@ def bench_idle(broker: Broker, seconds: float = 30.0) -> None:
     cpu = time.process_time() - cpu0
     relay.stop()
     thread.join(30)
-    print(f"\n== idle cost over {seconds:.0f} s: {n} statements = {n / seconds:.2f}/s "
-          f"(target <= 1); process CPU {cpu / seconds * 100:.2f}%")
+    print(
+        f"\n== idle cost over {seconds:.0f} s: {n} statements = {n / seconds:.2f}/s "
+        f"(target <= 1); process CPU {cpu / seconds * 100:.2f}%"
+    )
 
 
 # -- claim time vs backlog ---------------------------------------------------------------------
@@ -377,15 +403,21 @@ def bench_claim(engine: sa.Engine) -> None:
                 conn.execute(claim, {"exclude": [], "limit": 1000}).fetchall()
                 times.append(time.perf_counter() - start)
             # With 1000 rows in flight excluded, as the pipelined relay asks.
-            exclude = [r[0] for r in conn.execute(
-                "SELECT id FROM outbox_messages ORDER BY id LIMIT 1000").fetchall()]
+            exclude = [
+                r[0]
+                for r in conn.execute(
+                    "SELECT id FROM outbox_messages ORDER BY id LIMIT 1000"
+                ).fetchall()
+            ]
             times_ex = []
             for _ in range(30):
                 start = time.perf_counter()
                 conn.execute(claim, {"exclude": exclude, "limit": 1000}).fetchall()
                 times_ex.append(time.perf_counter() - start)
-            print(f"  {target:>9,} pending: {statistics.median(times) * 1000:6.2f} ms   "
-                  f"(1000 in flight excluded: {statistics.median(times_ex) * 1000:6.2f} ms)")
+            print(
+                f"  {target:>9,} pending: {statistics.median(times) * 1000:6.2f} ms   "
+                f"(1000 in flight excluded: {statistics.median(times_ex) * 1000:6.2f} ms)"
+            )
         conn.execute("DELETE FROM outbox_messages")
 
 
@@ -393,10 +425,12 @@ BENCHES: dict[str, Callable[..., None]] = {}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("which", nargs="*",
-                        default=["throughput", "latency", "write", "idle", "claim"])
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "which", nargs="*", default=["throughput", "latency", "write", "idle", "claim"]
+    )
     parser.add_argument("-X", action="append", default=[], help="producer setting NAME=VALUE")
     args = parser.parse_args()
     extra = dict(x.split("=", 1) for x in args.X)
@@ -406,8 +440,10 @@ def main() -> None:
     external = os.environ.get("OUTBOX_BENCH_KAFKA")
     broker = Broker(bootstrap=external) if external else Broker()
     broker.start()
-    print(f"PostgreSQL {PG}, broker {'external ' + external if external else 'Tansu (local)'}, "
-          f"Python {sys.version.split()[0]}, {os.cpu_count()} cores")
+    print(
+        f"PostgreSQL {PG}, broker {'external ' + external if external else 'Tansu (local)'}, "
+        f"Python {sys.version.split()[0]}, {os.cpu_count()} cores"
+    )
     try:
         for name in args.which:
             if name == "throughput":

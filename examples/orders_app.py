@@ -33,14 +33,16 @@ class Order(Base):
     status: Mapped[str] = mapped_column(default="placed")
 
 
-def place_order(session: Session, customer: str, amount: decimal.Decimal) -> Order:
+def place_order(
+    session: Session, customer: str, amount: decimal.Decimal, topic: str = "orders"
+) -> Order:
     """Insert the order and its event; both commit or neither does."""
     order = Order(customer=customer, amount=amount)
     session.add(order)
     session.flush()  # assigns nothing here (client-side uuid), but surfaces constraint errors
     outbox.publish(
         session,
-        "orders",
+        topic,
         {"type": "OrderPlaced", "order_id": order.id, "customer": customer, "amount": amount},
         key=customer,  # all events of one customer stay in order
         headers={"event-type": "OrderPlaced"},

@@ -41,4 +41,10 @@ def replay_dead(
         rows = connection.execute(
             statements.replay_dead(tables), {"ids": list(ids) if ids is not None else None}
         ).all()
+        if rows:
+            # Wake the relay on commit, as a writer does; otherwise the replayed messages wait
+            # for its fallback poll.
+            connection.execute(
+                sa.text("SELECT pg_notify(:channel, '')"), {"channel": tables.channel}
+            )
     return [r.id for r in rows]

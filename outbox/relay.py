@@ -236,6 +236,8 @@ class Relay:
         ):
             batch = self._inflight[0]
             self._await(batch)
+            if not batch.done:
+                return True  # stopping: _shutdown waits for it, up to shutdown_timeout
             self._inflight.popleft()
             self._finish(batch)
             progressed = True
@@ -332,6 +334,8 @@ class Relay:
         # rest. Past it, give up on the stragglers (they stay unsent) and re-create the client.
         deadline = batch.started + self.config.delivery_timeout + 5.0
         while not batch.done:
+            if self._stop.is_set():
+                return  # bounded by shutdown_timeout from here on, not by delivery_timeout
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 batch.transport_failures.append("no delivery report before the deadline")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
@@ -27,10 +26,9 @@ def test_committed_events_arrive_with_headers_rolled_back_never(
             outbox.publish(session, topic, {"order": i}, key=f"k{i % 3}", headers={"h": "v"})
             for i in range(10)
         ]
-    with Session(engine) as session:
-        with session.begin():
-            outbox.publish(session, topic, {"order": "rolled back"}, key="k0")
-            session.rollback()
+    with Session(engine) as session, session.begin():
+        outbox.publish(session, topic, {"order": "rolled back"}, key="k0")
+        session.rollback()
 
     stats = relay_for(db_url, broker).run_once()
     assert stats.sent == 10

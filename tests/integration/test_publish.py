@@ -411,13 +411,12 @@ def test_many_concurrent_writers_of_one_key_commit_in_id_order(
 
     def write(i: int) -> None:
         try:
-            with Session(engine) as session:
-                with session.begin():
-                    session.execute(sa.text("SET LOCAL lock_timeout = '30s'"))
-                    [mid] = outbox.publish_many(session, [Message("t", {"n": i}, key="hot")])
-                    # Holding the key lock: nobody else of this key can commit before us.
-                    with lock:
-                        commits.append(mid)
+            with Session(engine) as session, session.begin():
+                session.execute(sa.text("SET LOCAL lock_timeout = '30s'"))
+                [mid] = outbox.publish_many(session, [Message("t", {"n": i}, key="hot")])
+                # Holding the key lock: nobody else of this key can commit before us.
+                with lock:
+                    commits.append(mid)
         except BaseException as exc:
             errors.append(exc)
 

@@ -41,7 +41,7 @@ class Broker:
     def start(self) -> Broker:
         if self.external:
             return self
-        out = open(self.log, "ab") if self.log else subprocess.DEVNULL
+        out = open(self.log, "ab") if self.log else subprocess.DEVNULL  # noqa: SIM115
         self.proc = subprocess.Popen(
             [
                 tansu_binary(), "broker",

@@ -91,13 +91,19 @@ class Proxy:
         async def shutdown() -> None:
             if self._server is not None:
                 self._server.close()
+                self._server = None
             for conn in list(self._conns):
                 conn.reset()
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
         if self._thread.is_alive():
             self._call(shutdown())
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(5)
+            self._loop.close()
 
     def connections(self) -> int:
         async def n() -> int:
