@@ -23,6 +23,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import random
 import threading
 import time
@@ -104,6 +105,10 @@ class _Batch:
     failed: list[tuple[int, str]] = dataclasses.field(default_factory=list)
     transport_failures: list[str] = dataclasses.field(default_factory=list)
     fatal: bool = False
+    # Ids handed to the transport (or refused by it): excluded from claims while in flight.
+    sent: list[int] = dataclasses.field(default_factory=list)
+    # Keys this batch held back (a failed or unsent message); released once it is finished.
+    held_keys: set[tuple[str, bytes]] = dataclasses.field(default_factory=set)
 
     @property
     def done(self) -> bool:
@@ -138,8 +143,10 @@ class Relay:
         self._db_failures = 0
         self._standby_logged = False
         self._header_cache: dict[str, list[tuple[str, bytes]]] = {}
-        # Keys with a failed or unsent message that the table may not show yet (see _send).
-        self._held: set[tuple[str, bytes]] = set()
+        # Keys with a failed or unsent message that the table may not show yet, mapped to the
+        # number of the first claim that is sure to see it (inf: not recorded yet). See _send.
+        self._held: dict[tuple[str, bytes], float] = {}
+        self._claims = 0  # claims issued so far, numbered from 1
         self._conninfo = _conninfo(config)
         self._sql = {
             name: statements.to_driver_sql(build(self.tables))
@@ -226,11 +233,11 @@ class Relay:
         progressed = False
         claimed_full = False
         if len(self._inflight) < self.config.max_inflight_batches and self._broker_ready():
-            rows = self._claim()
+            rows, claim_no = self._take_claim()
             if rows:
-                self._inflight.append(self._send(rows))
-                progressed = True
                 claimed_full = len(rows) == self.config.batch_size
+                self._inflight.append(self._send(rows, claim_no))
+                progressed = True
         if self._inflight and (
             len(self._inflight) >= self.config.max_inflight_batches or not claimed_full
         ):
@@ -243,12 +250,11 @@ class Relay:
             progressed = True
         return progressed
 
-    def _claim(self) -> list[_Row]:
-        if not self._inflight:
-            # Every failure so far is recorded in the table, where the claim's hold-back
-            # clause sees it.
-            self._held.clear()
-        exclude = [row.id for batch in self._inflight for row in batch.rows]
+    def _take_claim(self) -> tuple[list[_Row], int]:
+        self._claims += 1
+        return self._claim([i for b in self._inflight for i in b.sent]), self._claims
+
+    def _claim(self, exclude: list[int]) -> list[_Row]:
         conn = self._require_conn()
         with translate_db_errors("claim"):
             # Notifications already received are for commits this claim will see; drop them
@@ -262,19 +268,24 @@ class Relay:
             )
             return [_Row(*r) for r in cur.fetchall()]
 
-    def _send(self, rows: list[_Row]) -> _Batch:
+    def _send(self, rows: list[_Row], claim_no: int) -> _Batch:
         transport = self._transport_or_create()
         batch = _Batch(rows=rows, started=time.monotonic())
         held = self._held
         unavailable = False
         for row in rows:
-            if row.key is not None and (row.topic, row.key) in held:
-                # An earlier message of this key failed or was not sent, and the table does
-                # not say so yet (the claim ran before): keep the order, send it later.
-                continue
+            if row.key is not None and held:
+                key = (row.topic, row.key)
+                until = held.get(key)
+                if until is not None:
+                    if claim_no < until:
+                        # An earlier message of this key failed or was not sent, and this
+                        # claim ran before the table said so: keep the order, send it later
+                        # (skipped rows are not in flight: the next claims may return them).
+                        continue
+                    del held[key]
             if unavailable:
-                if row.key is not None:
-                    held.add((row.topic, row.key))
+                self._hold(batch, row)
                 continue
             message = OutgoingMessage(
                 topic=row.topic,
@@ -285,20 +296,32 @@ class Relay:
             try:
                 transport.send(message, self._reporter(batch, row))
             except MessageRejected as exc:
+                batch.sent.append(row.id)
                 batch.failed.append((row.id, str(exc)))
-                if row.key is not None:
-                    held.add((row.topic, row.key))
+                self._hold(batch, row)
                 continue
             except TransportUnavailable as exc:
                 # The rest of the batch stays pending; its keys wait so they keep their order.
                 batch.transport_failures.append(str(exc))
                 batch.fatal = batch.fatal or transport.broken
                 unavailable = True
-                if row.key is not None:
-                    held.add((row.topic, row.key))
+                self._hold(batch, row)
                 continue
+            batch.sent.append(row.id)
             batch.outstanding += 1
         return batch
+
+    def _hold(self, batch: _Batch, row: _Row) -> None:
+        if row.key is not None:
+            key = (row.topic, row.key)
+            self._held[key] = math.inf
+            batch.held_keys.add(key)
+
+    def _release(self, batch: _Batch) -> None:
+        """After ``batch`` is recorded: the next claim sees its failures in the table."""
+        for key in batch.held_keys:
+            if not any(key in other.held_keys for other in self._inflight):
+                self._held[key] = self._claims + 1
 
     def _headers(self, text: str) -> list[tuple[str, bytes]]:
         # Most rows share a handful of distinct header sets (content type, event type).
@@ -318,8 +341,7 @@ class Relay:
             if failure is None:
                 batch.acked.append(row_id)
                 return
-            if row.key is not None:
-                self._held.add((row.topic, row.key))
+            self._hold(batch, row)
             if failure.kind is FailureKind.MESSAGE:
                 batch.failed.append((row_id, failure.reason))
             else:
@@ -375,6 +397,7 @@ class Relay:
                     },
                 )
                 parked = [r for r in cur.fetchall() if r[1] == DEAD]
+        self._release(batch)
         self.stats.batches += 1
         self.stats.sent += len(batch.acked)
         self.stats.failed_attempts += len(failures)
@@ -519,6 +542,7 @@ class Relay:
         # still holds: another relay may take over once the server drops our session, and
         # messages from us arriving after its own would break per-key order.
         self._inflight.clear()
+        self._held.clear()
         self._discard_transport()
         self._leader = False
         if self._conn is not None:

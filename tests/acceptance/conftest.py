@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import itertools
 import json
 import random
 import threading
@@ -21,6 +22,11 @@ from outbox import Outbox
 from tests.support.broker import Broker, Message, free_port
 from tests.support.proxy import Proxy
 from tests.support.relayproc import RelayProcess
+
+#: Log lines of the relay (text format) that tests wait for.
+LEADER = r"outbox\.relay: relay is the leader"  # not "... standby: another relay is the leader"
+STANDBY = r"outbox\.relay: relay is a standby"
+BATCH_DONE = r"outbox\.relay: batch done"
 
 # -- writers ------------------------------------------------------------------------------------
 
@@ -101,6 +107,11 @@ class Writers:
         with self._lock:
             return len(self.committed)
 
+    def snapshot(self) -> list[Committed]:
+        """The messages committed so far (the writers keep going)."""
+        with self._lock:
+            return list(self.committed)
+
     def wait_for(self, n: int, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
         while self.count() < n:
@@ -180,7 +191,7 @@ def check_delivery(
         assert not missing, f"{len(missing)} committed messages never arrived"
     for key, seqs in firsts.items():
         assert len(partitions[key]) == 1, f"{key} spread over partitions {partitions[key]}"
-        inversions = [(a, b) for a, b in zip(seqs, seqs[1:], strict=False) if b <= a]
+        inversions = [(a, b) for a, b in itertools.pairwise(seqs) if b <= a]
         assert not inversions, f"{key}: first occurrences out of order at {inversions[:5]}"
     return Delivery(
         received=len(got),
@@ -192,9 +203,7 @@ def check_delivery(
 
 def table_ids(engine: sa.Engine) -> set[str]:
     with engine.connect() as conn:
-        return {
-            str(r[0]) for r in conn.execute(sa.text("SELECT message_id FROM outbox_messages"))
-        }
+        return {str(r[0]) for r in conn.execute(sa.text("SELECT message_id FROM outbox_messages"))}
 
 
 def table_count(engine: sa.Engine) -> int:

@@ -8,6 +8,7 @@ per crash.
 from __future__ import annotations
 
 import random
+import signal
 import time
 
 import pytest
@@ -15,6 +16,9 @@ import sqlalchemy as sa
 
 from outbox import RelayConfig
 from tests.acceptance.conftest import (
+    BATCH_DONE,
+    LEADER,
+    STANDBY,
     RelayFactory,
     Writers,
     check_delivery,
@@ -41,17 +45,15 @@ def test_sigkill_at_random_moments_loses_nothing_and_keeps_key_order(
     kills = 4
     for i in range(kills):
         relay = relays(db_url, broker.bootstrap, *ARGS, name=f"relay-{seed}-{i}")
-        relay.wait_for("relay is the leader", timeout=30)
-        relay.wait_for("batch done", timeout=30)  # it is sending
+        relay.wait_for(LEADER, timeout=30)
+        relay.wait_for(BATCH_DONE, timeout=30)  # it is sending
         time.sleep(rng.uniform(0.0, 1.2))
-        relay.kill()
+        assert relay.kill() == -signal.SIGKILL, relay.tail()  # it was still running
     committed = writers.stop()
     assert len(committed) > 500, "the writers should have kept the relay busy"
 
     # Whatever the crashes left behind is sent by one last relay.
-    done = run_relay(
-        ["--db-url", db_url, "--bootstrap-servers", broker.bootstrap, *ARGS, "--once"]
-    )
+    done = run_relay(["--db-url", db_url, "--bootstrap-servers", broker.bootstrap, *ARGS, "--once"])
     assert done.returncode == 0, done.stderr[-3000:]
     assert table_count(engine) == 0
 
@@ -71,36 +73,37 @@ def test_two_relays_fail_over_without_loss_or_inversion(
     b = relays(db_url, broker.bootstrap, *ARGS, name="relay-b")
 
     def leader() -> RelayProcess | None:
-        return next((r for r in (a, b) if r.count("relay is the leader")), None)
+        return next((r for r in (a, b) if r.count(LEADER)), None)
 
     wait_until(lambda: leader() is not None, timeout=30, what="a leader")
     first = leader()
     assert first is not None
     standby = b if first is a else a
-    standby.wait_for("relay is a standby", timeout=30)
-    assert first.count("relay is the leader") == 1 and standby.count("relay is the leader") == 0
+    standby.wait_for(STANDBY, timeout=30)
+    assert first.count(LEADER) == 1 and standby.count(LEADER) == 0
 
-    first.wait_for("batch done", timeout=30)
+    first.wait_for(BATCH_DONE, timeout=30)
     time.sleep(1.0)
-    first.kill()
+    assert first.kill() == -signal.SIGKILL, first.tail()
     # The standby takes over within its leader retry interval.
-    standby.wait_for("relay is the leader", timeout=RelayConfig("postgresql://x/y").leader_retry_interval + 10)
+    standby.wait_for(LEADER, timeout=RelayConfig("postgresql://x/y").leader_retry_interval + 10)
     # The killed one comes back as a standby.
-    back = relays(db_url, broker.bootstrap, *ARGS, name="relay-a2")
-    back.wait_for("relay is a standby", timeout=30)
-    standby.wait_for("batch done", after=standby.mark(), timeout=30)
+    back = relays(db_url, broker.bootstrap, *ARGS, name="relay-back")
+    back.wait_for(STANDBY, timeout=30)
+    standby.wait_for(BATCH_DONE, after=standby.mark(), timeout=30)
     time.sleep(1.0)
 
     committed = writers.stop()
     wait_drained(engine, timeout=60)
-    assert back.count("relay is the leader") == 0
+    assert back.count(LEADER) == 0
 
     got = broker.read_all(topic, expect=len(committed))
     delivery = check_delivery(got, committed)
     assert delivery.duplicates <= BATCH * INFLIGHT, delivery
     # The counter rows and the events agree: every increment was published, in order.
     with engine.connect() as conn:
-        counters = dict(conn.execute(sa.text("SELECT key, n FROM counters")).tuples().all())
+        rows = conn.execute(sa.text("SELECT key, n FROM counters")).all()
+    counters: dict[str, int] = {r.key: r.n for r in rows}
     per_key = {k: sorted(c.seq for c in committed if c.key == k) for k in counters}
     for key, n in counters.items():
         assert per_key[key] == list(range(1, n + 1)), key

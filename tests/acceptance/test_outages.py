@@ -12,6 +12,8 @@ from sqlalchemy.orm import Session
 
 from outbox import Outbox
 from tests.acceptance.conftest import (
+    BATCH_DONE,
+    LEADER,
     Committed,
     ProxiedBroker,
     RelayFactory,
@@ -41,10 +43,10 @@ def test_broker_outage_backs_off_marks_nothing_and_recovers(
     topic = pb.broker.create_topic(partitions=3)
     writers = Writers(engine, topic, keys=10, threads=2, pause=0.01).start()
     relay = relays(db_url, pb.bootstrap, *FAST)
-    relay.wait_for("relay is the leader", timeout=30)
+    relay.wait_for(LEADER, timeout=30)
     pos = 0
     for _ in range(3):
-        pos = relay.wait_for("batch done", after=pos, timeout=30)
+        pos = relay.wait_for(BATCH_DONE, after=pos, timeout=30)
 
     before_cut = relay.mark()
     cut_at = time.monotonic()
@@ -59,8 +61,7 @@ def test_broker_outage_backs_off_marks_nothing_and_recovers(
     assert relay.count(BACKING_OFF, after=lines) <= 10
     assert relay.count(r"batch done .*acked=[1-9]", after=lines) == 0
     # ... and nothing committed after the cut (so never sent) was removed from the table.
-    with writers._lock:
-        after_cut = [c for c in writers.committed if c.began > cut_at]
+    after_cut = [c for c in writers.snapshot() if c.began > cut_at]
     assert len(after_cut) > 20
     remaining = table_ids(engine)
     assert [c for c in after_cut if c.message_id not in remaining] == []
@@ -76,7 +77,7 @@ def test_broker_outage_backs_off_marks_nothing_and_recovers(
 
     got = pb.broker.read_all(topic, expect=len(committed))
     delivery = check_delivery(got, committed)
-    print(f"{fault}: {len(committed)} committed, {delivery}")
+    print(f"{fault}: {cpu:.2f}s CPU in {elapsed:.1f}s cut; {len(committed)} committed, {delivery}")
 
 
 def test_relay_started_while_broker_unreachable_recovers(
@@ -110,10 +111,10 @@ def test_database_connection_killed_under_the_relay(
 ) -> None:
     writers = Writers(engine, topic, keys=10, threads=2, pause=0.005).start()
     relay = relays(db_url, broker.bootstrap, "--batch-size", "50", "--log-level", "debug")
-    pos = relay.wait_for("relay is the leader", timeout=30)
+    pos = relay.wait_for(LEADER, timeout=30)
     dbname = sa.make_url(db_url).database
     for round_ in range(1, 3):
-        pos = relay.wait_for("batch done", after=pos, timeout=30)
+        pos = relay.wait_for(BATCH_DONE, after=pos, timeout=30)
         with engine.connect() as conn:
             killed = conn.execute(
                 sa.text(
@@ -124,9 +125,9 @@ def test_database_connection_killed_under_the_relay(
             ).all()
         assert len(killed) == 1, killed  # the relay holds exactly one connection
         pos = relay.wait_for("database connection lost, reconnecting", after=pos, timeout=30)
-        pos = relay.wait_for("relay is the leader", after=pos, timeout=30)
-        assert relay.count("relay is the leader") == round_ + 1
-    relay.wait_for("batch done", after=pos, timeout=30)
+        pos = relay.wait_for(LEADER, after=pos, timeout=30)
+        assert relay.count(LEADER) == round_ + 1
+    relay.wait_for(BATCH_DONE, after=pos, timeout=30)
     committed = writers.stop()
     wait_drained(engine, timeout=60)
     assert relay.running

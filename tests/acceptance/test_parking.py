@@ -22,9 +22,7 @@ def test_too_large_message_is_parked_and_holds_back_only_its_key(
         # client-side against its own message.max.bytes (set below), before sending it.
         big = outbox.publish(session, topic, b"x" * 20_000, key="big")
         after_big = [outbox.publish(session, topic, {"n": i}, key="big") for i in range(5)]
-        others = [
-            outbox.publish(session, topic, {"n": i}, key=f"other-{i % 3}") for i in range(15)
-        ]
+        others = [outbox.publish(session, topic, {"n": i}, key=f"other-{i % 3}") for i in range(15)]
     with Session(engine) as session, session.begin():  # a later transaction, same key
         after_big.append(outbox.publish(session, topic, {"n": 5}, key="big"))
 

@@ -9,7 +9,14 @@ import time
 import pytest
 import sqlalchemy as sa
 
-from tests.acceptance.conftest import RelayFactory, Writers, check_delivery, table_ids
+from tests.acceptance.conftest import (
+    BATCH_DONE,
+    LEADER,
+    RelayFactory,
+    Writers,
+    check_delivery,
+    table_ids,
+)
 from tests.support.broker import Broker
 
 pytestmark = pytest.mark.slow
@@ -30,10 +37,10 @@ def test_signal_under_load_exits_0_and_removes_only_acknowledged_rows(
 ) -> None:
     writers = Writers(engine, topic, keys=10, threads=3, seed=int(sig)).start()
     relay = relays(db_url, broker.bootstrap, "--batch-size", "50", "--log-level", "debug")
-    relay.wait_for("relay is the leader", timeout=30)
+    relay.wait_for(LEADER, timeout=30)
     pos = 0
     for _ in range(5):  # it is busy
-        pos = relay.wait_for("batch done", after=pos, timeout=30)
+        pos = relay.wait_for(BATCH_DONE, after=pos, timeout=30)
 
     started = time.monotonic()
     relay.send_signal(sig)

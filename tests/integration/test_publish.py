@@ -101,9 +101,7 @@ def outbox() -> Outbox:
 
 def test_committed_publish_becomes_rows(engine: sa.Engine, outbox: Outbox) -> None:
     with Session(engine) as session, session.begin():
-        mid = outbox.publish(
-            session, "orders", {"id": 1}, key="o-1", headers={"trace": "t1"}
-        )
+        mid = outbox.publish(session, "orders", {"id": 1}, key="o-1", headers={"trace": "t1"})
         tomb = outbox.publish(session, "orders", None, key=b"o-2")
     [r1, r2] = rows(engine)
     assert r1.message_id == mid and r1.topic == "orders" and r1.key == b"o-1"
@@ -195,7 +193,9 @@ def test_duplicate_message_id_is_an_outbox_error(engine: sa.Engine, outbox: Outb
     with Session(engine) as session:
         session.begin()
         with pytest.raises(DatabaseError):
-            outbox.publish_many(session, [Message("t", 1, message_id=mid2) for mid2 in [uuid.UUID(int=5)] * 2])
+            # Twice in one call.
+            twice = uuid.uuid4()
+            outbox.publish_many(session, [Message("t", 1, message_id=twice)] * 2)
         session.rollback()
     assert len(rows(engine)) == 1
 
@@ -209,9 +209,7 @@ def test_missing_tables_is_reported(empty_db_url: str, outbox: Outbox) -> None:
         engine.dispose()
 
 
-def test_notification_fires_on_commit_only(
-    engine: sa.Engine, db_url: str, outbox: Outbox
-) -> None:
+def test_notification_fires_on_commit_only(engine: sa.Engine, db_url: str, outbox: Outbox) -> None:
     dsn = db_url.replace("postgresql+psycopg", "postgresql")
     with psycopg.connect(dsn, autocommit=True) as listener:
         listener.execute(f"LISTEN {DEFAULT.channel}")
@@ -351,7 +349,9 @@ def test_same_key_writer_waits_for_the_earlier_commit(
     b.start()
     # B blocks on A's advisory lock for (orders, K) before its row gets an id.
     wait_for(
-        lambda: b.pid is not None and b.pid in advisory_waiters(engine, lock_of(DEFAULT, "orders", "K")),
+        lambda: (
+            b.pid is not None and b.pid in advisory_waiters(engine, lock_of(DEFAULT, "orders", "K"))
+        ),
         what="B to wait for the advisory lock",
     )
     assert b.is_alive() and b.ids == []
@@ -391,7 +391,9 @@ def test_rollback_releases_the_key_lock(
     b = Writer(engine, outbox, [Message("orders", {"n": "b"}, key="K")])
     b.start()
     wait_for(
-        lambda: b.pid is not None and b.pid in advisory_waiters(engine, lock_of(DEFAULT, "orders", "K")),
+        lambda: (
+            b.pid is not None and b.pid in advisory_waiters(engine, lock_of(DEFAULT, "orders", "K"))
+        ),
         what="B to wait for the advisory lock",
     )
     session_a.rollback()

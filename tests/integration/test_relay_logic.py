@@ -277,7 +277,7 @@ def test_gapless_failure_inside_a_batch_keeps_key_order(engine: sa.Engine, db_ur
         wait_for(lambda: all(r.status == "sent" for r in db_rows(engine)), what="all sent")
     assert by_key(transport.sent) == expected_by_key(specs)
     gapless = [m.value for m, f in transport.failed if f.kind is FailureKind.TRANSPORT]
-    assert set(gapless) >= {b"k3", b"k4", b"k5", b"k6"}
+    assert set(gapless) >= {b"k3", b"k4"}  # in k2's batch, so in its poll
     attempts = {r.value: r.attempts for r in db_rows(engine)}
     assert attempts.pop("k2") == 1
     assert set(attempts.values()) == {0}
@@ -545,9 +545,9 @@ def test_fatal_failure_recreates_the_transport(engine: sa.Engine, db_url: str) -
         if not created:
             n = iter(range(10**9))
             t = MemoryTransport(
-                fail=lambda m: DeliveryFailure(FailureKind.FATAL, "fenced")
-                if next(n) == 4
-                else None
+                fail=lambda m: (
+                    DeliveryFailure(FailureKind.FATAL, "fenced") if next(n) == 4 else None
+                )
             )
         else:
             t = MemoryTransport()
@@ -605,9 +605,7 @@ def test_custom_table_and_schema(engine: sa.Engine, db_url: str) -> None:
 # -- leadership -------------------------------------------------------------------------------
 
 
-def test_second_relay_is_a_standby_until_the_leader_stops(
-    engine: sa.Engine, db_url: str
-) -> None:
+def test_second_relay_is_a_standby_until_the_leader_stops(engine: sa.Engine, db_url: str) -> None:
     t1, t2 = MemoryTransport(), MemoryTransport()
     leader = make_relay(db_url, t1)
     standby = make_relay(db_url, t2)
@@ -640,7 +638,12 @@ def test_commit_wakes_the_relay_long_before_the_poll_interval(
     relay = make_relay(db_url, transport, poll_interval=60.0)
     with Running(relay):
         for i in range(3):
-            wait_for(lambda: relay_is_waiting(engine), 10, "the relay to wait")
+            # Row gone first: the claim seen next is the empty one after the delete.
+            wait_for(
+                lambda: count_rows(engine) == 0 and relay_is_waiting(engine),
+                10,
+                "the relay to wait",
+            )
             started = time.monotonic()
             publish(engine, [("k", f"m{i}")])
             wait_for(lambda i=i: len(transport.sent) == i + 1, 10, f"m{i} sent")
@@ -716,9 +719,7 @@ def test_stop_gives_up_on_unacknowledged_batches_after_shutdown_timeout(
     engine: sa.Engine, db_url: str
 ) -> None:
     transport = GatedTransport()
-    relay = make_relay(
-        db_url, transport, batch_size=3, delivery_timeout=30.0, shutdown_timeout=0.5
-    )
+    relay = make_relay(db_url, transport, batch_size=3, delivery_timeout=30.0, shutdown_timeout=0.5)
     with Running(relay) as running:
         publish(engine, [(f"k{i % 2}", f"m{i}") for i in range(5)])
         wait_for(lambda: transport.queued >= 3, what="a batch in flight")

@@ -29,8 +29,13 @@ def tansu_binary() -> str:
 class Broker:
     """A broker the test suite controls (start, kill, restart), or an external one."""
 
-    def __init__(self, bootstrap: str | None = None, port: int | None = None,
-                 advertised_port: int | None = None, log: Path | None = None) -> None:
+    def __init__(
+        self,
+        bootstrap: str | None = None,
+        port: int | None = None,
+        advertised_port: int | None = None,
+        log: Path | None = None,
+    ) -> None:
         self.external = bootstrap is not None
         self.port = port or free_port()
         self.advertised_port = advertised_port or self.port
@@ -44,11 +49,15 @@ class Broker:
         out = open(self.log, "ab") if self.log else subprocess.DEVNULL  # noqa: SIM115
         self.proc = subprocess.Popen(
             [
-                tansu_binary(), "broker",
-                "--listener-url", f"tcp://127.0.0.1:{self.port}",
-                "--advertised-listener-url", f"tcp://127.0.0.1:{self.advertised_port}",
+                tansu_binary(),
+                "broker",
+                "--listener-url",
+                f"tcp://127.0.0.1:{self.port}",
+                "--advertised-listener-url",
+                f"tcp://127.0.0.1:{self.advertised_port}",
             ],
-            stdout=out, stderr=out,
+            stdout=out,
+            stderr=out,
         )
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
@@ -90,16 +99,19 @@ class Broker:
     def partitions(self, topic: str) -> int:
         return len(self.admin().list_topics(topic, timeout=10).topics[topic].partitions)
 
-    def read_all(self, topic: str, *, idle: float = 1.5, expect: int | None = None,
-                 timeout: float = 60.0) -> list[Message]:
+    def read_all(
+        self, topic: str, *, idle: float = 1.5, expect: int | None = None, timeout: float = 60.0
+    ) -> list[Message]:
         """Every message in the topic, read from the beginning of each partition until no
         new message arrived for ``idle`` seconds (and ``expect`` messages were seen)."""
-        consumer = Consumer({
-            "bootstrap.servers": self.bootstrap,
-            "group.id": f"reader-{uuid.uuid4().hex}",
-            "enable.auto.commit": False,
-            "enable.partition.eof": False,
-        })
+        consumer = Consumer(
+            {
+                "bootstrap.servers": self.bootstrap,
+                "group.id": f"reader-{uuid.uuid4().hex}",
+                "enable.auto.commit": False,
+                "enable.partition.eof": False,
+            }
+        )
         try:
             n = self.partitions(topic)
             consumer.assign([TopicPartition(topic, p, 0) for p in range(n)])
@@ -111,11 +123,16 @@ class Broker:
                 for m in msgs:
                     if m.error():
                         raise KafkaException(m.error())
-                    out.append(Message(
-                        topic=m.topic(), partition=m.partition(), offset=m.offset(),
-                        key=m.key(), value=m.value(),
-                        headers={k: v for k, v in (m.headers() or [])},
-                    ))
+                    out.append(
+                        Message(
+                            topic=m.topic(),
+                            partition=m.partition(),
+                            offset=m.offset(),
+                            key=m.key(),
+                            value=m.value(),
+                            headers={k: v for k, v in (m.headers() or [])},
+                        )
+                    )
                 if msgs:
                     last = time.monotonic()
                 elif time.monotonic() - last > idle and (expect is None or len(out) >= expect):
@@ -128,8 +145,15 @@ class Broker:
 class Message:
     __slots__ = ("headers", "key", "offset", "partition", "topic", "value")
 
-    def __init__(self, topic: str, partition: int, offset: int, key: bytes | None,
-                 value: bytes | None, headers: dict[str, bytes]) -> None:
+    def __init__(
+        self,
+        topic: str,
+        partition: int,
+        offset: int,
+        key: bytes | None,
+        value: bytes | None,
+        headers: dict[str, bytes],
+    ) -> None:
         self.topic, self.partition, self.offset = topic, partition, offset
         self.key, self.value, self.headers = key, value, headers
 

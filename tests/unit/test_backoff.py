@@ -9,9 +9,7 @@ import pytest
 from outbox.relay import backoff_delay
 
 
-@pytest.mark.parametrize(
-    ("base", "cap"), [(1.0, 300.0), (0.5, 30.0), (0.01, 0.05), (2.0, 1.0)]
-)
+@pytest.mark.parametrize(("base", "cap"), [(1.0, 300.0), (0.5, 30.0), (0.01, 0.05), (2.0, 1.0)])
 def test_full_jitter_stays_within_bounds(base: float, cap: float) -> None:
     rng = random.Random(1234)
     for attempt in range(0, 80):

@@ -101,6 +101,9 @@ def test_redact_hides_secrets() -> None:
         (KafkaError(KafkaError.MSG_SIZE_TOO_LARGE), FailureKind.MESSAGE),
         (KafkaError(KafkaError.TOPIC_AUTHORIZATION_FAILED), FailureKind.MESSAGE),
         (KafkaError(KafkaError._FENCED, "fenced", fatal=True), FailureKind.FATAL),
+        # The idempotent producer's state, not the message: re-create the client.
+        (KafkaError(KafkaError.OUT_OF_ORDER_SEQUENCE_NUMBER), FailureKind.FATAL),
+        (KafkaError(KafkaError._GAPLESS_GUARANTEE), FailureKind.FATAL),
     ],
     ids=lambda v: v.name() if isinstance(v, KafkaError) else v.name,
 )

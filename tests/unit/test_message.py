@@ -82,7 +82,9 @@ def test_str_is_utf8_text() -> None:
     assert encode_payload("") == (b"", TEXT)
 
 
-@pytest.mark.parametrize("raw", [b"\x00\xffraw", bytearray(b"\x00\xffraw"), memoryview(b"\x00\xffraw")])
+@pytest.mark.parametrize(
+    "raw", [b"\x00\xffraw", bytearray(b"\x00\xffraw"), memoryview(b"\x00\xffraw")]
+)
 def test_bytes_like_are_sent_as_is(raw: Any) -> None:
     data, ctype = encode_payload(raw)
     assert data == b"\x00\xffraw" and type(data) is bytes
