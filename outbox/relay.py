@@ -21,6 +21,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import heapq
 import json
 import logging
 import math
@@ -139,7 +140,8 @@ class Relay:
         self._rng = rng or random.Random()
         self._broker_failures = 0
         self._broker_retry_at = 0.0
-        self._next_retry_due: float | None = None
+        # When retries fall due (a heap of monotonic times): the relay wakes for each.
+        self._retry_due: list[float] = []
         self._db_failures = 0
         self._standby_logged = False
         self._header_cache: dict[str, list[tuple[str, bytes]]] = {}
@@ -403,8 +405,10 @@ class Relay:
         self.stats.failed_attempts += len(failures)
         self.stats.parked += len(parked)
         if failures:
-            due = time.monotonic() + min(delays)
-            self._next_retry_due = min(due, self._next_retry_due or due)
+            now = time.monotonic()
+            if len(self._retry_due) < 10_000:  # beyond that, the fallback poll catches up
+                for delay in set(delays):
+                    heapq.heappush(self._retry_due, now + delay)
             for row_id, reason in failures:
                 logger.warning("send failed", extra={"outbox_id": row_id, "error": reason})
         for row in parked:
@@ -558,8 +562,10 @@ class Relay:
         interval passes. Issues no statements while it waits."""
         now = time.monotonic()
         deadline = now + self.config.poll_interval
-        if self._next_retry_due is not None:
-            deadline = min(deadline, self._next_retry_due)
+        while self._retry_due and self._retry_due[0] <= now:
+            heapq.heappop(self._retry_due)
+        if self._retry_due:
+            deadline = min(deadline, self._retry_due[0])
         if self._broker_failures:
             deadline = min(deadline, self._broker_retry_at)
         conn = self._require_conn()
@@ -571,10 +577,6 @@ class Relay:
                 for _ in conn.notifies(timeout=min(remaining, 0.25), stop_after=1):
                     self._woken = True
         self._woken = False
-        # Forget the retry time only once it has passed: a wake-up (a commit) that ends the
-        # wait earlier must not lose it, or the retry waits for the fallback poll instead.
-        if self._next_retry_due is not None and time.monotonic() >= self._next_retry_due:
-            self._next_retry_due = None
 
     def _sleep(self, seconds: float) -> None:
         self._stop.wait(seconds)

@@ -7,7 +7,7 @@ import random
 
 import sqlalchemy as sa
 
-from outbox.transport.base import OutgoingMessage
+from outbox.transport.base import DeliveryFailure, FailureKind, OutgoingMessage
 from outbox.transport.memory import MemoryTransport
 from tests.integration.test_relay_logic import (
     Running,
@@ -79,3 +79,44 @@ def test_outage_mid_batch_resends_the_rest_of_each_key_in_order(
     sent = by_key(transport.sent)
     for key in ("k0", "k1", "k2"):
         assert sent[key] == [v for k, v in specs if k == key]
+
+
+class Scripted(random.Random):
+    """Backoff delays from a script, in order."""
+
+    def __init__(self, delays: list[float]) -> None:
+        super().__init__(0)
+        self.delays = list(delays)
+
+    def uniform(self, a: float, b: float) -> float:
+        return self.delays.pop(0)
+
+
+def test_each_retry_wakes_the_relay_not_only_the_earliest(engine: sa.Engine, db_url: str) -> None:
+    # Two messages fail once, in separate batches, with retries due after 0.3 s and 1.5 s;
+    # the fallback poll (60 s) must not be what sends the second one.
+    publish(engine, [("x", "X"), ("y", "Y")])
+    failed: set[str] = set()
+
+    def fail(m: OutgoingMessage) -> DeliveryFailure | None:
+        value = (m.value or b"").decode()
+        if value not in failed:
+            failed.add(value)
+            return DeliveryFailure(FailureKind.MESSAGE, "first attempt fails")
+        return None
+
+    transport = MemoryTransport(fail=fail)
+    relay = make_relay(
+        db_url,
+        transport,
+        Scripted([0.3, 1.5]),
+        batch_size=1,
+        max_inflight_batches=1,
+        poll_interval=60.0,
+        retry_backoff_base=2.0,
+        retry_backoff_max=2.0,
+    )
+    with Running(relay) as running:
+        wait_for(lambda: count_rows(engine) == 0 and running.check_alive(), 15, "both retried")
+        running.stop()
+    assert sorted((m.value or b"").decode() for m in transport.sent) == ["X", "Y"]
