@@ -240,6 +240,14 @@ def _relay_options(fn: F) -> F:
             help="Fallback poll, seconds (commits wake the relay at once)",
         ),
         click.option(
+            "--leader-retry-interval",
+            type=click.FloatRange(min=0.01),
+            default=defaults.leader_retry_interval,
+            show_default=True,
+            envvar="OUTBOX_LEADER_RETRY_INTERVAL",
+            help="How often a standby relay tries to take over, seconds",
+        ),
+        click.option(
             "--delivery-timeout",
             type=click.FloatRange(min=0.1),
             default=defaults.delivery_timeout,
@@ -286,6 +294,7 @@ def _relay(
     retry_backoff: float,
     retry_backoff_max: float,
     poll_interval: float,
+    leader_retry_interval: float,
     delivery_timeout: float,
     retain_sent: bool,
     log_level: str,
@@ -304,6 +313,7 @@ def _relay(
             retry_backoff_base=retry_backoff,
             retry_backoff_max=max(retry_backoff, retry_backoff_max),
             poll_interval=poll_interval,
+            leader_retry_interval=leader_retry_interval,
             delivery_timeout=delivery_timeout,
             retain_sent=retain_sent,
         )

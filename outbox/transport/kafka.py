@@ -27,15 +27,34 @@ logger = logging.getLogger(__name__)
 librdkafka_logger = logging.getLogger("outbox.transport.librdkafka")
 
 
-class _QuietExpectedWarnings(logging.Filter):
-    """librdkafka warns that enable.gapless.guarantee is experimental on every start; we set
-    it on purpose (see DEFAULTS), so that line would only teach operators to ignore warnings."""
+class _LibrdkafkaFilter(logging.Filter):
+    """Keep librdkafka's own log lines useful.
+
+    * It warns that enable.gapless.guarantee is experimental on every start; we set it on
+      purpose (see DEFAULTS), so that line would only teach operators to ignore warnings.
+    * While a broker is down it logs every reconnect attempt (about 20 lines a second): pass
+      one line per facility per ``interval`` seconds.
+    """
+
+    def __init__(self, interval: float = 30.0) -> None:
+        super().__init__()
+        self.interval = interval
+        self._last: dict[tuple[str, int], float] = {}
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "enable.gapless.guarantee is experimental" not in record.getMessage()
+        text = record.getMessage()
+        if "enable.gapless.guarantee is experimental" in text:
+            return False
+        facility = text.split(" ", 1)[0]
+        key = (facility, record.levelno)
+        now = time.monotonic()
+        if now - self._last.get(key, -self.interval) < self.interval:
+            return False
+        self._last[key] = now
+        return True
 
 
-librdkafka_logger.addFilter(_QuietExpectedWarnings())
+librdkafka_logger.addFilter(_LibrdkafkaFilter())
 
 #: Settings the relay's guarantees rest on; a user may not override them.
 REQUIRED = {"enable.idempotence": "true", "acks": "all"}
