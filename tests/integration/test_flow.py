@@ -59,5 +59,3 @@ def test_retain_mode_keeps_rows_marked_sent(
     assert row.status == "sent" and row.sent_at is not None
     [m] = broker.read_all(topic, expect=1)
     assert m.value == b"raw" and m.headers["content-type"] == b"application/octet-stream"
-
-

@@ -256,7 +256,13 @@ def test_per_key_commit_order_with_concurrent_writers(engine: sa.Engine, db_url:
             t.join(60)
         assert errors == []
         total = sum(len(c) for c in commits)
-        wait_for(lambda: len(transport.sent) >= total and running.check_alive(), 30, "all sent")
+        try:
+            wait_for(lambda: len(transport.sent) >= total and running.check_alive(), 30, "all")
+        except AssertionError as exc:
+            left = [(r.id, r.key, r.value, r.status, r.attempts) for r in db_rows(engine)]
+            raise AssertionError(
+                f"{exc}; sent {len(transport.sent)}/{total}; left {left}"
+            ) from None
         wait_for(lambda: count_rows(engine) == 0, 10, "rows deleted")
         stats = running.stop()
     expected = expected_by_key([s for c in commits for s in c])

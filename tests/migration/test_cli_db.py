@@ -69,8 +69,7 @@ def test_upgrade_downgrade_status(empty_db_url: str) -> None:
 
     code, out, _ = _run("db", "downgrade", "--db-url", url, "--revision", "base")
     assert code == 0
-    assert out.startswith("outbox tables at revision")
-    assert HEAD not in out
+    assert out == "outbox tables removed\n"
     assert tables_in(url) == {f"public.{migrate.VERSION_TABLE}"}
     assert migrate.current(url) is None
 
