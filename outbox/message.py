@@ -129,10 +129,16 @@ def encode(message: Message) -> EncodedMessage:
     key = message.key
     if isinstance(key, str):
         key = key.encode()
+    elif isinstance(key, (bytearray, memoryview)):
+        key = bytes(key)
     elif key is not None and not isinstance(key, bytes):
         raise PayloadError(f"invalid key of type {type(key).__name__}: use str, bytes or None")
     payload, content_type = encode_payload(message.payload)
     headers: dict[str, str] = {}
+    if message.headers is not None and not isinstance(message.headers, Mapping):
+        raise PayloadError(
+            f"headers must be a mapping of str to str, not {type(message.headers).__name__}"
+        )
     for name, value in (message.headers or {}).items():
         if not isinstance(name, str) or not name:
             raise PayloadError(f"invalid header name {name!r}: use a non-empty str")
@@ -144,6 +150,9 @@ def encode(message: Message) -> EncodedMessage:
     ctype = message.content_type or content_type
     if message.content_type is None and any(n.lower() == HEADER_CONTENT_TYPE for n in headers):
         ctype = None  # the caller's own content-type header wins over the default
+    if message.content_type is not None:
+        # content_type= wins over a content-type header in any letter case: one header only.
+        headers = {n: v for n, v in headers.items() if n.lower() != HEADER_CONTENT_TYPE}
     if ctype is not None:
         headers[HEADER_CONTENT_TYPE] = ctype
     message_id = message.message_id if message.message_id is not None else uuid7()

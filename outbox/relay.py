@@ -55,6 +55,8 @@ from outbox.transport.base import (
 
 logger = logging.getLogger(__name__)
 
+_ONCE_BROKER_FAILURES = 3
+
 TransportFactory = Callable[[], Transport]
 
 
@@ -143,6 +145,9 @@ class Relay:
         # When retries fall due (a heap of monotonic times): the relay wakes for each.
         self._retry_due: list[float] = []
         self._db_failures = 0
+        # Batches in a row that the broker failed (unlike _broker_failures, not reset by a
+        # successful probe): --once gives up after a few.
+        self._failures_in_row = 0
         self._standby_logged = False
         self._header_cache: dict[str, list[tuple[str, bytes]]] = {}
         # Keys with a failed or unsent message that the table may not show yet, mapped to the
@@ -159,6 +164,7 @@ class Relay:
                 ("fail", statements.record_failures),
                 ("probe", statements.probe_tables),
                 ("listen", statements.listen),
+                ("next_retry", statements.next_retry_in),
             )
         }
         self._sql["lock"] = statements.to_driver_sql(statements.try_leader_lock())
@@ -217,12 +223,17 @@ class Relay:
                 )
             self._transport_or_create().check(self.config.delivery_timeout)
             while not self._stop.is_set():
-                if not self._step(drain=True) and not self._inflight:
-                    break
-                if self._broker_failures:
+                progressed = self._step(drain=True)
+                # One transport failure may be a re-created client or a moved leader; a few
+                # in a row (with backoff between them) mean the broker is not there.
+                if self._failures_in_row >= _ONCE_BROKER_FAILURES:
                     raise TransportError(
                         "the broker did not acknowledge messages; check that it is reachable"
                     )
+                if not progressed and not self._inflight:
+                    if not self._broker_failures:
+                        break
+                    self._sleep(max(0.0, self._broker_retry_at - time.monotonic()))
         finally:
             self._shutdown()
         return self.stats
@@ -297,6 +308,10 @@ class Relay:
             )
             try:
                 transport.send(message, self._reporter(batch, row))
+                if row.attempts and row.key is not None:
+                    # A retry goes alone: if it fails again, the rest of its key must not
+                    # be in flight behind it (they would fail too, or overtake it).
+                    self._hold(batch, row)
             except MessageRejected as exc:
                 batch.sent.append(row.id)
                 batch.failed.append((row.id, str(exc)))
@@ -421,6 +436,7 @@ class Relay:
             self._broker_failed(batch.transport_failures[0], fatal=batch.fatal)
         elif batch.acked:
             self._broker_failures = 0
+            self._failures_in_row = 0
         logger.debug(
             "batch done",
             extra={
@@ -449,6 +465,7 @@ class Relay:
             self._rng,
         )
         self._broker_failures += 1
+        self._failures_in_row += 1
         self._broker_retry_at = time.monotonic() + delay
         logger.warning(
             "broker unavailable, backing off",
@@ -523,6 +540,11 @@ class Relay:
             self._db_failures = 0
             self._standby_logged = False
             self._woken = True  # look for work at once
+            # Retries scheduled by an earlier leader: wake when the first falls due.
+            with translate_db_errors("read retry times"):
+                due = self._conn.execute(self._sql["next_retry"]).fetchone()
+            if due is not None and due[0] is not None:
+                heapq.heappush(self._retry_due, time.monotonic() + max(0.0, float(due[0])))
         elif not self._standby_logged:
             logger.info("relay is a standby: another relay is the leader")
             self._standby_logged = True

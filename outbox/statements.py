@@ -119,6 +119,15 @@ RETURNING o.id, o.status, o.attempts
 
 
 @functools.lru_cache(maxsize=64)
+def next_retry_in(tables: OutboxTables) -> sa.TextClause:
+    """Seconds until the earliest scheduled retry (negative: overdue; NULL: none)."""
+    return sa.text(
+        f"SELECT EXTRACT(EPOCH FROM min(next_attempt_at) - now()) FROM {_table(tables)} "
+        f"WHERE status = '{RETRY}'"
+    )
+
+
+@functools.lru_cache(maxsize=64)
 def replay_dead(tables: OutboxTables) -> sa.TextClause:
     """Give parked messages (all, or the listed ids) a fresh set of attempts."""
     return sa.text(

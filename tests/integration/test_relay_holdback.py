@@ -1,4 +1,5 @@
-"""Hold-back of a key across the relay's pipeline, when the key's messages fill whole batches:
+"""Hold-back of keys across the relay's pipeline, retries and wake-ups: regressions of bugs
+found while pipelining. First, a held key whose messages fill whole batches:
 the relay must neither stall nor reorder (regressions of two bugs found while pipelining)."""
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from tests.integration.test_relay_logic import (
     Running,
     by_key,
     count_rows,
+    db_rows,
     make_relay,
     publish,
     wait_for,
@@ -120,3 +122,58 @@ def test_each_retry_wakes_the_relay_not_only_the_earliest(engine: sa.Engine, db_
         wait_for(lambda: count_rows(engine) == 0 and running.check_alive(), 15, "both retried")
         running.stop()
     assert sorted((m.value or b"").decode() for m in transport.sent) == ["X", "Y"]
+
+
+def test_a_retry_is_sent_alone_so_its_key_causes_no_collateral_failures(
+    engine: sa.Engine, db_url: str
+) -> None:
+    # A poison message and the rest of its key: after the first attempt (where the rest fails
+    # with it, as librdkafka's gapless mode does), retries go alone; the rest never flies.
+    publish(engine, [("K", "poison")] + [("K", f"K-{i}") for i in range(5)] + [("L", "L-0")])
+    transport = MemoryTransport(
+        fail=lambda m: (
+            DeliveryFailure(FailureKind.MESSAGE, "too large") if m.value == b"poison" else None
+        )
+    )
+    relay = make_relay(db_url, transport, NoDelay(), max_attempts=4)
+    with Running(relay) as running:
+        wait_for(
+            lambda: any(r.status == "dead" for r in db_rows(engine)) and running.check_alive(),
+            15,
+            "the poison message parked",
+        )
+        stats = running.stop()
+    assert stats.transport_failures == 1  # the first attempt only
+    assert [m.value for m in transport.sent] == [b"L-0"]
+    assert [(r.status, r.attempts) for r in db_rows(engine)] == [("dead", 4)] + [("pending", 0)] * 5
+
+
+def test_a_new_leader_wakes_for_retries_scheduled_by_the_old_one(
+    engine: sa.Engine, db_url: str
+) -> None:
+    publish(engine, [("k", "v")])
+    first = MemoryTransport(fail=lambda m: DeliveryFailure(FailureKind.MESSAGE, "no"))
+    make_relay(db_url, first, Scripted([1.0])).run_once()
+    assert [r.status for r in db_rows(engine)] == ["retry"]
+    second = MemoryTransport()
+    relay = make_relay(db_url, second, poll_interval=60.0)
+    with Running(relay) as running:
+        wait_for(lambda: count_rows(engine) == 0 and running.check_alive(), 10, "the retry")
+        running.stop()
+    assert [m.value for m in second.sent] == [b"v"]
+
+
+def test_run_once_rides_out_a_single_transport_failure(engine: sa.Engine, db_url: str) -> None:
+    publish(engine, [("k", "k1"), ("k", "k2")])
+    failed: list[bytes] = []
+
+    def fail(m: OutgoingMessage) -> DeliveryFailure | None:
+        if not failed:
+            failed.append(m.value or b"")
+            return DeliveryFailure(FailureKind.TRANSPORT, "leader moved")
+        return None
+
+    transport = MemoryTransport(fail=fail)
+    stats = make_relay(db_url, transport).run_once()
+    assert stats.sent == 2
+    assert [m.value for m in transport.sent] == [b"k1", b"k2"]

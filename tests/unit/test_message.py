@@ -298,3 +298,18 @@ def test_uuid7_orders_by_time_across_milliseconds() -> None:
     assert ids == sorted(ids)
     assert [u.bytes for u in ids] == sorted(u.bytes for u in ids)
     assert [str(u) for u in ids] == sorted(str(u) for u in ids)
+
+
+def test_non_mapping_headers_are_a_payload_error() -> None:
+    with pytest.raises(PayloadError, match="headers must be a mapping"):
+        encode(Message("t", {}, headers=[("a", "b")]))  # type: ignore[arg-type]
+
+
+def test_bytes_like_keys_are_accepted() -> None:
+    assert encode(Message("t", {}, key=bytearray(b"k"))).key == b"k"
+    assert encode(Message("t", {}, key=memoryview(b"k"))).key == b"k"
+
+
+def test_content_type_argument_replaces_a_header_in_any_case() -> None:
+    enc = encode(Message("t", b"x", headers={"Content-Type": "a/b"}, content_type="c/d"))
+    assert enc.headers == {"content-type": "c/d"}
