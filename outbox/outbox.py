@@ -99,6 +99,16 @@ class Outbox:
         return [e.message_id for e in encoded]
 
     def _insert(self, encoded: Sequence[EncodedMessage]) -> tuple[sa.TextClause, dict[str, Any]]:
+        if len(encoded) == 1:
+            e = encoded[0]
+            return statements.insert_message(self.tables), {
+                "message_id": e.message_id,
+                "topic": e.topic,
+                "key": e.key,
+                "payload": e.payload,
+                "headers": json.dumps(e.headers, separators=(",", ":")),
+                "lock_id": None if e.key is None else self.tables.lock_id(e.topic.encode(), e.key),
+            }
         lock_ids = sorted(
             {self.tables.lock_id(e.topic.encode(), e.key) for e in encoded if e.key is not None}
         )

@@ -188,6 +188,10 @@ class Relay:
         """Relay until :meth:`stop` is called. Survives database and broker outages."""
         logger.info("relay starting", extra=self._describe())
         try:
+            # Connect the producer now (metadata, producer id): the first messages after a
+            # start would otherwise wait for it. A broker that is down is handled later.
+            with contextlib.suppress(TransportError):
+                self._transport_or_create().check(min(self.config.delivery_timeout, 5.0))
             while not self._stop.is_set():
                 try:
                     if not self._ensure_leader():
@@ -381,7 +385,7 @@ class Relay:
                 batch.fatal = True
                 batch.outstanding = 0
                 break
-            transport.poll(min(remaining, 0.1))
+            transport.flush(min(remaining, 0.1))
 
     def _finish(self, batch: _Batch) -> None:
         conn = self._require_conn()
@@ -612,7 +616,7 @@ class Relay:
                 batch = self._inflight[0]
                 transport = self._transport_or_create()
                 while not batch.done and time.monotonic() < deadline:
-                    transport.poll(0.1)
+                    transport.flush(0.1)
                 # Acknowledged rows are marked even if the batch is incomplete; the rest stays.
                 self._inflight.popleft()
                 batch.outstanding = 0

@@ -52,6 +52,20 @@ ORDER BY m.ord
 
 
 @functools.lru_cache(maxsize=64)
+def insert_message(tables: OutboxTables) -> sa.TextClause:
+    """Insert one message: :func:`insert_messages` for the common case, about half the
+    server time (no arrays to unpack). ``lock_id`` NULL (no key) takes no lock: the lock
+    function is strict."""
+    sql = f"""
+INSERT INTO {_table(tables)} (message_id, topic, key, payload, headers)
+SELECT :message_id, :topic, :key, :payload, CAST(:headers AS jsonb)
+FROM (SELECT pg_advisory_xact_lock(CAST(:lock_id AS bigint)),
+             pg_notify({_literal(tables.channel)}, '')) AS wake
+"""
+    return sa.text(sql)
+
+
+@functools.lru_cache(maxsize=64)
 def claim(tables: OutboxTables) -> sa.TextClause:
     """The next messages to send, in id order.
 

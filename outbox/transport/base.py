@@ -61,6 +61,10 @@ class Transport(Protocol):
     def poll(self, timeout: float) -> None:
         """Wait up to ``timeout`` seconds and run pending delivery callbacks."""
 
+    def flush(self, timeout: float) -> None:
+        """Send everything queued now (no batching delay), wait up to ``timeout`` seconds for
+        it to be acknowledged, and run the delivery callbacks."""
+
     def check(self, timeout: float) -> None:
         """Raise :class:`TransportUnavailable` unless the broker answers within ``timeout``."""
 

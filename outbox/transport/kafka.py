@@ -214,6 +214,15 @@ class KafkaTransport:
         except KafkaException as exc:
             self._fatal(exc)
 
+    def flush(self, timeout: float) -> None:
+        # Unlike poll(), flush() makes librdkafka send at once instead of waiting linger.ms:
+        # the relay flushes only once a whole batch is queued, so batching is kept and the
+        # last messages do not wait.
+        try:
+            self._producer.flush(timeout)
+        except KafkaException as exc:
+            self._fatal(exc)
+
     def _fatal(self, exc: KafkaException) -> None:
         # confluent-kafka raises a fatal error (e.g. fenced, gapless guarantee broken) from
         # poll()/flush() instead of passing it to error_cb. The client must be re-created; the

@@ -87,6 +87,9 @@ class MemoryTransport:
                     gaps.add((message.topic, message.key))
             on_delivery(failure)
 
+    def flush(self, timeout: float) -> None:
+        self.poll(timeout)
+
     def check(self, timeout: float) -> None:
         if not self.available:
             raise TransportUnavailable("broker unavailable")

@@ -1,6 +1,6 @@
 """Hold-back of keys across the relay's pipeline, retries and wake-ups: regressions of bugs
-found while pipelining. First, a held key whose messages fill whole batches:
-the relay must neither stall nor reorder (regressions of two bugs found while pipelining)."""
+found while pipelining (a held key filling whole batches must neither stall nor reorder; every
+retry time wakes the relay; retries fly alone; --once rides out one transient failure)."""
 
 from __future__ import annotations
 
