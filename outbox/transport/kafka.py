@@ -190,7 +190,9 @@ class KafkaTransport:
                     message.topic,
                     value=message.value,
                     key=message.key,
-                    headers=list(message.headers),
+                    headers=message.headers
+                    if isinstance(message.headers, list)
+                    else list(message.headers),
                     on_delivery=report,
                 )
                 return
