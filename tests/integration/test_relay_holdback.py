@@ -90,7 +90,7 @@ class _Scripted(random.Random):
         return self.delays.pop(0)
 
 
-def Scripted(delays: list[float]) -> random.Random:  # noqa: N802 - reads like the class it makes
+def scripted(delays: list[float]) -> random.Random:
     """Backoff delays from a script, in order. (A factory: Python 3.10's Random.__new__ takes
     the constructor's arguments as a seed.)"""
     rng = _Scripted()
@@ -115,7 +115,7 @@ def test_each_retry_wakes_the_relay_not_only_the_earliest(engine: sa.Engine, db_
     relay = make_relay(
         db_url,
         transport,
-        Scripted([0.3, 1.5]),
+        scripted([0.3, 1.5]),
         batch_size=1,
         max_inflight_batches=1,
         poll_interval=60.0,
@@ -157,7 +157,7 @@ def test_a_new_leader_wakes_for_retries_scheduled_by_the_old_one(
 ) -> None:
     publish(engine, [("k", "v")])
     first = MemoryTransport(fail=lambda m: DeliveryFailure(FailureKind.MESSAGE, "no"))
-    make_relay(db_url, first, Scripted([1.0])).run_once()
+    make_relay(db_url, first, scripted([1.0])).run_once()
     assert [r.status for r in db_rows(engine)] == ["retry"]
     second = MemoryTransport()
     relay = make_relay(db_url, second, poll_interval=60.0)
