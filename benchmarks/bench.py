@@ -443,7 +443,7 @@ def bench_claim(engine: sa.Engine) -> None:
             conn.execute(
                 "INSERT INTO outbox_messages (message_id, topic, key, payload) "
                 "SELECT gen_random_uuid(), 'bench', convert_to('key-' || (g %% 100), 'UTF8'), "
-                "convert_to(repeat('x', 200), 'UTF8') FROM generate_series(%s, %s) AS g",
+                "convert_to(repeat('x', 200), 'UTF8') FROM generate_series(%s::int, %s::int) AS g",
                 (have, target - 1),
             )
             have = target

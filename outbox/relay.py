@@ -385,7 +385,13 @@ class Relay:
                 batch.fatal = True
                 batch.outstanding = 0
                 break
-            transport.flush(min(remaining, 0.1))
+            if batch is self._inflight[-1]:
+                # Nothing queued behind it: send now rather than after linger.ms.
+                transport.flush(min(remaining, 0.1))
+            else:
+                # A newer batch is queued; flushing would wait for it too, and leave the
+                # broker idle while the next claim runs. Let librdkafka batch it.
+                transport.poll(min(remaining, 0.1))
 
     def _finish(self, batch: _Batch) -> None:
         conn = self._require_conn()
