@@ -22,6 +22,7 @@ from outbox.exceptions import (
     PayloadError,
     TransportError,
 )
+from outbox.inbox import Command, CommandInProgress, IdempotencyKeyReused, Inbox
 from outbox.message import HEADER_CONTENT_TYPE, HEADER_MESSAGE_ID, Message, uuid7
 from outbox.outbox import Outbox
 from outbox.relay import Relay, RelayStats
@@ -30,9 +31,13 @@ from outbox.schema import OutboxTables, define_tables
 __all__ = [
     "HEADER_CONTENT_TYPE",
     "HEADER_MESSAGE_ID",
+    "Command",
+    "CommandInProgress",
     "ConfigurationError",
     "DatabaseError",
     "DatabaseUnavailableError",
+    "IdempotencyKeyReused",
+    "Inbox",
     "Message",
     "MissingTablesError",
     "Outbox",

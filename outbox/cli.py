@@ -15,13 +15,16 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import click
+import sqlalchemy as sa
 
 from outbox import migrate
 from outbox.admin import counts
-from outbox.config import RelayConfig
-from outbox.exceptions import ConfigurationError, OutboxError
+from outbox.config import RelayConfig, parse_db_url
+from outbox.exceptions import ConfigurationError, OutboxError, translate_db_errors
+from outbox.inbox import Inbox
+from outbox.outbox import Outbox
 from outbox.relay import Relay
-from outbox.schema import DEFAULT_TABLE
+from outbox.schema import DEFAULT_INBOX_TABLE, DEFAULT_TABLE
 from outbox.transport.base import TransportUnavailable
 from outbox.transport.kafka import KafkaTransport
 
@@ -145,23 +148,36 @@ def db() -> None:
     """Install and inspect the outbox tables."""
 
 
+_inbox_option = click.option(
+    "--inbox-table",
+    envvar="OUTBOX_INBOX_TABLE",
+    default=DEFAULT_INBOX_TABLE,
+    show_default=True,
+    help="Inbox table name [OUTBOX_INBOX_TABLE]",
+)
+
+
 @db.command()
 @_db_options
+@_inbox_option
 @click.option("--revision", default="head", show_default=True)
 @_errors
-def upgrade(db_url: str, table: str, schema: str | None, revision: str) -> None:
+def upgrade(db_url: str, table: str, schema: str | None, inbox_table: str, revision: str) -> None:
     """Create or update the tables (safe to run again)."""
-    migrate.upgrade(db_url, table=table, schema=schema, revision=revision)
+    migrate.upgrade(db_url, table=table, schema=schema, revision=revision, inbox_table=inbox_table)
     click.echo(f"outbox tables at revision {migrate.current(db_url, schema=schema)}")
 
 
 @db.command()
 @_db_options
+@_inbox_option
 @click.option("--revision", required=True, help="Target revision; 'base' drops the tables.")
 @_errors
-def downgrade(db_url: str, table: str, schema: str | None, revision: str) -> None:
+def downgrade(db_url: str, table: str, schema: str | None, inbox_table: str, revision: str) -> None:
     """Revert the tables to a revision ('base' removes them and their rows)."""
-    migrate.downgrade(db_url, table=table, schema=schema, revision=revision)
+    migrate.downgrade(
+        db_url, table=table, schema=schema, revision=revision, inbox_table=inbox_table
+    )
     current = migrate.current(db_url, schema=schema)
     click.echo(f"outbox tables at revision {current}" if current else "outbox tables removed")
 
@@ -169,11 +185,15 @@ def downgrade(db_url: str, table: str, schema: str | None, revision: str) -> Non
 @db.command("sql")
 @click.option("--table", envvar="OUTBOX_TABLE", default=DEFAULT_TABLE, show_default=True)
 @click.option("--schema", envvar="OUTBOX_SCHEMA", default=None)
+@_inbox_option
 @click.option("--revision", default="head", show_default=True)
 @_errors
-def sql_(table: str, schema: str | None, revision: str) -> None:
+def sql_(table: str, schema: str | None, inbox_table: str, revision: str) -> None:
     """Print the DDL instead of running it (for other migration tools)."""
-    click.echo(migrate.sql(table=table, schema=schema, revision=revision), nl=False)
+    click.echo(
+        migrate.sql(table=table, schema=schema, revision=revision, inbox_table=inbox_table),
+        nl=False,
+    )
 
 
 @db.command()
@@ -361,3 +381,31 @@ def status(db_url: str, table: str, schema: str | None) -> None:
     """Count messages by status (pending, retry, dead, sent)."""
     for name, (n, oldest) in sorted(counts(db_url, table=table, schema=schema).items()):
         click.echo(f"{name:8} {n:>10}  oldest {oldest.isoformat() if oldest else '-'}")
+
+
+@main.group()
+def inbox() -> None:
+    """Maintain the inbox table."""
+
+
+@inbox.command()
+@_db_options
+@_inbox_option
+@click.option(
+    "--batch-size",
+    type=click.IntRange(1, 100_000),
+    default=1000,
+    show_default=True,
+    help="Rows deleted per short transaction",
+)
+@_errors
+def purge(db_url: str, table: str, schema: str | None, inbox_table: str, batch_size: int) -> None:
+    """Delete expired inbox keys (processed events past their retention, expired commands)."""
+    engine = sa.create_engine(parse_db_url(db_url), poolclass=sa.pool.NullPool)
+    try:
+        with translate_db_errors("inbox purge"), engine.connect() as conn:
+            outbox = Outbox(table=table, schema=schema, inbox_table=inbox_table)
+            deleted = Inbox(outbox).purge(conn, batch_size=batch_size)
+    finally:
+        engine.dispose()
+    click.echo(f"purged {deleted} expired inbox keys")

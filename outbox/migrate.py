@@ -19,7 +19,7 @@ from alembic.runtime.migration import MigrationContext
 
 from outbox.config import parse_db_url
 from outbox.exceptions import ConfigurationError, translate_db_errors
-from outbox.schema import DEFAULT_TABLE, validate_identifier
+from outbox.schema import DEFAULT_INBOX_TABLE, DEFAULT_TABLE, validate_identifier
 
 #: The version table that ``outbox db upgrade`` keeps (in the outbox's schema).
 VERSION_TABLE = "outbox_alembic_version"
@@ -55,10 +55,23 @@ def names_from_config(config: Any) -> tuple[str, str | None]:
     return table, schema
 
 
+def inbox_name_from_config(config: Any) -> str:
+    """The inbox table's name: ``outbox db --inbox-table`` or ``outbox_inbox_table`` in your
+    alembic.ini."""
+    name: str = DEFAULT_INBOX_TABLE
+    if config is not None:
+        attrs = getattr(config, "attributes", {})
+        name = (
+            attrs.get("outbox_inbox_table") or config.get_main_option("outbox_inbox_table") or name
+        )
+    return validate_identifier(name, "inbox table name")
+
+
 def _config(table: str, schema: str | None, **attributes: Any) -> Config:
     validate_identifier(table, "table name")
     if schema is not None:
         validate_identifier(schema, "schema name")
+    validate_identifier(attributes.get("outbox_inbox_table", DEFAULT_INBOX_TABLE), "inbox table")
     cfg = Config(output_buffer=attributes.pop("output_buffer", None))
     cfg.set_main_option("script_location", str(script_dir()))
     cfg.attributes.update(outbox_table=table, outbox_schema=schema, **attributes)
@@ -70,17 +83,27 @@ def _engine(db_url: str) -> sa.Engine:
 
 
 def upgrade(
-    db_url: str, *, table: str = DEFAULT_TABLE, schema: str | None = None, revision: str = "head"
+    db_url: str,
+    *,
+    table: str = DEFAULT_TABLE,
+    schema: str | None = None,
+    revision: str = "head",
+    inbox_table: str = DEFAULT_INBOX_TABLE,
 ) -> None:
-    """Create or update the outbox tables (idempotent)."""
-    _run(db_url, table, schema, command.upgrade, revision)
+    """Create or update the outbox and inbox tables (idempotent)."""
+    _run(db_url, table, schema, command.upgrade, revision, inbox_table)
 
 
 def downgrade(
-    db_url: str, *, table: str = DEFAULT_TABLE, schema: str | None = None, revision: str = "base"
+    db_url: str,
+    *,
+    table: str = DEFAULT_TABLE,
+    schema: str | None = None,
+    revision: str = "base",
+    inbox_table: str = DEFAULT_INBOX_TABLE,
 ) -> None:
-    """Revert the outbox tables to ``revision`` (``base`` drops them, with their rows)."""
-    _run(db_url, table, schema, command.downgrade, revision)
+    """Revert the tables to ``revision`` (``base`` drops them, with their rows)."""
+    _run(db_url, table, schema, command.downgrade, revision, inbox_table)
 
 
 def current(db_url: str, *, schema: str | None = None) -> str | None:
@@ -96,16 +119,25 @@ def current(db_url: str, *, schema: str | None = None) -> str | None:
         engine.dispose()
 
 
-def sql(*, table: str = DEFAULT_TABLE, schema: str | None = None, revision: str = "head") -> str:
+def sql(
+    *,
+    table: str = DEFAULT_TABLE,
+    schema: str | None = None,
+    revision: str = "head",
+    inbox_table: str = DEFAULT_INBOX_TABLE,
+) -> str:
     """The DDL of the revisions, for teams that apply migrations with their own tools."""
     buf = io.StringIO()
-    cfg = _config(table, schema, output_buffer=buf)
+    cfg = _config(table, schema, output_buffer=buf, outbox_inbox_table=inbox_table)
     command.upgrade(cfg, revision, sql=True)
     return buf.getvalue()
 
 
-def _run(db_url: str, table: str, schema: str | None, fn: Any, revision: str) -> None:
-    cfg = _config(table, schema)  # validates the names before connecting
+def _run(
+    db_url: str, table: str, schema: str | None, fn: Any, revision: str, inbox_table: str
+) -> None:
+    # Validates the names before connecting.
+    cfg = _config(table, schema, outbox_inbox_table=inbox_table)
     engine = _engine(db_url)
     try:
         with translate_db_errors("migrate"), engine.begin() as conn:

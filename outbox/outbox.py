@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 from outbox import statements
 from outbox.exceptions import translate_db_errors
 from outbox.message import EncodedMessage, Message, encode
-from outbox.schema import DEFAULT_TABLE, OutboxTables, define_tables
+from outbox.schema import DEFAULT_INBOX_TABLE, DEFAULT_TABLE, OutboxTables, define_tables
 
 if TYPE_CHECKING:
     # Imported for typing only: sqlalchemy.ext.asyncio needs greenlet, which sync users
@@ -29,7 +29,7 @@ class Outbox:
 
     ``Outbox()`` uses the default table name ``outbox_messages`` in the connection's default
     schema; pass ``table=`` / ``schema=`` to match what you installed, and ``metadata=`` to
-    declare the table on your own ``MetaData`` (for ``alembic check``).
+    declare the tables (outbox and inbox) on your own ``MetaData`` (for ``alembic check``).
 
     Publishing inserts rows in the session's current transaction: they become visible to the
     relay when that transaction commits, and vanish with it when it rolls back.
@@ -41,8 +41,11 @@ class Outbox:
         table: str = DEFAULT_TABLE,
         schema: str | None = None,
         metadata: sa.MetaData | None = None,
+        inbox_table: str = DEFAULT_INBOX_TABLE,
     ) -> None:
-        self.tables: OutboxTables = define_tables(metadata, table=table, schema=schema)
+        self.tables: OutboxTables = define_tables(
+            metadata, table=table, schema=schema, inbox_table=inbox_table
+        )
 
     def publish(
         self,

@@ -16,6 +16,7 @@ from sqlalchemy.dialects import postgresql
 from outbox.exceptions import ConfigurationError
 
 DEFAULT_TABLE = "outbox_messages"
+DEFAULT_INBOX_TABLE = "outbox_inbox"
 
 #: Values of the ``status`` column.
 PENDING = "pending"  # waiting for its first attempt
@@ -43,6 +44,8 @@ class OutboxTables:
 
     metadata: sa.MetaData
     messages: sa.Table
+    #: Idempotency keys already processed, per consumer (events) or scope (commands).
+    inbox: sa.Table
 
     @property
     def qualified_name(self) -> str:
@@ -78,6 +81,7 @@ def define_tables(
     *,
     table: str = DEFAULT_TABLE,
     schema: str | None = None,
+    inbox_table: str = DEFAULT_INBOX_TABLE,
 ) -> OutboxTables:
     """Declare the outbox tables on ``metadata`` (a new one if not given).
 
@@ -135,4 +139,31 @@ def define_tables(
         ),
         schema=schema,
     )
-    return OutboxTables(metadata=md, messages=messages)
+    validate_identifier(inbox_table, "inbox table name")
+    if inbox_table == table:
+        raise ConfigurationError("the inbox table needs a name of its own")
+    inbox = sa.Table(
+        inbox_table,
+        md,
+        sa.Column("consumer", sa.Text, nullable=False),
+        sa.Column("key", sa.Text, nullable=False),
+        # Commands only: what the request looked like, and the outcome to replay.
+        sa.Column("fingerprint", sa.Text, nullable=True),
+        sa.Column("response_status", sa.Integer, nullable=True),
+        sa.Column("response_body", sa.LargeBinary, nullable=True),
+        sa.Column(
+            "created_at",
+            sa.DateTime(timezone=True),
+            nullable=False,
+            server_default=sa.text("now()"),
+        ),
+        # Purged after this; a command whose key expired runs again.
+        sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False),
+        sa.PrimaryKeyConstraint("consumer", "key", name=f"pk_{inbox_table}"),
+        sa.CheckConstraint(
+            "length(consumer) > 0 AND length(key) > 0", name=f"ck_{inbox_table}_names"
+        ),
+        sa.Index(f"ix_{inbox_table}_expires_at", "expires_at"),
+        schema=schema,
+    )
+    return OutboxTables(metadata=md, messages=messages, inbox=inbox)

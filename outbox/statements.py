@@ -184,3 +184,73 @@ def listen(tables: OutboxTables) -> sa.TextClause:
 def to_driver_sql(stmt: sa.TextClause) -> str:
     """Compile for running directly on a psycopg connection (``%(name)s`` parameters)."""
     return str(stmt.compile(dialect=_DIALECT))
+
+
+# -- inbox --------------------------------------------------------------------------------------
+
+
+def _inbox(tables: OutboxTables) -> str:
+    return _DIALECT.identifier_preparer.format_table(tables.inbox)
+
+
+@functools.lru_cache(maxsize=64)
+def inbox_claim(tables: OutboxTables) -> sa.TextClause:
+    """Record (consumer, key) as processed; returns a row only the first time.
+
+    A concurrent transaction inserting the same key makes this one wait on the unique index
+    until it ends: then this returns nothing if it committed, a row if it rolled back.
+    """
+    return sa.text(
+        f"INSERT INTO {_inbox(tables)} (consumer, key, expires_at) "
+        "VALUES (:consumer, :key, now() + CAST(:retention AS float8) * interval '1 second') "
+        "ON CONFLICT (consumer, key) DO NOTHING RETURNING true"
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def command_begin(tables: OutboxTables) -> sa.TextClause:
+    """Start an idempotent command in one round trip.
+
+    Returns ``(locked, fresh, fingerprint, response_status, response_body)``:
+    ``locked`` false: another transaction holds the key now (in progress);
+    ``fresh`` true: this transaction owns the key (new, or the old one expired), run it;
+    otherwise the stored row, as committed before this statement began.
+    """
+    t = _inbox(tables)
+    sql = f"""
+WITH lock AS (SELECT pg_try_advisory_xact_lock(:lock_id) AS got),
+fresh AS (
+    INSERT INTO {t} AS i (consumer, key, fingerprint, expires_at)
+    SELECT :consumer, :key, :fingerprint,
+           now() + CAST(:ttl AS float8) * interval '1 second'
+    FROM lock WHERE lock.got
+    ON CONFLICT (consumer, key) DO UPDATE
+        SET fingerprint = EXCLUDED.fingerprint, response_status = NULL, response_body = NULL,
+            created_at = now(), expires_at = EXCLUDED.expires_at
+        WHERE i.expires_at <= now()
+    RETURNING true AS fresh
+)
+SELECT (SELECT got FROM lock), COALESCE((SELECT fresh FROM fresh), false),
+       s.fingerprint, s.response_status, s.response_body
+FROM (SELECT 1) AS one
+LEFT JOIN {t} AS s ON s.consumer = :consumer AND s.key = :key
+"""
+    return sa.text(sql)
+
+
+@functools.lru_cache(maxsize=64)
+def command_complete(tables: OutboxTables) -> sa.TextClause:
+    return sa.text(
+        f"UPDATE {_inbox(tables)} SET response_status = :status, response_body = :body "
+        "WHERE consumer = :consumer AND key = :key"
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def inbox_purge(tables: OutboxTables) -> sa.TextClause:
+    """Delete up to ``limit`` expired rows; short, so it never blocks writers for long."""
+    t = _inbox(tables)
+    return sa.text(
+        f"DELETE FROM {t} WHERE ctid IN (SELECT ctid FROM {t} WHERE expires_at < now() "
+        "LIMIT :limit FOR UPDATE SKIP LOCKED)"
+    )
