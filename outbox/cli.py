@@ -20,13 +20,14 @@ import sqlalchemy as sa
 from outbox import migrate
 from outbox.admin import counts
 from outbox.config import RelayConfig, parse_db_url
+from outbox.consumer import Consumer, ConsumerConfig, load_handler
 from outbox.exceptions import ConfigurationError, OutboxError, translate_db_errors
 from outbox.inbox import Inbox
 from outbox.outbox import Outbox
 from outbox.relay import Relay
 from outbox.schema import DEFAULT_INBOX_TABLE, DEFAULT_TABLE
 from outbox.transport.base import TransportUnavailable
-from outbox.transport.kafka import KafkaTransport
+from outbox.transport.kafka import KafkaSource, KafkaTransport
 
 logger = logging.getLogger(__name__)
 
@@ -409,3 +410,127 @@ def purge(db_url: str, table: str, schema: str | None, inbox_table: str, batch_s
     finally:
         engine.dispose()
     click.echo(f"purged {deleted} expired inbox keys")
+
+
+@main.command()
+@_db_options
+@_inbox_option
+@click.option("--bootstrap-servers", envvar="OUTBOX_BOOTSTRAP_SERVERS", required=True)
+@click.option("--group", envvar="OUTBOX_GROUP", required=True, help="Kafka consumer group")
+@click.option(
+    "--topic",
+    "topics",
+    multiple=True,
+    required=True,
+    envvar="OUTBOX_TOPICS",
+    help="Topic to consume, repeatable [OUTBOX_TOPICS, space-separated]",
+)
+@click.option(
+    "--handler",
+    envvar="OUTBOX_HANDLER",
+    required=True,
+    help="package.module:function called as handler(session, message) [OUTBOX_HANDLER]",
+)
+@click.option(
+    "--consumer-name",
+    envvar="OUTBOX_CONSUMER_NAME",
+    default=None,
+    help="Inbox consumer name (default: the group)",
+)
+@click.option(
+    "--dead-letter-topic",
+    envvar="OUTBOX_DEAD_LETTER_TOPIC",
+    default=None,
+    help="Where poison messages go (default: <topic>.dlq), through the outbox",
+)
+@click.option(
+    "--max-attempts",
+    type=click.IntRange(1),
+    default=5,
+    show_default=True,
+    envvar="OUTBOX_MAX_ATTEMPTS",
+)
+@click.option(
+    "--max-messages", type=click.IntRange(1), default=None, help="Stop after this many messages"
+)
+@click.option(
+    "--idle-timeout",
+    type=click.FloatRange(min=0.1),
+    default=None,
+    help="Stop after this many seconds without a message",
+)
+@click.option(
+    "-X",
+    "kafka_settings",
+    multiple=True,
+    envvar="OUTBOX_KAFKA_SETTINGS",
+    metavar="NAME=VALUE",
+    help="Any librdkafka consumer setting, repeatable",
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    default="info",
+    show_default=True,
+    envvar="OUTBOX_LOG_LEVEL",
+)
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    envvar="OUTBOX_LOG_FORMAT",
+)
+def consume(
+    db_url: str,
+    table: str,
+    schema: str | None,
+    inbox_table: str,
+    bootstrap_servers: str,
+    group: str,
+    topics: tuple[str, ...],
+    handler: str,
+    consumer_name: str | None,
+    dead_letter_topic: str | None,
+    max_attempts: int,
+    max_messages: int | None,
+    idle_timeout: float | None,
+    kafka_settings: tuple[str, ...],
+    log_level: str,
+    log_format: str,
+) -> None:
+    """Consume topics through the inbox: each message's effects happen once."""
+    _setup_logging(log_level, log_format)
+    overrides = _parse_settings(kafka_settings)
+    topic_list = [t for item in topics for t in item.split()]
+    try:
+        fn = load_handler(handler)
+        config = ConsumerConfig(
+            db_url=db_url,
+            name=consumer_name or group,
+            dead_letter_topic=dead_letter_topic,
+            max_attempts=max_attempts,
+            table=table,
+            schema=schema,
+            inbox_table=inbox_table,
+        )
+        # Fail fast on a bad -X setting or a database without the tables.
+        KafkaSource(bootstrap_servers, group, topic_list, overrides).close()
+        counts(db_url, table=table, schema=schema)
+        consumer = Consumer(
+            config, fn, lambda: KafkaSource(bootstrap_servers, group, topic_list, overrides)
+        )
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: consumer.stop())
+        stats = consumer.run(max_messages=max_messages, idle_timeout=idle_timeout)
+    except OutboxError as exc:
+        _fail(exc)
+    click.echo(
+        f"processed {stats.processed}, duplicates {stats.duplicates}, "
+        f"dead-lettered {stats.dead_lettered}",
+        err=True,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -74,3 +74,41 @@ class Transport(Protocol):
 
     def close(self, timeout: float) -> None:
         """Wait up to ``timeout`` for queued messages, then release resources."""
+
+
+@dataclasses.dataclass(frozen=True)
+class IncomingMessage:
+    """A message read from the broker, as handed to a consumer's handler."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: Sequence[tuple[str, bytes]]
+
+    def header(self, name: str) -> bytes | None:
+        """The last value of header ``name`` (case-insensitive), or None."""
+        found = None
+        lowered = name.lower()
+        for k, v in self.headers:
+            if k.lower() == lowered:
+                found = v
+        return found
+
+
+class Source(Protocol):
+    """What the consumer runner needs from a broker: read in partition order, remember what
+    was processed, and commit those positions."""
+
+    def poll(self, timeout: float) -> IncomingMessage | None:
+        """The next message, or None after ``timeout`` seconds."""
+
+    def processed(self, message: IncomingMessage) -> None:
+        """``message`` is done (its effects are committed): its position may be committed."""
+
+    def commit(self) -> None:
+        """Commit the positions of processed messages now (synchronously)."""
+
+    def close(self) -> None:
+        """Commit, leave the group and release resources."""

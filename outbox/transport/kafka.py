@@ -17,6 +17,7 @@ from outbox.exceptions import ConfigurationError
 from outbox.transport.base import (
     DeliveryFailure,
     FailureKind,
+    IncomingMessage,
     MessageRejected,
     OnDelivery,
     OutgoingMessage,
@@ -258,6 +259,128 @@ class KafkaTransport:
             logger.warning(
                 "kafka producer closed with unacknowledged messages", extra={"count": remaining}
             )
+
+
+#: Consumer settings the runner's guarantees rest on (offsets only after the DB commit).
+CONSUMER_REQUIRED = {"enable.auto.offset.store": "false"}
+CONSUMER_DEFAULTS: dict[str, str] = {
+    "auto.offset.reset": "earliest",
+    "enable.auto.commit": "true",  # commits *stored* offsets, i.e. processed ones only
+    "auto.commit.interval.ms": "1000",
+    "partition.assignment.strategy": "cooperative-sticky",
+    "socket.keepalive.enable": "true",
+}
+
+
+class KafkaSource:
+    """A consumer-group member that reads ``topics`` and commits only processed offsets.
+
+    Offsets are stored after the handler's transaction committed and are committed in the
+    background, on revocation (rebalance) and at close: a crash in between redelivers, and the
+    inbox skips what was already done.
+    """
+
+    def __init__(
+        self,
+        bootstrap_servers: str,
+        group_id: str,
+        topics: list[str],
+        overrides: Mapping[str, str] | None = None,
+    ) -> None:
+        if not bootstrap_servers:
+            raise ConfigurationError("no Kafka bootstrap servers: pass --bootstrap-servers")
+        if not group_id:
+            raise ConfigurationError("no consumer group: pass --group")
+        if not topics:
+            raise ConfigurationError("no topics: pass --topic at least once")
+        overrides = dict(overrides or {})
+        for name, value in CONSUMER_REQUIRED.items():
+            if name in overrides and str(overrides[name]).lower() != value:
+                raise ConfigurationError(
+                    f"Kafka setting {name}={overrides[name]} is not allowed: offsets must be "
+                    "stored only after the handler's transaction committed"
+                )
+        conf: dict[str, Any] = {
+            **CONSUMER_DEFAULTS,
+            **overrides,
+            **CONSUMER_REQUIRED,
+            "bootstrap.servers": bootstrap_servers,
+            "group.id": group_id,
+            "error_cb": self._on_error,
+            "logger": librdkafka_logger,
+        }
+        try:
+            self._consumer = confluent_kafka.Consumer(conf)
+        except (KafkaException, ValueError, TypeError) as exc:
+            raise ConfigurationError(f"invalid Kafka setting: {_describe(exc)}") from exc
+        self._consumer.subscribe(topics, on_revoke=self._on_revoke)
+        self._last_error_log = 0.0
+
+    def _on_error(self, err: KafkaError) -> None:
+        now = time.monotonic()
+        if err.fatal() or now - self._last_error_log >= 30:
+            self._last_error_log = now
+            logger.warning("kafka consumer error", extra={"error": f"{err.name()}: {err.str()}"})
+
+    def _on_revoke(self, consumer: Any, partitions: Any) -> None:
+        # Commit what was processed before the partitions move, so the next owner starts
+        # right after it (the inbox would catch repeats anyway; this keeps them rare).
+        try:
+            consumer.commit(asynchronous=False)
+        except KafkaException as exc:
+            err = exc.args[0] if exc.args else None
+            if not (isinstance(err, KafkaError) and err.code() == KafkaError._NO_OFFSET):
+                logger.warning("offset commit on revoke failed", extra={"error": _describe(exc)})
+
+    def poll(self, timeout: float) -> IncomingMessage | None:
+        msg = self._consumer.poll(timeout)
+        if msg is None:
+            return None
+        err = msg.error()
+        if err is not None:
+            if err.code() != KafkaError._PARTITION_EOF:
+                logger.warning("kafka consume error", extra={"error": f"{err.name()}: {err.str()}"})
+            return None
+        raw_key, raw_value = msg.key(), msg.value()
+        return IncomingMessage(
+            topic=str(msg.topic()),
+            partition=int(msg.partition() or 0),
+            offset=int(msg.offset() or 0),
+            key=raw_key.encode() if isinstance(raw_key, str) else raw_key,
+            value=raw_value.encode() if isinstance(raw_value, str) else raw_value,
+            headers=_headers(msg.headers()),
+        )
+
+    def processed(self, message: IncomingMessage) -> None:
+        self._consumer.store_offsets(
+            offsets=[
+                confluent_kafka.TopicPartition(message.topic, message.partition, message.offset + 1)
+            ]
+        )
+
+    def commit(self) -> None:
+        try:
+            self._consumer.commit(asynchronous=False)
+        except KafkaException as exc:
+            err = exc.args[0] if exc.args else None
+            if not (isinstance(err, KafkaError) and err.code() == KafkaError._NO_OFFSET):
+                raise
+
+    def close(self) -> None:
+        try:
+            self.commit()
+        except KafkaException as exc:
+            logger.warning("offset commit at close failed", extra={"error": _describe(exc)})
+        self._consumer.close()
+
+
+def _headers(raw: Any) -> list[tuple[str, bytes]]:
+    items = raw.items() if isinstance(raw, dict) else (raw or [])
+    out: list[tuple[str, bytes]] = []
+    for name, value in items:
+        data = b"" if value is None else value
+        out.append((str(name), data.encode() if isinstance(data, str) else bytes(data)))
+    return out
 
 
 def _describe(exc: BaseException) -> str:

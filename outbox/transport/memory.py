@@ -21,6 +21,7 @@ from collections.abc import Callable
 from outbox.transport.base import (
     DeliveryFailure,
     FailureKind,
+    IncomingMessage,
     MessageRejected,
     OnDelivery,
     OutgoingMessage,
@@ -100,3 +101,27 @@ class MemoryTransport:
 
     def close(self, timeout: float) -> None:
         self.poll(0)
+
+
+class MemorySource:
+    """An in-process message source for tests of consumers: messages are read in order;
+    ``committed`` holds the positions of processed messages, per (topic, partition)."""
+
+    def __init__(self, messages: list[IncomingMessage] | None = None) -> None:
+        self.messages: collections.deque[IncomingMessage] = collections.deque(messages or [])
+        self.committed: dict[tuple[str, int], int] = {}
+        self._stored: dict[tuple[str, int], int] = {}
+        self.closed = False
+
+    def poll(self, timeout: float) -> IncomingMessage | None:
+        return self.messages.popleft() if self.messages else None
+
+    def processed(self, message: IncomingMessage) -> None:
+        self._stored[(message.topic, message.partition)] = message.offset + 1
+
+    def commit(self) -> None:
+        self.committed.update(self._stored)
+
+    def close(self) -> None:
+        self.commit()
+        self.closed = True

@@ -96,11 +96,16 @@ _CATALOG = {
         LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
         WHERE a.attrelid = to_regclass(:rel) AND a.attnum > 0 AND NOT a.attisdropped
         ORDER BY a.attnum""",
+    # Identity sequences of any column (the inbox has none), found through their dependency.
     "identity": """
-        SELECT format_type(s.seqtypid, NULL), s.seqstart, s.seqincrement, s.seqmax, s.seqmin,
-               s.seqcache, s.seqcycle
+        SELECT a.attname, format_type(s.seqtypid, NULL), s.seqstart, s.seqincrement, s.seqmax,
+               s.seqmin, s.seqcache, s.seqcycle
         FROM pg_sequence s
-        WHERE s.seqrelid = to_regclass(pg_get_serial_sequence(:rel, 'id'))""",
+        JOIN pg_depend d ON d.classid = 'pg_class'::regclass AND d.objid = s.seqrelid
+             AND d.refclassid = 'pg_class'::regclass AND d.deptype = 'i'
+        JOIN pg_attribute a ON a.attrelid = d.refobjid AND a.attnum = d.refobjsubid
+        WHERE d.refobjid = to_regclass(:rel)
+        ORDER BY a.attname""",
     "constraints": """
         SELECT conname, contype::text, pg_get_constraintdef(oid, true), condeferrable,
                condeferred
@@ -128,23 +133,34 @@ def catalog(
 
 
 def drift(conn: sa.Connection, tables: OutboxTables) -> list[str]:
-    """Differences between the table in the database (as the migrations built it) and
-    ``tables``: what Alembic's autogenerate sees, plus a comparison of the catalog with the one
-    that ``metadata.create_all`` produces (which also covers index predicates and check
-    constraints, which autogenerate does not compare). Leaves the database as it was."""
-    t = tables.messages
+    """Differences between the tables in the database (as the migrations built them) and
+    ``tables`` (the outbox table and the inbox): what Alembic's autogenerate sees, plus a
+    comparison of each table's catalog with the one that ``metadata.create_all`` produces
+    (which also covers index predicates and check constraints, which autogenerate does not
+    compare). Leaves the database as it was."""
     problems = [f"autogenerate: {d}" for d in autogenerate_diff(conn, tables)]
-    migrated = catalog(conn, t.name, t.schema)
+    compared = []
+    for t in (tables.messages, tables.inbox):
+        rel = qualified(t.name, t.schema)
+        if conn.execute(sa.text("SELECT to_regclass(:rel)"), {"rel": rel}).scalar() is None:
+            problems.append(f"missing table {rel}")
+        else:
+            compared.append(t)
+    migrated = {t.name: catalog(conn, t.name, t.schema) for t in compared}
     with conn.begin_nested() as sp:
-        conn.execute(sa.text(f"DROP TABLE {qualified(t.name, t.schema)}"))
-        tables.metadata.create_all(conn, tables=[t])
-        declared = catalog(conn, t.name, t.schema)
+        for t in compared:
+            conn.execute(sa.text(f"DROP TABLE {qualified(t.name, t.schema)}"))
+        tables.metadata.create_all(conn, tables=compared)
+        declared = {t.name: catalog(conn, t.name, t.schema) for t in compared}
         sp.rollback()
-    for part in _CATALOG:
-        if migrated[part] != declared[part]:
-            problems.append(
-                f"catalog {part}:\n  migrations: {migrated[part]}\n  declared:   {declared[part]}"
-            )
+    for t in compared:
+        for part in _CATALOG:
+            if migrated[t.name][part] != declared[t.name][part]:
+                problems.append(
+                    f"catalog {part} of {t.name}:\n"
+                    f"  migrations: {migrated[t.name][part]}\n"
+                    f"  declared:   {declared[t.name][part]}"
+                )
     return problems
 
 
@@ -154,13 +170,13 @@ USER_ENV_PY = """
 import sqlalchemy as sa
 from alembic import context
 
-from outbox.migrate import names_from_config
+from outbox.migrate import inbox_name_from_config, names_from_config
 from outbox.schema import define_tables
 
 config = context.config
 
-# The application's own models, with the outbox table declared on the same metadata so that
-# `alembic check` covers it too.
+# The application's own models, with the outbox tables (outbox and inbox) declared on the same
+# metadata so that `alembic check` covers them too.
 target_metadata = sa.MetaData()
 sa.Table(
     "users",
@@ -169,7 +185,12 @@ sa.Table(
     sa.Column("name", sa.Text, nullable=False),
 )
 outbox_table, outbox_schema = names_from_config(config)
-define_tables(target_metadata, table=outbox_table, schema=outbox_schema)
+define_tables(
+    target_metadata,
+    table=outbox_table,
+    schema=outbox_schema,
+    inbox_table=inbox_name_from_config(config),
+)
 
 
 def include_name(name, type_, parent):

@@ -1,4 +1,5 @@
-"""The table the shipped revisions build is the table ``outbox.schema.define_tables`` declares.
+"""The tables the shipped revisions build (the outbox table and the inbox) are the tables
+``outbox.schema.define_tables`` declares.
 
 Two checks, because Alembic's autogenerate compares columns, types, defaults, nullability,
 indexes by name and columns, unique constraints, but neither check constraints nor the
@@ -6,7 +7,7 @@ predicates of partial indexes:
 
 * ``alembic.autogenerate.compare_metadata`` against the migrated database;
 * the catalog (columns, identity sequence, constraint definitions, full index definitions) of
-  the migrated table against the one ``metadata.create_all`` builds (in a rolled-back
+  each migrated table against the one ``metadata.create_all`` builds (in a rolled-back
   savepoint on the same database).
 
 ``test_drift_is_detected`` proves both checks fail when the declaration changes.
@@ -20,27 +21,30 @@ import pytest
 import sqlalchemy as sa
 
 from outbox import migrate
-from outbox.schema import DEFAULT_TABLE, OutboxTables, define_tables
+from outbox.schema import DEFAULT_INBOX_TABLE, DEFAULT_TABLE, OutboxTables, define_tables
 from tests.migration.support import autogenerate_diff, catalog, drift, engine
 
 
 @pytest.mark.parametrize(
-    ("table", "schema"),
+    ("table", "schema", "inbox_table"),
     [
-        pytest.param(DEFAULT_TABLE, None, id="default"),
-        pytest.param("events_out", "messaging", id="custom"),
+        pytest.param(DEFAULT_TABLE, None, DEFAULT_INBOX_TABLE, id="default"),
+        pytest.param("events_out", "messaging", "events_in", id="custom"),
+        pytest.param(DEFAULT_TABLE, None, "dedup", id="custom-inbox"),
     ],
 )
 def test_migrations_match_declared_tables(
-    empty_db_url: str, table: str, schema: str | None
+    empty_db_url: str, table: str, schema: str | None, inbox_table: str
 ) -> None:
-    migrate.upgrade(empty_db_url, table=table, schema=schema)
+    migrate.upgrade(empty_db_url, table=table, schema=schema, inbox_table=inbox_table)
     eng = engine(empty_db_url)
     try:
         with eng.connect() as conn:
-            assert drift(conn, define_tables(table=table, schema=schema)) == []
+            declared = define_tables(table=table, schema=schema, inbox_table=inbox_table)
+            assert drift(conn, declared) == []
             # The comparison saw the real thing: named constraints and partial indexes.
             snap = catalog(conn, table, schema)
+            inbox = catalog(conn, inbox_table, schema)
     finally:
         eng.dispose()
     constraints = {name: definition for name, _, definition, *_ in snap["constraints"]}
@@ -67,6 +71,42 @@ def test_migrations_match_declared_tables(
         "created_at",
         "sent_at",
     ]
+    assert [row[0] for row in snap["identity"]] == ["id"]
+
+    inbox_constraints = {name: definition for name, _, definition, *_ in inbox["constraints"]}
+    assert inbox_constraints == {
+        f"pk_{inbox_table}": "PRIMARY KEY (consumer, key)",
+        f"ck_{inbox_table}_names": "CHECK (length(consumer) > 0 AND length(key) > 0)",
+    }
+    assert [name for name, _ in inbox["indexes"]] == [
+        f"ix_{inbox_table}_expires_at",
+        f"pk_{inbox_table}",
+    ]
+    assert [c[1] for c in inbox["columns"]] == [
+        "consumer",
+        "key",
+        "fingerprint",
+        "response_status",
+        "response_body",
+        "created_at",
+        "expires_at",
+    ]
+    assert inbox["identity"] == []
+
+
+def test_inbox_is_compared_under_its_configured_name(empty_db_url: str) -> None:
+    """Installed as ``dedup``, declared with the default name: the check reports it."""
+    migrate.upgrade(empty_db_url, inbox_table="dedup")
+    eng = engine(empty_db_url)
+    try:
+        with eng.connect() as conn:
+            problems = drift(conn, define_tables())
+            assert drift(conn, define_tables(inbox_table="dedup")) == []
+    finally:
+        eng.dispose()
+    assert f"missing table {DEFAULT_INBOX_TABLE}" in problems
+    assert any(p.startswith("autogenerate: ('remove_table'") and "dedup" in p for p in problems)
+    assert any(p.startswith("autogenerate: ('add_table'") for p in problems), problems
 
 
 # --- the check fails when the two drift apart -------------------------------------------------
@@ -128,24 +168,53 @@ def _unique_dropped(t: sa.Table) -> None:
     t.constraints.discard(next(c for c in t.constraints if isinstance(c, sa.UniqueConstraint)))
 
 
-#: mutation -> (what it changes, the catalog part that must show it)
-MUTATIONS: dict[str, tuple[Callable[[sa.Table], None], str]] = {
-    "extra column": (_extra_column, "columns"),
-    "missing index": (_missing_index, "indexes"),
-    "index columns": (_index_columns, "indexes"),
+def _inbox_missing_index(t: sa.Table) -> None:
+    t.indexes.discard(_index(t, "expires_at"))
+
+
+def _inbox_check_constraint(t: sa.Table) -> None:
+    _check(t, "names").sqltext = sa.text("length(key) > 0")
+
+
+def _inbox_nullable(t: sa.Table) -> None:
+    t.c.expires_at.nullable = True
+
+
+def _inbox_column_type(t: sa.Table) -> None:
+    t.c.response_status.type = sa.SmallInteger()
+
+
+def _inbox_server_default(t: sa.Table) -> None:
+    default = t.c.created_at.server_default
+    assert isinstance(default, sa.DefaultClause)
+    default.arg = sa.text("clock_timestamp()")
+
+
+#: mutation -> (the table it changes, what it changes, the catalog part that must show it)
+MUTATIONS: dict[str, tuple[str, Callable[[sa.Table], None], str]] = {
+    "extra column": ("messages", _extra_column, "columns"),
+    "missing index": ("messages", _missing_index, "indexes"),
+    "index columns": ("messages", _index_columns, "indexes"),
     # Autogenerate does not compare these two: only the catalog comparison catches them.
-    "index predicate": (_index_predicate, "indexes"),
-    "check constraint": (_check_constraint, "constraints"),
-    "nullable": (_nullable, "columns"),
-    "column type": (_column_type, "columns"),
-    "server default": (_server_default, "columns"),
-    "unique constraint dropped": (_unique_dropped, "constraints"),
+    "index predicate": ("messages", _index_predicate, "indexes"),
+    "check constraint": ("messages", _check_constraint, "constraints"),
+    "nullable": ("messages", _nullable, "columns"),
+    "column type": ("messages", _column_type, "columns"),
+    "server default": ("messages", _server_default, "columns"),
+    "unique constraint dropped": ("messages", _unique_dropped, "constraints"),
+    "inbox extra column": ("inbox", _extra_column, "columns"),
+    "inbox missing index": ("inbox", _inbox_missing_index, "indexes"),
+    "inbox check constraint": ("inbox", _inbox_check_constraint, "constraints"),
+    "inbox nullable": ("inbox", _inbox_nullable, "columns"),
+    "inbox column type": ("inbox", _inbox_column_type, "columns"),
+    "inbox server default": ("inbox", _inbox_server_default, "columns"),
 }
 
 
 def _mutated(name: str) -> OutboxTables:
     tables = define_tables()
-    MUTATIONS[name][0](tables.messages)
+    which, mutate, _ = MUTATIONS[name]
+    mutate(getattr(tables, which))
     return tables
 
 
@@ -169,8 +238,9 @@ def test_drift_is_detected(db_url: str, mutation: str) -> None:
     finally:
         eng.dispose()
     assert problems, f"a changed declaration ({mutation}) went unnoticed"
-    part = MUTATIONS[mutation][1]
-    assert any(p.startswith(f"catalog {part}:") for p in problems), problems
+    which, _, part = MUTATIONS[mutation]
+    table = getattr(define_tables(), which).name
+    assert any(p.startswith(f"catalog {part} of {table}:") for p in problems), problems
 
 
 def test_autogenerate_alone_sees_column_changes(db_url: str) -> None:

@@ -1,5 +1,6 @@
 """``outbox.migrate``: upgrade, downgrade to base, upgrade again, on an empty database, with the
-default names and with a custom table and schema."""
+default names and with a custom table, inbox table and schema; the two revisions one at a time
+(``outbox_0001`` the outbox table, ``outbox_0002`` the inbox)."""
 
 from __future__ import annotations
 
@@ -10,14 +11,15 @@ import sqlalchemy as sa
 
 from outbox import migrate
 from outbox.exceptions import ConfigurationError
-from outbox.schema import DEFAULT_TABLE
+from outbox.schema import DEFAULT_INBOX_TABLE, DEFAULT_TABLE
 from tests.migration.support import engine, qualified, scalars, schemas_in, tables_in
 
-HEAD = "outbox_0001"
+FIRST = "outbox_0001"
+HEAD = "outbox_0002"
 
 NAMES = [
-    pytest.param(DEFAULT_TABLE, None, id="default"),
-    pytest.param("events_out", "messaging", id="custom"),
+    pytest.param(DEFAULT_TABLE, None, DEFAULT_INBOX_TABLE, id="default"),
+    pytest.param("events_out", "messaging", "events_in", id="custom"),
 ]
 
 
@@ -46,42 +48,112 @@ def _insert(db_url: str, table: str, schema: str | None) -> None:
         eng.dispose()
 
 
-@pytest.mark.parametrize(("table", "schema"), NAMES)
-def test_upgrade_downgrade_upgrade(empty_db_url: str, table: str, schema: str | None) -> None:
+def _insert_inbox(db_url: str, table: str, schema: str | None) -> None:
+    eng = engine(db_url)
+    try:
+        with eng.begin() as conn:
+            conn.execute(
+                sa.text(
+                    f"INSERT INTO {qualified(table, schema)} (consumer, key, expires_at) "
+                    "VALUES ('c', :k, now() + interval '1 day')"
+                ),
+                {"k": str(uuid.uuid4())},
+            )
+    finally:
+        eng.dispose()
+
+
+@pytest.mark.parametrize(("table", "schema", "inbox"), NAMES)
+def test_upgrade_downgrade_upgrade(
+    empty_db_url: str, table: str, schema: str | None, inbox: str
+) -> None:
     url = empty_db_url
+    names = {"table": table, "schema": schema, "inbox_table": inbox}
     where = schema or "public"
     outbox_table = f"{where}.{table}"
+    inbox_table = f"{where}.{inbox}"
     version_table = f"{where}.{migrate.VERSION_TABLE}"
     assert migrate.current(url, schema=schema) is None
     assert tables_in(url) == set()
     if schema:
         assert schema not in schemas_in(url)
 
-    migrate.upgrade(url, table=table, schema=schema)
+    migrate.upgrade(url, **names)
     assert migrate.current(url, schema=schema) == HEAD
-    assert tables_in(url) == {outbox_table, version_table}
+    assert tables_in(url) == {outbox_table, inbox_table, version_table}
     assert scalars(url, f"SELECT version_num FROM {version_table}") == [HEAD]
     oid = _oid(url, table, schema)
-    assert oid is not None
+    inbox_oid = _oid(url, inbox, schema)
+    assert oid is not None and inbox_oid is not None
 
-    # Again: a no-op. The table is not recreated and keeps its rows.
+    # Again: a no-op. The tables are not recreated and keep their rows.
     _insert(url, table, schema)
-    migrate.upgrade(url, table=table, schema=schema)
+    _insert_inbox(url, inbox, schema)
+    migrate.upgrade(url, **names)
     assert migrate.current(url, schema=schema) == HEAD
     assert _oid(url, table, schema) == oid
+    assert _oid(url, inbox, schema) == inbox_oid
     assert scalars(url, f"SELECT count(*) FROM {outbox_table}") == [1]
+    assert scalars(url, f"SELECT count(*) FROM {inbox_table}") == [1]
     assert scalars(url, f"SELECT version_num FROM {version_table}") == [HEAD]
 
-    migrate.downgrade(url, table=table, schema=schema, revision="base")
+    migrate.downgrade(url, **names, revision="base")
     assert migrate.current(url, schema=schema) is None
     # Alembic keeps its (now empty) version table; the schema stays too.
     assert tables_in(url) == {version_table}
     assert scalars(url, f"SELECT count(*) FROM {version_table}") == [0]
 
-    migrate.upgrade(url, table=table, schema=schema)
+    migrate.upgrade(url, **names)
     assert migrate.current(url, schema=schema) == HEAD
-    assert tables_in(url) == {outbox_table, version_table}
+    assert tables_in(url) == {outbox_table, inbox_table, version_table}
     assert scalars(url, f"SELECT count(*) FROM {outbox_table}") == [0]
+    assert scalars(url, f"SELECT count(*) FROM {inbox_table}") == [0]
+
+
+@pytest.mark.parametrize(("table", "schema", "inbox"), NAMES)
+def test_one_revision_at_a_time(
+    empty_db_url: str, table: str, schema: str | None, inbox: str
+) -> None:
+    """An outbox installed before the inbox existed (``outbox_0001``) gets the inbox from the
+    second revision, keeping its messages; ``-1`` from head removes only the inbox."""
+    url = empty_db_url
+    names = {"table": table, "schema": schema, "inbox_table": inbox}
+    where = schema or "public"
+    outbox_table = f"{where}.{table}"
+    inbox_table = f"{where}.{inbox}"
+    version_table = f"{where}.{migrate.VERSION_TABLE}"
+
+    migrate.upgrade(url, **names, revision=FIRST)
+    assert migrate.current(url, schema=schema) == FIRST
+    assert tables_in(url) == {outbox_table, version_table}
+    _insert(url, table, schema)
+    oid = _oid(url, table, schema)
+
+    migrate.upgrade(url, **names)
+    assert migrate.current(url, schema=schema) == HEAD
+    assert tables_in(url) == {outbox_table, inbox_table, version_table}
+    assert _oid(url, table, schema) == oid
+    assert scalars(url, f"SELECT count(*) FROM {outbox_table}") == [1]
+    _insert_inbox(url, inbox, schema)
+
+    migrate.downgrade(url, **names, revision="-1")
+    assert migrate.current(url, schema=schema) == FIRST
+    assert tables_in(url) == {outbox_table, version_table}
+    assert _oid(url, table, schema) == oid
+    assert scalars(url, f"SELECT count(*) FROM {outbox_table}") == [1]
+
+    # Relative steps up work too, and `head` afterwards is a no-op.
+    migrate.upgrade(url, **names, revision="+1")
+    assert migrate.current(url, schema=schema) == HEAD
+    assert tables_in(url) == {outbox_table, inbox_table, version_table}
+    assert scalars(url, f"SELECT count(*) FROM {inbox_table}") == [0]
+    migrate.upgrade(url, **names)
+    assert migrate.current(url, schema=schema) == HEAD
+
+    migrate.downgrade(url, **names, revision=FIRST)
+    migrate.downgrade(url, **names, revision="-1")
+    assert migrate.current(url, schema=schema) is None
+    assert tables_in(url) == {version_table}
 
 
 def test_custom_schema_is_separate_from_default(empty_db_url: str) -> None:
@@ -95,21 +167,32 @@ def test_custom_schema_is_separate_from_default(empty_db_url: str) -> None:
     assert migrate.current(url) == HEAD
     assert tables_in(url) == {
         "messaging.events_out",
+        f"messaging.{DEFAULT_INBOX_TABLE}",
         f"messaging.{migrate.VERSION_TABLE}",
         f"public.{DEFAULT_TABLE}",
+        f"public.{DEFAULT_INBOX_TABLE}",
         f"public.{migrate.VERSION_TABLE}",
     }
 
     migrate.downgrade(url, table="events_out", schema="messaging")
     assert migrate.current(url, schema="messaging") is None
     assert migrate.current(url) == HEAD
-    assert f"public.{DEFAULT_TABLE}" in tables_in(url)
+    assert tables_in(url) == {
+        f"messaging.{migrate.VERSION_TABLE}",
+        f"public.{DEFAULT_TABLE}",
+        f"public.{DEFAULT_INBOX_TABLE}",
+        f"public.{migrate.VERSION_TABLE}",
+    }
 
 
 def test_custom_table_in_default_schema(empty_db_url: str) -> None:
     migrate.upgrade(empty_db_url, table="events_out")
     assert migrate.current(empty_db_url) == HEAD
-    assert tables_in(empty_db_url) == {"public.events_out", f"public.{migrate.VERSION_TABLE}"}
+    assert tables_in(empty_db_url) == {
+        "public.events_out",
+        f"public.{DEFAULT_INBOX_TABLE}",
+        f"public.{migrate.VERSION_TABLE}",
+    }
 
 
 def test_second_table_in_same_schema_is_refused(empty_db_url: str) -> None:
@@ -119,12 +202,18 @@ def test_second_table_in_same_schema_is_refused(empty_db_url: str) -> None:
     migrate.upgrade(url)
     with pytest.raises(ConfigurationError, match="--schema"):
         migrate.upgrade(url, table="events_out")
-    assert tables_in(url) == {f"public.{DEFAULT_TABLE}", f"public.{migrate.VERSION_TABLE}"}
+    assert tables_in(url) == {
+        f"public.{DEFAULT_TABLE}",
+        f"public.{DEFAULT_INBOX_TABLE}",
+        f"public.{migrate.VERSION_TABLE}",
+    }
     assert migrate.current(url) == HEAD
 
 
 def test_upgrade_step_by_step(empty_db_url: str) -> None:
     """Explicit revisions work (and ``head`` after the last revision is a no-op)."""
+    migrate.upgrade(empty_db_url, revision=FIRST)
+    assert migrate.current(empty_db_url) == FIRST
     migrate.upgrade(empty_db_url, revision=HEAD)
     assert migrate.current(empty_db_url) == HEAD
     migrate.upgrade(empty_db_url, revision="outbox@head")
@@ -137,3 +226,5 @@ def test_invalid_names_are_refused_before_connecting() -> None:
         migrate.upgrade(url, table="Bad-Name")
     with pytest.raises(ConfigurationError, match="schema name"):
         migrate.downgrade(url, schema="x; DROP TABLE y")
+    with pytest.raises(ConfigurationError, match="inbox table"):
+        migrate.upgrade(url, inbox_table="Inbox")

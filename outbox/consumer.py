@@ -1,0 +1,307 @@
+"""Consume with the inbox: each message's effects commit once, then its offset is committed.
+
+For every message, in partition order: take its idempotency key (default: the ``message-id``
+header the relay writes), then in **one database transaction** claim the key in the inbox and
+run the handler (which may write rows and publish outbox events); only after that commit is
+the offset stored for committing. A crash between the two redelivers the message, and the
+inbox skips it. A handler that raises is retried with backoff and full jitter; after
+``max_attempts`` (or at once for :class:`PoisonMessage`) the message goes to the dead-letter
+topic — published through the outbox in the same transaction that claims its key, so the
+dead-lettering itself happens once — and the partition moves on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import importlib
+import json
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import sqlalchemy as sa
+import sqlalchemy.exc
+from sqlalchemy.orm import Session
+
+from outbox.config import parse_db_url
+from outbox.exceptions import (
+    ConfigurationError,
+    DatabaseUnavailableError,
+    OutboxError,
+)
+from outbox.inbox import Inbox
+from outbox.message import HEADER_CONTENT_TYPE, HEADER_MESSAGE_ID
+from outbox.outbox import Outbox
+from outbox.relay import backoff_delay
+from outbox.schema import DEFAULT_INBOX_TABLE, DEFAULT_TABLE, validate_identifier
+from outbox.transport.base import IncomingMessage, Source
+
+logger = logging.getLogger(__name__)
+
+Handler = Callable[[Session, IncomingMessage], Any]
+KeyExtractor = Callable[[IncomingMessage], "str | None"]
+
+
+class PoisonMessage(OutboxError):
+    """The message can never be processed (e.g. it cannot be decoded): it is dead-lettered at
+    once, without retries."""
+
+
+def message_id_key(message: IncomingMessage) -> str | None:
+    """The default idempotency key: the ``message-id`` header written by the relay."""
+    value = message.header(HEADER_MESSAGE_ID)
+    return value.decode("utf-8", "replace") if value else None
+
+
+def json_value(message: IncomingMessage) -> Any:
+    """The message's value parsed as JSON; :class:`PoisonMessage` if it is not JSON."""
+    try:
+        return json.loads(message.value or b"")
+    except ValueError as exc:
+        raise PoisonMessage(f"value is not JSON: {exc}") from exc
+
+
+def load_handler(path: str) -> Handler:
+    """Import ``package.module:function``; :class:`ConfigurationError` with what is wrong."""
+    module_name, sep, attr = path.partition(":")
+    if not sep or not module_name or not attr:
+        raise ConfigurationError(f"invalid handler {path!r}: expected package.module:function")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigurationError(f"cannot import handler module {module_name!r}: {exc}") from exc
+    target: Any = module
+    for part in attr.split("."):
+        if not hasattr(target, part):
+            raise ConfigurationError(f"handler {path!r}: {module_name} has no {attr!r}")
+        target = getattr(target, part)
+    if not callable(target):
+        raise ConfigurationError(f"handler {path!r} is not callable")
+    handler: Handler = target
+    return handler
+
+
+@dataclasses.dataclass(frozen=True)
+class ConsumerConfig:
+    db_url: str
+    #: The inbox's consumer name: keys are deduplicated per name (usually the group id).
+    name: str
+    #: Where poison messages go; default ``<topic>.dlq`` of each message.
+    dead_letter_topic: str | None = None
+    max_attempts: int = 5
+    retry_backoff_base: float = 0.2
+    retry_backoff_max: float = 30.0
+    table: str = DEFAULT_TABLE
+    schema: str | None = None
+    inbox_table: str = DEFAULT_INBOX_TABLE
+    #: How long processed keys are remembered; must exceed how long a message can come back.
+    retention: datetime.timedelta = datetime.timedelta(days=7)
+
+    def __post_init__(self) -> None:
+        parse_db_url(self.db_url)
+        if not self.name:
+            raise ConfigurationError("the consumer needs a name (the inbox's consumer)")
+        if self.max_attempts < 1:
+            raise ConfigurationError("max_attempts must be at least 1")
+        if self.retry_backoff_base <= 0 or self.retry_backoff_max <= 0:
+            raise ConfigurationError("retry backoff must be positive")
+        validate_identifier(self.table, "table name")
+
+
+@dataclasses.dataclass
+class ConsumerStats:
+    processed: int = 0
+    duplicates: int = 0
+    dead_lettered: int = 0
+    failed_attempts: int = 0
+
+
+class Consumer:
+    """Runs ``handler(session, message)`` once per message, with the inbox. Not thread-safe;
+    :meth:`stop` may be called from any thread or a signal handler."""
+
+    def __init__(
+        self,
+        config: ConsumerConfig,
+        handler: Handler,
+        source_factory: Callable[[], Source],
+        *,
+        key: KeyExtractor = message_id_key,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.config = config
+        self.handler = handler
+        self.stats = ConsumerStats()
+        self._source_factory = source_factory
+        self._key = key
+        self._rng = rng or random.Random()
+        self._stop = threading.Event()
+        self._outbox = Outbox(
+            table=config.table, schema=config.schema, inbox_table=config.inbox_table
+        )
+        self._inbox = Inbox(self._outbox, retention=config.retention)
+        self._engine = sa.create_engine(parse_db_url(config.db_url), pool_pre_ping=True)
+
+    def stop(self) -> None:
+        """Finish the current message, commit offsets, leave the group."""
+        self._stop.set()
+
+    def run(
+        self, *, max_messages: int | None = None, idle_timeout: float | None = None
+    ) -> ConsumerStats:
+        """Consume until :meth:`stop`, or ``max_messages`` handled, or no message for
+        ``idle_timeout`` seconds (for scripts and tests)."""
+        source = self._source_factory()
+        handled = 0
+        last = time.monotonic()
+        logger.info("consumer starting", extra={"consumer": self.config.name})
+        try:
+            while not self._stop.is_set():
+                if max_messages is not None and handled >= max_messages:
+                    break
+                message = source.poll(0.5)
+                if message is None:
+                    if idle_timeout is not None and time.monotonic() - last >= idle_timeout:
+                        break
+                    continue
+                last = time.monotonic()
+                if not self._handle(message):
+                    break  # stopping in the middle of retries: not processed, redelivered
+                source.processed(message)
+                handled += 1
+        finally:
+            source.close()
+            self._engine.dispose()
+            logger.info("consumer stopped", extra=dataclasses.asdict(self.stats))
+        return self.stats
+
+    # -- one message ----------------------------------------------------------------------------
+
+    def _handle(self, message: IncomingMessage) -> bool:
+        """Process ``message`` to the end (done, duplicate or dead-lettered): True. False only
+        when asked to stop before it could be done."""
+        key = self._key(message)
+        if key is None:
+            logger.error(
+                "message has no idempotency key, dead-lettering",
+                extra=_where(message),
+            )
+            return self._dead_letter(message, None, "no idempotency key (message-id header)", 0)
+        attempts = 0
+        outages = 0
+        while True:
+            try:
+                with Session(self._engine) as session, session.begin():
+                    if not self._inbox.claim(session, self.config.name, key):
+                        self.stats.duplicates += 1
+                        logger.debug("duplicate skipped", extra={"key": key, **_where(message)})
+                        return True
+                    self.handler(session, message)
+                self.stats.processed += 1
+                return True
+            except PoisonMessage as exc:
+                return self._dead_letter(message, key, f"PoisonMessage: {exc}", attempts + 1)
+            except (DatabaseUnavailableError, sqlalchemy.exc.OperationalError) as exc:
+                # The database, not the message: wait for it, counting no attempt.
+                outages += 1
+                delay = backoff_delay(outages, 0.5, 30.0, self._rng)
+                logger.warning(
+                    "database unavailable, retrying",
+                    extra={"error": _first_line(exc), "retry_in_s": round(delay, 2)},
+                )
+                if self._stop.wait(delay):
+                    return False
+            except Exception as exc:  # the handler's own failure
+                attempts += 1
+                self.stats.failed_attempts += 1
+                reason = f"{type(exc).__name__}: {_first_line(exc)}"
+                if attempts >= self.config.max_attempts:
+                    return self._dead_letter(message, key, reason, attempts)
+                delay = backoff_delay(
+                    attempts,
+                    self.config.retry_backoff_base,
+                    self.config.retry_backoff_max,
+                    self._rng,
+                )
+                logger.warning(
+                    "handler failed, retrying",
+                    extra={
+                        "key": key,
+                        "attempts": attempts,
+                        "error": reason,
+                        "retry_in_s": round(delay, 2),
+                        **_where(message),
+                    },
+                )
+                if self._stop.wait(delay):
+                    return False
+
+    def _dead_letter(
+        self, message: IncomingMessage, key: str | None, reason: str, attempts: int
+    ) -> bool:
+        topic = self.config.dead_letter_topic or f"{message.topic}.dlq"
+        headers: dict[str, str] = {}
+        content_type = None
+        for name, value in message.headers:
+            text = value.decode("utf-8", "replace")
+            if name.lower() == HEADER_MESSAGE_ID:
+                headers["dlq-original-message-id"] = text
+            elif name.lower() == HEADER_CONTENT_TYPE:
+                content_type = text
+            else:
+                headers[name] = text
+        headers.update(
+            {
+                "dlq-original-topic": message.topic,
+                "dlq-original-partition": str(message.partition),
+                "dlq-original-offset": str(message.offset),
+                "dlq-consumer": self.config.name,
+                "dlq-error": reason[:1000],
+                "dlq-attempts": str(attempts),
+            }
+        )
+        while True:
+            try:
+                with Session(self._engine) as session, session.begin():
+                    # Claiming the key makes the dead-lettering itself happen once.
+                    if key is not None and not self._inbox.claim(session, self.config.name, key):
+                        self.stats.duplicates += 1
+                        return True
+                    self._outbox.publish(
+                        session,
+                        topic,
+                        message.value,
+                        key=message.key,
+                        headers=headers,
+                        content_type=content_type,
+                    )
+                break
+            except (DatabaseUnavailableError, sqlalchemy.exc.OperationalError) as exc:
+                logger.warning("database unavailable, retrying", extra={"error": _first_line(exc)})
+                if self._stop.wait(1.0):
+                    return False
+        self.stats.dead_lettered += 1
+        logger.error(
+            "message dead-lettered",
+            extra={
+                "key": key,
+                "dead_letter_topic": topic,
+                "attempts": attempts,
+                "error": reason,
+                **_where(message),
+            },
+        )
+        return True
+
+
+def _where(message: IncomingMessage) -> dict[str, Any]:
+    return {"topic": message.topic, "partition": message.partition, "offset": message.offset}
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -1,0 +1,166 @@
+"""The inbox consumer against the real broker and database: one effect per message, whatever
+the redeliveries; poison messages dead-lettered through the outbox; bad handlers refused."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import uuid
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from confluent_kafka import Producer
+from sqlalchemy.orm import Session
+
+from outbox import Outbox, Relay, RelayConfig
+from outbox.consumer import Consumer, ConsumerConfig, PoisonMessage
+from outbox.transport.base import IncomingMessage
+from outbox.transport.kafka import KafkaSource, KafkaTransport
+from tests.integration.handlers import record_effect
+from tests.support.broker import Broker
+
+FAST_GROUP = {"session.timeout.ms": "6000", "heartbeat.interval.ms": "1000"}
+
+
+@pytest.fixture
+def effects(engine: sa.Engine) -> sa.Engine:
+    with engine.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE effects (message_id text NOT NULL, n int NOT NULL)"))
+    return engine
+
+
+def publish_and_relay(engine: sa.Engine, db_url: str, broker: Broker, topic: str, n: int) -> None:
+    outbox = Outbox()
+    with Session(engine) as session, session.begin():
+        for i in range(n):
+            outbox.publish(session, topic, {"n": i}, key=f"k{i % 3}")
+    Relay(RelayConfig(db_url=db_url), lambda: KafkaTransport(broker.bootstrap)).run_once()
+
+
+def consumer(
+    db_url: str, broker: Broker, topic: str, handler: Any, name: str = "payments", **kw: Any
+) -> Consumer:
+    # A fresh group each time (reads from the start); the inbox name is what deduplicates.
+    group = f"g-{uuid.uuid4().hex[:8]}"
+    config = ConsumerConfig(db_url=db_url, name=name, retry_backoff_base=0.01, **kw)
+    return Consumer(
+        config, handler, lambda: KafkaSource(broker.bootstrap, group, [topic], FAST_GROUP)
+    )
+
+
+def effect_counts(engine: sa.Engine) -> dict[int, int]:
+    with engine.connect() as conn:
+        rows = conn.execute(sa.text("SELECT n, count(*) FROM effects GROUP BY n")).all()
+    return {r[0]: r[1] for r in rows}
+
+
+def test_each_message_has_one_effect_even_when_delivered_five_times(
+    effects: sa.Engine, db_url: str, broker: Broker, topic: str
+) -> None:
+    publish_and_relay(effects, db_url, broker, topic, 10)
+    # Redeliver: the same messages (same message-id headers) produced 4 more times.
+    first = consumer(db_url, broker, topic, record_effect)
+    stats = first.run(max_messages=10)
+    assert stats.processed == 10
+    copies = broker.read_all(topic, expect=10)
+    producer = Producer({"bootstrap.servers": broker.bootstrap})
+    for _ in range(4):
+        for m in copies:
+            producer.produce(topic, value=m.value, key=m.key, headers=list(m.headers.items()))
+    producer.flush(10)
+    second = consumer(db_url, broker, topic, record_effect)
+    stats = second.run(max_messages=50)
+    assert stats.processed == 0 and stats.duplicates == 50
+    assert effect_counts(effects) == {i: 1 for i in range(10)}
+
+
+def test_poison_message_is_dead_lettered_and_the_partition_moves_on(
+    effects: sa.Engine, db_url: str, broker: Broker
+) -> None:
+    topic = broker.create_topic(partitions=1)
+    publish_and_relay(effects, db_url, broker, topic, 6)
+    calls: dict[int, int] = {}
+
+    def handler(session: Session, message: IncomingMessage) -> None:
+        n = json.loads(message.value or b"")["n"]
+        calls[n] = calls.get(n, 0) + 1
+        if n == 2:
+            raise ValueError("cannot process order 2")
+        if n == 4 and calls[n] < 3:
+            raise TimeoutError("flaky dependency")  # fails twice, then succeeds
+        record_effect(session, message)
+
+    stats = consumer(db_url, broker, topic, handler, max_attempts=3).run(max_messages=6)
+    assert stats.processed == 5 and stats.dead_lettered == 1
+    assert calls[2] == 3 and calls[4] == 3
+    assert effect_counts(effects) == {0: 1, 1: 1, 3: 1, 4: 1, 5: 1}
+    with effects.connect() as conn:
+        row = conn.execute(sa.text("SELECT topic, payload, headers FROM outbox_messages")).one()
+    assert row.topic == f"{topic}.dlq"
+    assert json.loads(row.payload) == {"n": 2}
+    assert row.headers["dlq-original-topic"] == topic
+    assert row.headers["dlq-attempts"] == "3"
+    assert row.headers["dlq-error"].startswith("ValueError: cannot process order 2")
+    assert "dlq-original-message-id" in row.headers
+
+
+def test_undecodable_message_is_poison_at_once(
+    effects: sa.Engine, db_url: str, broker: Broker
+) -> None:
+    topic = broker.create_topic(partitions=1)
+    producer = Producer({"bootstrap.servers": broker.bootstrap})
+    producer.produce(topic, value=b"{not json", headers=[("message-id", b"m-1")])
+    producer.produce(topic, value=b'{"n": 7}')  # no message-id header
+    producer.flush(10)
+    stats = consumer(db_url, broker, topic, record_effect).run(max_messages=2)
+    assert stats.dead_lettered == 2 and stats.failed_attempts == 0
+    with effects.connect() as conn:
+        errors = sorted(
+            r[0] for r in conn.execute(sa.text("SELECT headers->>'dlq-error' FROM outbox_messages"))
+        )
+    assert errors[0].startswith("PoisonMessage: value is not JSON")
+    assert errors[1] == "no idempotency key (message-id header)"
+
+
+@pytest.mark.parametrize(
+    ("handler", "expected"),
+    [
+        ("tests.integration.nope:handler", "cannot import handler module"),
+        ("tests.integration.handlers:missing", "has no 'missing'"),
+        ("tests.integration.handlers:NOT_CALLABLE", "is not callable"),
+        ("no-colon", "expected package.module:function"),
+    ],
+)
+def test_bad_handler_is_a_usage_error(
+    db_url: str, broker: Broker, handler: str, expected: str
+) -> None:
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "outbox.cli",
+            "consume",
+            "--db-url",
+            db_url,
+            "--bootstrap-servers",
+            broker.bootstrap,
+            "--group",
+            "g",
+            "--topic",
+            "t",
+            "--handler",
+            handler,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and expected in lines[0]
+
+
+def test_poison_exception_type_is_public() -> None:
+    assert issubclass(PoisonMessage, Exception)
