@@ -514,12 +514,12 @@ def consume(
             schema=schema,
             inbox_table=inbox_table,
         )
-        # Fail fast on a bad -X setting or a database without the tables.
-        KafkaSource(bootstrap_servers, group, topic_list, overrides).close()
-        counts(db_url, table=table, schema=schema)
         consumer = Consumer(
             config, fn, lambda: KafkaSource(bootstrap_servers, group, topic_list, overrides)
         )
+        # Fail fast on a database without the tables or a bad -X setting.
+        consumer.check()
+        KafkaSource(bootstrap_servers, group, topic_list, overrides).close()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: consumer.stop())
         stats = consumer.run(max_messages=max_messages, idle_timeout=idle_timeout)

@@ -27,11 +27,13 @@ import sqlalchemy as sa
 import sqlalchemy.exc
 from sqlalchemy.orm import Session
 
+from outbox import statements
 from outbox.config import parse_db_url
 from outbox.exceptions import (
     ConfigurationError,
     DatabaseUnavailableError,
     OutboxError,
+    translate_db_errors,
 )
 from outbox.inbox import Inbox
 from outbox.message import HEADER_CONTENT_TYPE, HEADER_MESSAGE_ID
@@ -150,11 +152,17 @@ class Consumer:
         """Finish the current message, commit offsets, leave the group."""
         self._stop.set()
 
+    def check(self) -> None:
+        """Fail fast on bad setup: the database reachable, the tables installed."""
+        with translate_db_errors("check tables"), self._engine.connect() as conn:
+            conn.execute(statements.probe_inbox(self._outbox.tables))
+
     def run(
         self, *, max_messages: int | None = None, idle_timeout: float | None = None
     ) -> ConsumerStats:
         """Consume until :meth:`stop`, or ``max_messages`` handled, or no message for
         ``idle_timeout`` seconds (for scripts and tests)."""
+        self.check()
         source = self._source_factory()
         handled = 0
         last = time.monotonic()

@@ -19,7 +19,8 @@ class OutboxError(Exception):
     """An outbox operation failed."""
 
     def __init__(self, message: str | None = None) -> None:
-        super().__init__(message or (self.__doc__ or "").strip())
+        # The docstring is the default message, on one line.
+        super().__init__(message or " ".join((self.__doc__ or "").split("\n\n")[0].split()))
 
 
 class ConfigurationError(OutboxError):

@@ -16,6 +16,7 @@ import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 
 from outbox.config import parse_db_url
 from outbox.exceptions import ConfigurationError, translate_db_errors
@@ -23,6 +24,9 @@ from outbox.schema import DEFAULT_INBOX_TABLE, DEFAULT_TABLE, validate_identifie
 
 #: The version table that ``outbox db upgrade`` keeps (in the outbox's schema).
 VERSION_TABLE = "outbox_alembic_version"
+
+#: The revision that creates the inbox table.
+_INBOX_REVISION = "outbox_0002"
 
 _PACKAGE_DIR = pathlib.Path(__file__).resolve().parent
 
@@ -71,7 +75,10 @@ def _config(table: str, schema: str | None, **attributes: Any) -> Config:
     validate_identifier(table, "table name")
     if schema is not None:
         validate_identifier(schema, "schema name")
-    validate_identifier(attributes.get("outbox_inbox_table", DEFAULT_INBOX_TABLE), "inbox table")
+    inbox_table = attributes.get("outbox_inbox_table", DEFAULT_INBOX_TABLE)
+    validate_identifier(inbox_table, "inbox table")
+    if inbox_table == table:
+        raise ConfigurationError("the inbox table needs a name of its own")
     cfg = Config(output_buffer=attributes.pop("output_buffer", None))
     cfg.set_main_option("script_location", str(script_dir()))
     cfg.attributes.update(outbox_table=table, outbox_schema=schema, **attributes)
@@ -144,23 +151,36 @@ def _run(
             cfg.attributes["connection"] = conn
             fn(cfg, revision)
             if fn is command.upgrade:
-                _check_installed(conn, table, schema)
+                _check_installed(conn, cfg, table, schema, inbox_table)
     finally:
         engine.dispose()
 
 
-def _check_installed(conn: sa.Connection, table: str, schema: str | None) -> None:
-    """Fail (rolling the upgrade back) when the version table records a revision but the table
-    is missing. The version table is per schema, not per table: a second outbox table in a
-    schema that already has one would otherwise be reported as installed without existing."""
+def _check_installed(
+    conn: sa.Connection, cfg: Config, table: str, schema: str | None, inbox_table: str
+) -> None:
+    """Fail (rolling the upgrade back) when the version table records a revision but a table
+    it implies is missing. The version table is per schema, not per table: a second outbox
+    table in a schema that already has one (or the inbox under another name than it was
+    installed with) would otherwise be reported as installed without existing."""
     ctx = MigrationContext.configure(
         conn, opts={"version_table": VERSION_TABLE, "version_table_schema": schema}
     )
     rev = ctx.get_current_revision()
-    if rev is not None and not sa.inspect(conn).has_table(table, schema=schema):
-        where = f"schema {schema!r}" if schema else "the default schema"
+    if rev is None:
+        return
+    where = f"schema {schema!r}" if schema else "the default schema"
+    inspector = sa.inspect(conn)
+    if not inspector.has_table(table, schema=schema):
         raise ConfigurationError(
             f"{VERSION_TABLE} in {where} records revision {rev}, but table {table!r} does not "
             "exist: the version table belongs to another outbox table (install this one in its "
             "own schema with --schema), or the table was dropped by hand"
+        )
+    applied = {r.revision for r in ScriptDirectory.from_config(cfg).iterate_revisions(rev, "base")}
+    if _INBOX_REVISION in applied and not inspector.has_table(inbox_table, schema=schema):
+        raise ConfigurationError(
+            f"{VERSION_TABLE} in {where} records revision {rev}, but inbox table "
+            f"{inbox_table!r} does not exist: the inbox of this schema was installed under "
+            "another name (pass the same --inbox-table), or the table was dropped by hand"
         )

@@ -194,6 +194,12 @@ def _inbox(tables: OutboxTables) -> str:
 
 
 @functools.lru_cache(maxsize=64)
+def probe_inbox(tables: OutboxTables) -> sa.TextClause:
+    """Fails with UndefinedTable when the inbox or outbox table is not installed."""
+    return sa.text(f"SELECT 1 FROM {_inbox(tables)}, {_table(tables)} LIMIT 0")
+
+
+@functools.lru_cache(maxsize=64)
 def inbox_claim(tables: OutboxTables) -> sa.TextClause:
     """Record (consumer, key) as processed; returns a row only the first time.
 

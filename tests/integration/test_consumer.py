@@ -164,3 +164,32 @@ def test_bad_handler_is_a_usage_error(
 
 def test_poison_exception_type_is_public() -> None:
     assert issubclass(PoisonMessage, Exception)
+
+
+def test_missing_tables_stop_the_consumer_cli_with_a_clear_line(
+    empty_db_url: str, broker: Broker
+) -> None:
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "outbox.cli",
+            "consume",
+            "--db-url",
+            empty_db_url,
+            "--bootstrap-servers",
+            broker.bootstrap,
+            "--group",
+            "g",
+            "--topic",
+            "t",
+            "--handler",
+            "tests.integration.handlers:record_effect",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "outbox db upgrade" in lines[0]

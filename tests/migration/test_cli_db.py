@@ -1,4 +1,5 @@
-"""``outbox db upgrade|downgrade|sql|versions-dir`` and ``outbox status``."""
+"""``outbox db upgrade|downgrade|sql|versions-dir`` and ``outbox status``: the outbox table
+(revision ``outbox_0001``) and the inbox (``outbox_0002``)."""
 
 from __future__ import annotations
 
@@ -13,10 +14,11 @@ from click.testing import CliRunner
 
 from outbox import migrate
 from outbox.cli import main
-from outbox.schema import DEFAULT_TABLE, define_tables
+from outbox.schema import DEFAULT_INBOX_TABLE, DEFAULT_TABLE, define_tables
 from tests.migration.support import drift, engine, scalars, tables_in
 
-HEAD = "outbox_0001"
+FIRST = "outbox_0001"
+HEAD = "outbox_0002"
 
 
 def _run(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
@@ -48,7 +50,11 @@ def test_upgrade_downgrade_status(empty_db_url: str) -> None:
 
     code, out, _ = _run("db", "upgrade", "--db-url", url)
     assert (code, out) == (0, f"outbox tables at revision {HEAD}\n")
-    assert f"public.{DEFAULT_TABLE}" in tables_in(url)
+    assert tables_in(url) == {
+        f"public.{DEFAULT_TABLE}",
+        f"public.{DEFAULT_INBOX_TABLE}",
+        f"public.{migrate.VERSION_TABLE}",
+    }
     code, out, _ = _run("db", "upgrade", "--db-url", url)
     assert (code, out) == (0, f"outbox tables at revision {HEAD}\n")
 
@@ -65,7 +71,7 @@ def test_upgrade_downgrade_status(empty_db_url: str) -> None:
     code, _, err = _run("db", "downgrade", "--db-url", url)
     assert code == 2
     assert "--revision" in err
-    assert f"public.{DEFAULT_TABLE}" in tables_in(url)
+    assert {f"public.{DEFAULT_TABLE}", f"public.{DEFAULT_INBOX_TABLE}"} <= tables_in(url)
 
     code, out, _ = _run("db", "downgrade", "--db-url", url, "--revision", "base")
     assert code == 0
@@ -75,10 +81,19 @@ def test_upgrade_downgrade_status(empty_db_url: str) -> None:
 
 
 def test_custom_names_from_environment(empty_db_url: str) -> None:
-    env = {"OUTBOX_DB_URL": empty_db_url, "OUTBOX_TABLE": "events_out", "OUTBOX_SCHEMA": "msg"}
+    env = {
+        "OUTBOX_DB_URL": empty_db_url,
+        "OUTBOX_TABLE": "events_out",
+        "OUTBOX_SCHEMA": "msg",
+        "OUTBOX_INBOX_TABLE": "events_in",
+    }
     code, out, _ = _run("db", "upgrade", env=env)
     assert (code, out) == (0, f"outbox tables at revision {HEAD}\n")
-    assert tables_in(empty_db_url) == {"msg.events_out", f"msg.{migrate.VERSION_TABLE}"}
+    assert tables_in(empty_db_url) == {
+        "msg.events_out",
+        "msg.events_in",
+        f"msg.{migrate.VERSION_TABLE}",
+    }
 
     _insert(empty_db_url, 3, table="msg.events_out", status="retry")
     code, out, _ = _run("status", env=env)
@@ -88,6 +103,56 @@ def test_custom_names_from_environment(empty_db_url: str) -> None:
     code, out, _ = _run("db", "downgrade", "--revision", "base", env=env)
     assert code == 0
     assert tables_in(empty_db_url) == {f"msg.{migrate.VERSION_TABLE}"}
+
+
+def test_inbox_table_option(empty_db_url: str) -> None:
+    """``--inbox-table`` names the inbox; ``--revision`` steps through the two revisions."""
+    url = empty_db_url
+    code, out, _ = _run("db", "upgrade", "--db-url", url, "--revision", FIRST)
+    assert (code, out) == (0, f"outbox tables at revision {FIRST}\n")
+    assert tables_in(url) == {f"public.{DEFAULT_TABLE}", f"public.{migrate.VERSION_TABLE}"}
+
+    code, out, _ = _run("db", "upgrade", "--db-url", url, "--inbox-table", "dedup")
+    assert (code, out) == (0, f"outbox tables at revision {HEAD}\n")
+    assert tables_in(url) == {
+        f"public.{DEFAULT_TABLE}",
+        "public.dedup",
+        f"public.{migrate.VERSION_TABLE}",
+    }
+    eng = engine(url)
+    try:
+        with eng.connect() as conn:
+            assert drift(conn, define_tables(inbox_table="dedup")) == []
+    finally:
+        eng.dispose()
+
+    # The inbox was installed as `dedup`: naming another one is refused, nothing changes.
+    code, out, err = _run("db", "upgrade", "--db-url", url)
+    assert (code, out) == (2, "")
+    assert "--inbox-table" in err and f"{DEFAULT_INBOX_TABLE!r}" in err
+    assert "public.dedup" in tables_in(url)
+
+    code, _, err = _run("db", "upgrade", "--db-url", url, "--inbox-table", "Dedup")
+    assert code == 2
+    assert "invalid inbox table" in err
+    code, _, err = _run("db", "upgrade", "--db-url", url, "--inbox-table", DEFAULT_TABLE)
+    assert code == 2
+    assert "name of its own" in err
+
+    # -1 from head removes only the inbox.
+    code, out, _ = _run(
+        "db", "downgrade", "--db-url", url, "--inbox-table", "dedup", "--revision", "-1"
+    )
+    assert (code, out) == (0, f"outbox tables at revision {FIRST}\n")
+    assert tables_in(url) == {f"public.{DEFAULT_TABLE}", f"public.{migrate.VERSION_TABLE}"}
+
+    code, out, _ = _run("db", "upgrade", "--db-url", url, "--inbox-table", "dedup")
+    assert (code, out) == (0, f"outbox tables at revision {HEAD}\n")
+    code, out, _ = _run(
+        "db", "downgrade", "--db-url", url, "--inbox-table", "dedup", "--revision", "base"
+    )
+    assert (code, out) == (0, "outbox tables removed\n")
+    assert tables_in(url) == {f"public.{migrate.VERSION_TABLE}"}
 
 
 def test_second_table_in_same_schema_fails_cleanly(db_url: str) -> None:
@@ -127,15 +192,40 @@ def test_sql_prints_ddl() -> None:
         "WHERE status IN ('retry', 'dead');" in out
     )
     assert f"CONSTRAINT ck_{DEFAULT_TABLE}_status CHECK" in out
-    assert f"VALUES ('{HEAD}')" in out
+    assert f"CREATE TABLE {DEFAULT_INBOX_TABLE} (" in out
+    assert f"CONSTRAINT pk_{DEFAULT_INBOX_TABLE} PRIMARY KEY (consumer, key)" in out
+    assert (
+        f"CREATE INDEX ix_{DEFAULT_INBOX_TABLE}_expires_at ON {DEFAULT_INBOX_TABLE} (expires_at);"
+        in out
+    )
+    # In revision order: the outbox table, then the inbox, each recorded as it is made.
+    assert (
+        out.index(f"CREATE TABLE {DEFAULT_TABLE} (")
+        < out.index(f"VALUES ('{FIRST}')")
+        < out.index(f"CREATE TABLE {DEFAULT_INBOX_TABLE} (")
+        < out.index(f"SET version_num='{HEAD}'")
+    )
     assert out.startswith("BEGIN;")
     assert out.rstrip().endswith("COMMIT;")
     assert "CREATE SCHEMA" not in out
 
-    code, out, _ = _run("db", "sql", "--table", "events_out", "--schema", "msg")
+    code, out, _ = _run(
+        "db", "sql", "--table", "events_out", "--schema", "msg", "--inbox-table", "events_in"
+    )
     assert code == 0
     assert "CREATE TABLE msg.events_out (" in out
     assert "CREATE INDEX ix_events_out_unsent ON msg.events_out (id)" in out
+    assert "CREATE TABLE msg.events_in (" in out
+    assert "CREATE INDEX ix_events_in_expires_at ON msg.events_in (expires_at);" in out
+    assert DEFAULT_INBOX_TABLE not in out
+
+    # Only the inbox's revision, for an outbox installed before it existed.
+    code, out, _ = _run("db", "sql", "--revision", f"{FIRST}:{HEAD}")
+    assert code == 0
+    assert f"CREATE TABLE {DEFAULT_INBOX_TABLE} (" in out
+    assert f"CREATE TABLE {DEFAULT_TABLE} (" not in out
+    assert f"CREATE TABLE {migrate.VERSION_TABLE}" not in out
+    assert f"SET version_num='{HEAD}'" in out
     # The schema comes first: the version table lives in it.
     assert out.index("CREATE SCHEMA IF NOT EXISTS msg;") < out.index(
         f"CREATE TABLE msg.{migrate.VERSION_TABLE}"
@@ -145,20 +235,20 @@ def test_sql_prints_ddl() -> None:
 def test_sql_output_installs_the_same_table(empty_db_url: str) -> None:
     """Teams that apply DDL with their own tools get the same result as `outbox db upgrade`,
     and `outbox db upgrade` afterwards knows it is installed."""
-    code, ddl, _ = _run("db", "sql", "--table", "events_out", "--schema", "msg")
+    names = ("--table", "events_out", "--schema", "msg", "--inbox-table", "events_in")
+    code, ddl, _ = _run("db", "sql", *names)
     assert code == 0
     eng = engine(empty_db_url)
     try:
         with eng.connect() as conn:
             conn.execution_options(isolation_level="AUTOCOMMIT").exec_driver_sql(ddl)
         with eng.connect() as conn:
-            assert drift(conn, define_tables(table="events_out", schema="msg")) == []
+            declared = define_tables(table="events_out", schema="msg", inbox_table="events_in")
+            assert drift(conn, declared) == []
     finally:
         eng.dispose()
     assert migrate.current(empty_db_url, schema="msg") == HEAD
-    code, out, _ = _run(
-        "db", "upgrade", "--db-url", empty_db_url, "--table", "events_out", "--schema", "msg"
-    )
+    code, out, _ = _run("db", "upgrade", "--db-url", empty_db_url, *names)
     assert (code, out) == (0, f"outbox tables at revision {HEAD}\n")
 
 
@@ -169,6 +259,7 @@ def test_versions_dir() -> None:
     assert path == migrate.versions_dir()
     assert path.is_absolute()
     assert (path / "outbox_0001_messages.py").is_file()
+    assert (path / "outbox_0002_inbox.py").is_file()
     assert (path.parent / "env.py").is_file()
 
 
@@ -187,3 +278,4 @@ def test_console_script(empty_db_url: str) -> None:
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == f"outbox tables at revision {HEAD}\n"
     assert scalars(empty_db_url, f"SELECT count(*) FROM {DEFAULT_TABLE}") == [0]
+    assert scalars(empty_db_url, f"SELECT count(*) FROM {DEFAULT_INBOX_TABLE}") == [0]

@@ -210,6 +210,30 @@ def test_second_table_in_same_schema_is_refused(empty_db_url: str) -> None:
     assert migrate.current(url) == HEAD
 
 
+def test_inbox_under_another_name_is_refused(empty_db_url: str) -> None:
+    """Same for the inbox: at ``outbox_0002`` with the inbox installed as ``outbox_inbox``, an
+    upgrade naming another inbox would report success while that table does not exist."""
+    url = empty_db_url
+    migrate.upgrade(url)
+    with pytest.raises(ConfigurationError, match="--inbox-table") as info:
+        migrate.upgrade(url, inbox_table="dedup")
+    assert "'dedup'" in str(info.value)
+    assert tables_in(url) == {
+        f"public.{DEFAULT_TABLE}",
+        f"public.{DEFAULT_INBOX_TABLE}",
+        f"public.{migrate.VERSION_TABLE}",
+    }
+    # At outbox_0001 there is no inbox yet: any name is fine, and the next step creates it.
+    migrate.downgrade(url, revision=FIRST)
+    migrate.upgrade(url, revision=FIRST, inbox_table="dedup")
+    migrate.upgrade(url, inbox_table="dedup")
+    assert tables_in(url) == {
+        f"public.{DEFAULT_TABLE}",
+        "public.dedup",
+        f"public.{migrate.VERSION_TABLE}",
+    }
+
+
 def test_upgrade_step_by_step(empty_db_url: str) -> None:
     """Explicit revisions work (and ``head`` after the last revision is a no-op)."""
     migrate.upgrade(empty_db_url, revision=FIRST)
@@ -228,3 +252,5 @@ def test_invalid_names_are_refused_before_connecting() -> None:
         migrate.downgrade(url, schema="x; DROP TABLE y")
     with pytest.raises(ConfigurationError, match="inbox table"):
         migrate.upgrade(url, inbox_table="Inbox")
+    with pytest.raises(ConfigurationError, match="name of its own"):
+        migrate.upgrade(url, table="events", inbox_table="events")
