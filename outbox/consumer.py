@@ -102,6 +102,9 @@ class ConsumerConfig:
     inbox_table: str = DEFAULT_INBOX_TABLE
     #: How long processed keys are remembered; must exceed how long a message can come back.
     retention: datetime.timedelta = datetime.timedelta(days=7)
+    #: How long a message can come back (e.g. the topics' retention), if known: a shorter
+    #: ``retention`` gets a warning at start-up.
+    redelivery_horizon: datetime.timedelta | None = None
 
     def __post_init__(self) -> None:
         parse_db_url(self.db_url)
@@ -156,6 +159,16 @@ class Consumer:
         """Fail fast on bad setup: the database reachable, the tables installed."""
         with translate_db_errors("check tables"), self._engine.connect() as conn:
             conn.execute(statements.probe_inbox(self._outbox.tables))
+        horizon = self.config.redelivery_horizon
+        if horizon is not None and self.config.retention < horizon:
+            # A message redelivered after its key was purged would run again.
+            logger.warning(
+                "inbox retention is shorter than the redelivery horizon",
+                extra={
+                    "retention_s": self.config.retention.total_seconds(),
+                    "redelivery_horizon_s": horizon.total_seconds(),
+                },
+            )
 
     def run(
         self, *, max_messages: int | None = None, idle_timeout: float | None = None

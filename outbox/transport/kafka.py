@@ -374,6 +374,37 @@ class KafkaSource:
         self._consumer.close()
 
 
+def topic_retention(
+    bootstrap_servers: str, topics: list[str], overrides: Mapping[str, str] | None = None
+) -> float | None:
+    """The longest ``retention.ms`` of ``topics``, in seconds (``inf`` if unlimited), or None
+    when the broker does not say (some Kafka-compatible brokers do not answer DescribeConfigs).
+    """
+    from confluent_kafka import admin
+
+    AdminClient, ConfigResource = admin.AdminClient, admin.ConfigResource  # type: ignore[attr-defined]
+
+    conf = {
+        k: v for k, v in (overrides or {}).items() if not k.startswith(("group.", "enable.auto"))
+    }
+    try:
+        client = AdminClient({**conf, "bootstrap.servers": bootstrap_servers})
+        futures = client.describe_configs(
+            [ConfigResource(ConfigResource.Type.TOPIC, t) for t in topics], request_timeout=5
+        )
+        longest = 0.0
+        for future in futures.values():
+            entry = future.result(timeout=10).get("retention.ms")
+            if entry is None or entry.value is None:
+                return None
+            ms = float(entry.value)
+            longest = max(longest, float("inf") if ms < 0 else ms / 1000)
+        return longest
+    except Exception as exc:  # an answer we cannot use is no answer: the caller only warns
+        logger.debug("cannot read topic retention", extra={"error": str(exc)})
+        return None
+
+
 def _headers(raw: Any) -> list[tuple[str, bytes]]:
     items = raw.items() if isinstance(raw, dict) else (raw or [])
     out: list[tuple[str, bytes]] = []

@@ -3,6 +3,7 @@ the redeliveries; poison messages dead-lettered through the outbox; bad handlers
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -193,3 +194,26 @@ def test_missing_tables_stop_the_consumer_cli_with_a_clear_line(
     assert proc.returncode == 2, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "outbox db upgrade" in lines[0]
+
+
+def test_retention_shorter_than_the_redelivery_horizon_is_warned(
+    db_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    import datetime
+
+    from outbox.transport.memory import MemorySource
+
+    config = ConsumerConfig(
+        db_url=db_url,
+        name="payments",
+        retention=datetime.timedelta(days=1),
+        redelivery_horizon=datetime.timedelta(days=7),
+    )
+    with caplog.at_level("WARNING", logger="outbox.consumer"):
+        Consumer(config, record_effect, MemorySource).run(idle_timeout=0.1)
+    assert "inbox retention is shorter than the redelivery horizon" in caplog.text
+    caplog.clear()
+    ok = dataclasses.replace(config, retention=datetime.timedelta(days=8))
+    with caplog.at_level("WARNING", logger="outbox.consumer"):
+        Consumer(ok, record_effect, MemorySource).run(idle_timeout=0.1)
+    assert "redelivery horizon" not in caplog.text

@@ -218,6 +218,10 @@ def test_sql_prints_ddl() -> None:
     assert "CREATE TABLE msg.events_in (" in out
     assert "CREATE INDEX ix_events_in_expires_at ON msg.events_in (expires_at);" in out
     assert DEFAULT_INBOX_TABLE not in out
+    # The schema comes first: the version table lives in it.
+    assert out.index("CREATE SCHEMA IF NOT EXISTS msg;") < out.index(
+        f"CREATE TABLE msg.{migrate.VERSION_TABLE}"
+    )
 
     # Only the inbox's revision, for an outbox installed before it existed.
     code, out, _ = _run("db", "sql", "--revision", f"{FIRST}:{HEAD}")
@@ -226,10 +230,6 @@ def test_sql_prints_ddl() -> None:
     assert f"CREATE TABLE {DEFAULT_TABLE} (" not in out
     assert f"CREATE TABLE {migrate.VERSION_TABLE}" not in out
     assert f"SET version_num='{HEAD}'" in out
-    # The schema comes first: the version table lives in it.
-    assert out.index("CREATE SCHEMA IF NOT EXISTS msg;") < out.index(
-        f"CREATE TABLE msg.{migrate.VERSION_TABLE}"
-    )
 
 
 def test_sql_output_installs_the_same_table(empty_db_url: str) -> None:

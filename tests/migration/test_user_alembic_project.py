@@ -1,7 +1,8 @@
 """The outbox revisions run from the user's own Alembic project: ``version_locations`` lists
 the project's versions folder and :func:`outbox.migrate.versions_dir`; the outbox branch is
-recorded in the project's own ``alembic_version`` table; ``outbox_table`` / ``outbox_schema``
-in the ``[alembic]`` section choose the names.
+recorded in the project's own ``alembic_version`` table (both revisions, ``outbox_0001`` the
+outbox table and ``outbox_0002`` the inbox, are on it); ``outbox_table`` / ``outbox_schema`` /
+``outbox_inbox_table`` in the ``[alembic]`` section choose the names.
 
 (The ``outbox:_migrations/versions`` package-resource form only resolves in an installed
 wheel: see ``test_wheel.py``.)
@@ -20,10 +21,13 @@ from alembic.config import Config
 from alembic.util import CommandError
 
 from outbox import migrate
-from outbox.schema import DEFAULT_TABLE
+from outbox.schema import DEFAULT_INBOX_TABLE, DEFAULT_TABLE
 from tests.migration.support import scalars, tables_in, user_project
 
 ALEMBIC = Path(sys.executable).with_name("alembic")
+FIRST = "outbox_0001"
+HEAD = "outbox_0002"
+OUTBOX = {f"public.{DEFAULT_TABLE}", f"public.{DEFAULT_INBOX_TABLE}"}
 
 
 def _versions(url: str) -> set[str]:
@@ -53,18 +57,23 @@ def test_outbox_branch_in_user_project(tmp_path: Path, empty_db_url: str) -> Non
 
     # Only the outbox's branch.
     command.upgrade(cfg, "outbox@head")
-    assert tables_in(url) == {f"public.{DEFAULT_TABLE}", "public.alembic_version"}
-    assert _versions(url) == {"outbox_0001"}
+    assert tables_in(url) == {*OUTBOX, "public.alembic_version"}
+    assert _versions(url) == {HEAD}
 
     # Everything: the user's branch joins; the outbox's own version table is never made.
     command.upgrade(cfg, "heads")
-    assert tables_in(url) == {f"public.{DEFAULT_TABLE}", "public.alembic_version", "public.users"}
-    assert _versions(url) == {"outbox_0001", "app_0001"}
+    assert tables_in(url) == {*OUTBOX, "public.alembic_version", "public.users"}
+    assert _versions(url) == {HEAD, "app_0001"}
     assert migrate.current(url) is None  # `outbox db` keeps its own, separate version table
 
-    # The user's metadata declares the outbox table with define_tables(): `alembic check` sees
-    # no difference between it and what the revisions built.
+    # The user's metadata declares the outbox tables with define_tables(): `alembic check` sees
+    # no difference between them and what the revisions built.
     command.check(cfg)
+
+    # One step down the outbox branch removes only the inbox.
+    command.downgrade(cfg, "outbox@-1")
+    assert tables_in(url) == {f"public.{DEFAULT_TABLE}", "public.alembic_version", "public.users"}
+    assert _versions(url) == {FIRST, "app_0001"}
 
     # The outbox branch comes off on its own.
     command.downgrade(cfg, "outbox@base")
@@ -74,11 +83,41 @@ def test_outbox_branch_in_user_project(tmp_path: Path, empty_db_url: str) -> Non
     # And back, through the `alembic` command line.
     proc = _alembic(ini, "upgrade", "heads")
     assert proc.returncode == 0, proc.stderr
-    assert _versions(url) == {"outbox_0001", "app_0001"}
+    assert _versions(url) == {HEAD, "app_0001"}
+    assert tables_in(url) == {*OUTBOX, "public.alembic_version", "public.users"}
     proc = _alembic(ini, "heads")
     assert proc.returncode == 0, proc.stderr
-    assert "outbox_0001 (outbox) (head)" in proc.stdout
+    assert f"{HEAD} (outbox) (head)" in proc.stdout
     assert "app_0001 (app) (head)" in proc.stdout
+    proc = _alembic(ini, "history")
+    assert proc.returncode == 0, proc.stderr
+    assert f"{FIRST} -> {HEAD} (outbox) (head)" in proc.stdout
+    assert f"<base> -> {FIRST} (outbox)," in proc.stdout
+
+
+def test_outbox_installed_before_the_inbox(tmp_path: Path, empty_db_url: str) -> None:
+    """A project that applied ``outbox_0001`` before the inbox existed gets the inbox from
+    ``outbox@head``, and ``alembic check`` is clean again."""
+    url = empty_db_url
+    ini = user_project(
+        tmp_path,
+        url,
+        version_locations=f"%(here)s/migrations/versions {migrate.versions_dir()}",
+    )
+    cfg = Config(str(ini))
+    command.upgrade(cfg, "app@head")
+    command.upgrade(cfg, FIRST)
+    assert tables_in(url) == {f"public.{DEFAULT_TABLE}", "public.alembic_version", "public.users"}
+    assert _versions(url) == {FIRST, "app_0001"}
+    # The outbox branch has a revision to apply: `alembic check` says so.
+    proc = _alembic(ini, "check")
+    assert proc.returncode != 0
+    assert "not up to date" in proc.stdout + proc.stderr
+
+    command.upgrade(cfg, "outbox@head")
+    assert tables_in(url) == {*OUTBOX, "public.alembic_version", "public.users"}
+    assert _versions(url) == {HEAD, "app_0001"}
+    command.check(cfg)
 
 
 def test_names_from_alembic_ini(tmp_path: Path, empty_db_url: str) -> None:
@@ -87,15 +126,24 @@ def test_names_from_alembic_ini(tmp_path: Path, empty_db_url: str) -> None:
         tmp_path,
         url,
         version_locations=f"%(here)s/migrations/versions {migrate.versions_dir()}",
-        extra="outbox_table = events_out\noutbox_schema = messaging\n",
+        extra=(
+            "outbox_table = events_out\noutbox_schema = messaging\noutbox_inbox_table = events_in\n"
+        ),
     )
     proc = _alembic(ini, "upgrade", "heads")
     assert proc.returncode == 0, proc.stderr
     # The schema is made by the revision; the version table stays the project's own.
-    assert tables_in(url) == {"messaging.events_out", "public.alembic_version", "public.users"}
-    assert _versions(url) == {"outbox_0001", "app_0001"}
+    assert tables_in(url) == {
+        "messaging.events_out",
+        "messaging.events_in",
+        "public.alembic_version",
+        "public.users",
+    }
+    assert _versions(url) == {HEAD, "app_0001"}
     command.check(Config(str(ini)))
 
+    command.downgrade(Config(str(ini)), "outbox@-1")
+    assert tables_in(url) == {"messaging.events_out", "public.alembic_version", "public.users"}
     command.downgrade(Config(str(ini)), "outbox@base")
     assert tables_in(url) == {"public.alembic_version", "public.users"}
 
@@ -109,7 +157,7 @@ def test_os_path_separator_with_absolute_paths(tmp_path: Path, empty_db_url: str
         path_separator="os",
     )
     command.upgrade(Config(str(ini)), "outbox@head")
-    assert _versions(empty_db_url) == {"outbox_0001"}
+    assert _versions(empty_db_url) == {HEAD}
 
 
 def test_missing_location_is_silently_skipped(tmp_path: Path, empty_db_url: str) -> None:

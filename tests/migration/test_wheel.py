@@ -26,8 +26,9 @@ from tests.migration.support import scalars, tables_in, user_project
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
-HEAD = "outbox_0001"
-CUSTOM = ("--table", "events_out", "--schema", "msg")
+HEAD = "outbox_0002"
+REVISIONS = ("outbox_0001_messages.py", "outbox_0002_inbox.py")
+CUSTOM = ("--table", "events_out", "--schema", "msg", "--inbox-table", "events_in")
 
 
 def _artifacts() -> set[Path]:
@@ -123,7 +124,8 @@ def test_wheel_contents(wheel_venv: WheelVenv) -> None:
         entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
         scripts = zf.read(entry_points).decode()
     assert "outbox/_migrations/env.py" in names
-    assert "outbox/_migrations/versions/outbox_0001_messages.py" in names
+    for revision in REVISIONS:
+        assert f"outbox/_migrations/versions/{revision}" in names
     assert "outbox/py.typed" in names
     assert not any(n.startswith(("migrations/", "tests/")) for n in names)
     assert not any("__pycache__" in n or n.endswith(".pyc") for n in names)
@@ -147,7 +149,8 @@ def test_wheel_installs_tables(wheel_venv: WheelVenv, empty_db_url: str, tmp_pat
     assert module.is_relative_to(site), module
     assert script_dir.is_relative_to(site), script_dir
     assert script_dir.name == "_migrations"
-    assert (versions_dir / "outbox_0001_messages.py").is_file()
+    for revision in REVISIONS:
+        assert (versions_dir / revision).is_file()
 
     proc = _run([wheel_venv.outbox, "db", "versions-dir"], tmp_path)
     assert (proc.returncode, proc.stdout.strip()) == (0, str(versions_dir))
@@ -155,14 +158,20 @@ def test_wheel_installs_tables(wheel_venv: WheelVenv, empty_db_url: str, tmp_pat
     proc = _run([wheel_venv.outbox, "db", "upgrade", "--db-url", empty_db_url], tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == f"outbox tables at revision {HEAD}\n"
-    assert tables_in(empty_db_url) == {"public.outbox_messages", "public.outbox_alembic_version"}
+    assert tables_in(empty_db_url) == {
+        "public.outbox_messages",
+        "public.outbox_inbox",
+        "public.outbox_alembic_version",
+    }
 
     proc = _run(
         [wheel_venv.outbox, "db", "upgrade", "--db-url", empty_db_url, *CUSTOM],
         tmp_path,
     )
     assert proc.returncode == 0, proc.stderr
-    assert {"msg.events_out", "msg.outbox_alembic_version"} <= tables_in(empty_db_url)
+    assert {"msg.events_out", "msg.events_in", "msg.outbox_alembic_version"} <= tables_in(
+        empty_db_url
+    )
 
     proc = _run([wheel_venv.outbox, "status", "--db-url", empty_db_url], tmp_path)
     assert (proc.returncode, proc.stdout) == (0, "")
@@ -170,6 +179,7 @@ def test_wheel_installs_tables(wheel_venv: WheelVenv, empty_db_url: str, tmp_pat
     proc = _run([wheel_venv.outbox, "db", "sql"], tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "CREATE TABLE outbox_messages (" in proc.stdout
+    assert "CREATE TABLE outbox_inbox (" in proc.stdout
 
 
 # How a user's alembic.ini can point at the wheel's revisions. The package-resource form
@@ -196,11 +206,11 @@ def test_version_locations_forms(wheel_venv: WheelVenv, empty_db_url: str, tmp_p
         proc = _alembic(wheel_venv, project, "upgrade", "outbox@head")
         if works:
             assert proc.returncode == 0, (name, proc.stderr)
-            assert "public.outbox_messages" in tables_in(url), name
+            assert {"public.outbox_messages", "public.outbox_inbox"} <= tables_in(url), name
             assert scalars(url, "SELECT version_num FROM alembic_version") == [HEAD]
             proc = _alembic(wheel_venv, project, "downgrade", "outbox@base")
             assert proc.returncode == 0, (name, proc.stderr)
-            assert "public.outbox_messages" not in tables_in(url), name
+            assert not {"public.outbox_messages", "public.outbox_inbox"} & tables_in(url), name
         else:
             assert proc.returncode != 0, name
             assert "Can't locate revision identified by 'outbox'" in proc.stdout + proc.stderr
@@ -222,4 +232,4 @@ def test_version_locations_forms(wheel_venv: WheelVenv, empty_db_url: str, tmp_p
     proc = _alembic(wheel_venv, project, "upgrade", "heads")
     assert proc.returncode == 0, proc.stderr
     assert set(scalars(url, "SELECT version_num FROM alembic_version")) == {HEAD, "app_0001"}
-    assert {"public.outbox_messages", "public.users"} <= tables_in(url)
+    assert {"public.outbox_messages", "public.outbox_inbox", "public.users"} <= tables_in(url)
