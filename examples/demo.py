@@ -1,5 +1,8 @@
-"""The whole flow in one command: the orders app writes orders and their events in one
-transaction, ``outbox-relay`` publishes them to Kafka, a consumer reads them back.
+"""The whole flow in one command:
+
+  HTTP POST /orders (Idempotency-Key) -> order + OrderPlaced in one transaction -> outbox-relay
+  -> Kafka "orders" -> payments consumer (inbox: once per order) -> payment + PaymentCaptured in
+  one transaction -> outbox-relay -> Kafka "payments" -> this script reads them back.
 
 Uses the PostgreSQL server at OUTBOX_DEMO_PG (default 127.0.0.1:5432, user postgres), where it
 (re)creates the database ``outbox_demo``, and starts a Tansu broker (Kafka protocol) unless
@@ -11,27 +14,40 @@ from __future__ import annotations
 import decimal
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+import urllib.error
+import urllib.request
+import uuid
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 import psycopg
 import sqlalchemy as sa
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 from sqlalchemy.orm import Session
 
 sys.path.insert(0, str(Path(__file__).parent))
-from orders_app import Order, place_order
+import payments
+from orders_app import Order
+from orders_service import make_app
 
 ORDERS = int(os.environ.get("OUTBOX_DEMO_ORDERS", "200"))
 CUSTOMERS = 20
-TOPIC = os.environ.get("OUTBOX_DEMO_TOPIC", "orders")
+# Topic names: an external Kafka may hold these from an earlier run; set a suffix to avoid it.
+SUFFIX = os.environ.get("OUTBOX_DEMO_TOPIC_SUFFIX", "")
+TOPIC = f"orders{SUFFIX}"
+PAYMENTS = f"payments{SUFFIX}"
 BIN = Path(sys.executable).parent
+HERE = Path(__file__).resolve().parent
 
 
 def step(text: str) -> None:
@@ -79,9 +95,9 @@ def start_broker() -> tuple[str, subprocess.Popen[bytes] | None]:
     return f"127.0.0.1:{port}", proc
 
 
-def create_topic(bootstrap: str) -> None:
+def create_topics(bootstrap: str, names: list[str]) -> None:
     admin = AdminClient({"bootstrap.servers": bootstrap})
-    for future in admin.create_topics([NewTopic(TOPIC, 8, 1)]).values():
+    for future in admin.create_topics([NewTopic(n, 8, 1) for n in names]).values():
         try:
             future.result(timeout=20)
         except Exception as exc:  # an external Kafka may have it already
@@ -89,93 +105,194 @@ def create_topic(bootstrap: str) -> None:
                 raise
 
 
-def read_events(bootstrap: str, expect: int, timeout: float = 60) -> list[dict[str, object]]:
+def read_unique(bootstrap: str, topic: str, expect: int, timeout: float = 60) -> list[Any]:
+    """Messages of ``topic`` from the beginning, one per message id (delivery is at least
+    once: consumers deduplicate on the id)."""
     consumer = Consumer(
-        {"bootstrap.servers": bootstrap, "group.id": "demo-reader", "enable.auto.commit": False}
+        {"bootstrap.servers": bootstrap, "group.id": f"demo-{topic}", "enable.auto.commit": False}
     )
-    consumer.assign([TopicPartition(TOPIC, p, 0) for p in range(8)])
-    seen: set[str] = set()
-    events: list[dict[str, object]] = []
+    consumer.assign([TopicPartition(topic, p, 0) for p in range(8)])
+    seen: dict[str, Any] = {}
     deadline = time.monotonic() + timeout
     try:
         while len(seen) < expect and time.monotonic() < deadline:
             for msg in consumer.consume(500, 0.5):
                 if msg.error():
                     continue
-                headers = dict(msg.headers() or [])
-                message_id = headers["message-id"].decode()
-                if message_id in seen:  # at least once: skip duplicates by message id
-                    continue
-                seen.add(message_id)
-                events.append({"key": msg.key().decode(), **json.loads(msg.value())})
+                message_id = dict(msg.headers() or [])["message-id"].decode()
+                seen.setdefault(message_id, msg)
     finally:
         consumer.close()
-    return events
+    return list(seen.values())
+
+
+def post(port: int, key: str, body: dict[str, Any]) -> tuple[int, dict[str, Any], bool]:
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/orders",
+        data=json.dumps(body).encode(),
+        method="POST",
+        headers={"Idempotency-Key": key, "Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            replayed = response.headers.get("Idempotent-Replayed") == "true"
+            return response.status, json.loads(response.read()), replayed
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read()), False
 
 
 def main() -> int:
     step("database")
     db_url = fresh_database()
     subprocess.run([BIN / "outbox", "db", "upgrade", "--db-url", db_url], check=True)
+    engine = sa.create_engine(db_url)
+    Order.__table__.create(engine)  # type: ignore[attr-defined]
+    payments.create_tables(engine)
     step("broker")
     bootstrap, broker = start_broker()
-    relay = None
+    procs: list[subprocess.Popen[bytes]] = []
+    server = make_server("127.0.0.1", 0, make_app(engine, TOPIC), handler_class=_Quiet)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
     try:
-        create_topic(bootstrap)
-        step(f"orders app: placing {ORDERS} orders, each with an OrderPlaced event")
-        engine = sa.create_engine(db_url)
-        Order.__table__.create(engine)  # type: ignore[attr-defined]
+        create_topics(bootstrap, [TOPIC, PAYMENTS])
+        step(f"orders service: {ORDERS} orders over HTTP, each with an Idempotency-Key")
+        replayed = 0
         for i in range(ORDERS):
+            key = f"order-{uuid.uuid4()}"
+            body = {"customer": f"customer-{i % CUSTOMERS:02d}", "amount": f"{i + 1}.00"}
+            status, first, _ = post(port, key, body)
+            assert status == 201, (status, first)
+            if i % 10 == 0:  # the client retries (say, after a timeout): same key, same body
+                status, again, was_replayed = post(port, key, body)
+                assert status == 201 and again == first and was_replayed, (status, again)
+                replayed += 1
+        reuse_status, _, _ = post(port, key, {"customer": "someone-else", "amount": "9.99"})
+        try:  # a failed business transaction publishes nothing
             with Session(engine) as session, session.begin():
-                place_order(session, f"customer-{i % CUSTOMERS:02d}", decimal.Decimal(i + 1), TOPIC)
-        try:
-            with Session(engine) as session, session.begin():
+                from orders_app import place_order
+
                 place_order(session, "customer-00", decimal.Decimal("-1"), TOPIC)
-                raise ValueError("declined")  # rolls back the order and its event
+                raise ValueError("declined")
         except ValueError:
             pass
 
-        step("outbox-relay")
+        step("outbox-relay and the payments consumer")
         started = time.monotonic()
-        relay = subprocess.Popen(
-            [
-                BIN / "outbox-relay",
-                "--db-url",
-                db_url,
-                "--bootstrap-servers",
-                bootstrap,
-                "--log-level",
-                "warning",
-            ],
+        env = {**os.environ, "PYTHONPATH": str(HERE), "PAYMENTS_TOPIC": PAYMENTS}
+        procs.append(
+            subprocess.Popen(
+                [
+                    BIN / "outbox-relay",
+                    "--db-url",
+                    db_url,
+                    "--bootstrap-servers",
+                    bootstrap,
+                    "--log-level",
+                    "warning",
+                ],
+                env=env,
+            )
         )
-        events = read_events(bootstrap, ORDERS)
+        procs.append(
+            subprocess.Popen(
+                [
+                    BIN / "outbox",
+                    "consume",
+                    "--db-url",
+                    db_url,
+                    "--bootstrap-servers",
+                    bootstrap,
+                    "--group",
+                    "payments",
+                    "--topic",
+                    TOPIC,
+                    "--handler",
+                    "payments:capture_payment",
+                    "-X",
+                    "session.timeout.ms=6000",
+                    "-X",
+                    "heartbeat.interval.ms=1000",
+                    "--log-level",
+                    "warning",
+                ],
+                env=env,
+                stderr=subprocess.PIPE,
+            )
+        )
+        placed = read_unique(bootstrap, TOPIC, ORDERS)
+        # Redeliver 20 OrderPlaced events (as Kafka may after a consumer crash): the inbox
+        # must skip them.
+        producer = Producer({"bootstrap.servers": bootstrap})
+        for msg in placed[:20]:
+            producer.produce(TOPIC, value=msg.value(), key=msg.key(), headers=msg.headers())
+        producer.flush(10)
+        captured = read_unique(bootstrap, PAYMENTS, ORDERS)
+        deadline = time.monotonic() + 30
+        while _count(engine, "payments") < ORDERS and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(2.0)  # let the consumer reach the redelivered copies
         elapsed = time.monotonic() - started
-        relay.send_signal(signal.SIGTERM)
-        relay_rc = relay.wait(timeout=30)
+        codes = []
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+            codes.append(proc.wait(timeout=30))
+        consumer_log = procs[1].stderr.read().decode() if procs[1].stderr else ""
+        skipped = re.search(r"duplicates (\d+)", consumer_log)
 
-        with engine.connect() as conn:
-            left = conn.execute(sa.text("SELECT count(*) FROM outbox_messages")).scalar()
         per_customer: dict[str, list[float]] = defaultdict(list)
-        for e in events:
-            per_customer[str(e["key"])].append(float(str(e["amount"])))
+        for msg in placed:
+            event = json.loads(msg.value())
+            per_customer[msg.key().decode()].append(float(event["amount"]))
         in_order = all(v == sorted(v) for v in per_customer.values())
-        declined = any(float(str(e["amount"])) < 0 for e in events)
+        declined = any(float(json.loads(m.value())["amount"]) < 0 for m in placed)
+        paid = _count(engine, "payments")
+        left = _count(engine, "outbox_messages")
         print()
-        print(f"orders placed:            {ORDERS} (+1 rolled back)")
-        print(f"events received:          {len(events)} unique, in {elapsed:.2f} s")
-        print(f"customers (keys):         {len(per_customer)}")
-        print(f"order per customer:       {'ok' if in_order else 'VIOLATED'}")
+        print(
+            f"orders placed over HTTP:  {ORDERS} ({replayed} client retries replayed, "
+            f"key reuse answered {reuse_status})"
+        )
+        print(
+            f"OrderPlaced in Kafka:     {len(placed)} unique, order per customer "
+            f"{'ok' if in_order else 'VIOLATED'}"
+        )
+        print(
+            f"payments captured:        {paid} "
+            f"({skipped.group(1) if skipped else '?'} redelivered events skipped by the inbox)"
+        )
+        print(f"PaymentCaptured in Kafka: {len(captured)} unique")
         print(f"rolled-back event seen:   {'YES (bug)' if declined else 'no'}")
         print(f"outbox rows left:         {left}")
-        print(f"relay exit status:        {relay_rc}")
-        ok = len(events) == ORDERS and in_order and not declined and left == 0 and relay_rc == 0
+        print(f"relay / consumer exit:    {codes[0]} / {codes[1]}   ({elapsed:.1f} s)")
+        ok = (
+            len(placed) == ORDERS
+            and in_order
+            and not declined
+            and paid == ORDERS
+            and len(captured) == ORDERS
+            and reuse_status == 422
+            and codes == [0, 0]
+        )
         print("demo: OK" if ok else "demo: FAILED")
         return 0 if ok else 1
     finally:
-        if relay is not None and relay.poll() is None:
-            relay.kill()
+        server.shutdown()
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
         if broker is not None:
             broker.kill()
+
+
+def _count(engine: sa.Engine, table: str) -> int:
+    with engine.connect() as conn:
+        return int(conn.execute(sa.text(f"SELECT count(*) FROM {table}")).scalar() or 0)
+
+
+class _Quiet(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
 
 
 if __name__ == "__main__":

@@ -137,9 +137,13 @@ class Inbox:
         so that reuse of a key for another request is caught. After ``ttl`` the key may run
         again."""
         stmt, params = self._command(scope, key, fingerprint, ttl)
-        with translate_db_errors("begin command"):
-            row = session.execute(stmt, params).one()
-        return self._outcome(scope, key, fingerprint, row)
+        for _ in range(3):
+            with translate_db_errors("begin command"):
+                row = session.execute(stmt, params).one()
+            outcome = self._outcome(scope, key, fingerprint, row)
+            if outcome is not None:
+                return outcome
+        raise CommandInProgress()
 
     async def acommand(
         self,
@@ -152,9 +156,13 @@ class Inbox:
     ) -> Command:
         """:meth:`command` for an ``AsyncSession`` or ``AsyncConnection``."""
         stmt, params = self._command(scope, key, fingerprint, ttl)
-        with translate_db_errors("begin command"):
-            row = (await session.execute(stmt, params)).one()
-        return self._outcome(scope, key, fingerprint, row)
+        for _ in range(3):
+            with translate_db_errors("begin command"):
+                row = (await session.execute(stmt, params)).one()
+            outcome = self._outcome(scope, key, fingerprint, row)
+            if outcome is not None:
+                return outcome
+        raise CommandInProgress()
 
     def _command(
         self, scope: str, key: str, fingerprint: str, ttl: datetime.timedelta
@@ -173,12 +181,16 @@ class Inbox:
             "ttl": ttl.total_seconds(),
         }
 
-    def _outcome(self, scope: str, key: str, fingerprint: str, row: Any) -> Command:
-        locked, fresh, stored_fingerprint, status, body = row
+    def _outcome(self, scope: str, key: str, fingerprint: str, row: Any) -> Command | None:
+        locked, fresh, found, stored_fingerprint, status, body = row
         if not locked:
             raise CommandInProgress()
         if fresh:
             return Command(scope, key, replay=False, _inbox=self)
+        if not found:
+            # The other request committed between this statement's snapshot and its lock:
+            # the row exists but was not visible. Ask again (None), with a new snapshot.
+            return None
         if stored_fingerprint != fingerprint:
             raise IdempotencyKeyReused()
         return Command(scope, key, replay=True, status=status, body=body, _inbox=self)
@@ -188,6 +200,9 @@ class Inbox:
     def purge(self, connection: sa.Connection, *, batch_size: int = 1000) -> int:
         """Delete expired keys in short transactions of ``batch_size`` rows (committing each),
         so writers are never blocked for long. Returns how many were deleted."""
+        if batch_size < 1:
+            # LIMIT 0 deletes nothing, and "fewer than batch_size" would never end the loop.
+            raise PayloadError("batch_size must be positive")
         total = 0
         while True:
             with translate_db_errors("inbox purge"):

@@ -217,10 +217,11 @@ def inbox_claim(tables: OutboxTables) -> sa.TextClause:
 def command_begin(tables: OutboxTables) -> sa.TextClause:
     """Start an idempotent command in one round trip.
 
-    Returns ``(locked, fresh, fingerprint, response_status, response_body)``:
+    Returns ``(locked, fresh, found, fingerprint, response_status, response_body)``:
     ``locked`` false: another transaction holds the key now (in progress);
     ``fresh`` true: this transaction owns the key (new, or the old one expired), run it;
-    otherwise the stored row, as committed before this statement began.
+    otherwise the stored row, as committed before this statement began (``found`` false: it
+    committed after the statement's snapshot was taken; run the statement again).
     """
     t = _inbox(tables)
     sql = f"""
@@ -237,7 +238,7 @@ fresh AS (
     RETURNING true AS fresh
 )
 SELECT (SELECT got FROM lock), COALESCE((SELECT fresh FROM fresh), false),
-       s.fingerprint, s.response_status, s.response_body
+       s.key IS NOT NULL, s.fingerprint, s.response_status, s.response_body
 FROM (SELECT 1) AS one
 LEFT JOIN {t} AS s ON s.consumer = :consumer AND s.key = :key
 """

@@ -24,7 +24,7 @@ def test_demo_runs_the_full_flow(broker: Broker) -> None:
         "OUTBOX_DEMO_KAFKA": broker.bootstrap,
         "OUTBOX_DEMO_ORDERS": "100",
         # An external Kafka may hold "orders" from an earlier run.
-        "OUTBOX_DEMO_TOPIC": f"orders-{uuid.uuid4().hex[:8]}",
+        "OUTBOX_DEMO_TOPIC_SUFFIX": f"-{uuid.uuid4().hex[:8]}",
     }
     proc = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "demo.py")],
@@ -35,4 +35,6 @@ def test_demo_runs_the_full_flow(broker: Broker) -> None:
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "demo: OK" in proc.stdout
-    assert "order per customer:       ok" in proc.stdout
+    assert "order per customer ok" in proc.stdout
+    assert "payments captured:        100 (20 redelivered events skipped" in proc.stdout
+    assert "PaymentCaptured in Kafka: 100 unique" in proc.stdout

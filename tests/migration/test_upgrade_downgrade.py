@@ -5,6 +5,7 @@ default names and with a custom table, inbox table and schema; the two revisions
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -68,7 +69,7 @@ def test_upgrade_downgrade_upgrade(
     empty_db_url: str, table: str, schema: str | None, inbox: str
 ) -> None:
     url = empty_db_url
-    names = {"table": table, "schema": schema, "inbox_table": inbox}
+    names: dict[str, Any] = {"table": table, "schema": schema, "inbox_table": inbox}
     where = schema or "public"
     outbox_table = f"{where}.{table}"
     inbox_table = f"{where}.{inbox}"
@@ -117,7 +118,7 @@ def test_one_revision_at_a_time(
     """An outbox installed before the inbox existed (``outbox_0001``) gets the inbox from the
     second revision, keeping its messages; ``-1`` from head removes only the inbox."""
     url = empty_db_url
-    names = {"table": table, "schema": schema, "inbox_table": inbox}
+    names: dict[str, Any] = {"table": table, "schema": schema, "inbox_table": inbox}
     where = schema or "public"
     outbox_table = f"{where}.{table}"
     inbox_table = f"{where}.{inbox}"

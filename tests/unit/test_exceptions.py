@@ -9,9 +9,7 @@ from outbox.consumer import PoisonMessage
 from outbox.exceptions import OutboxError
 
 CLASSES = [
-    obj
-    for obj in vars(outbox).values()
-    if isinstance(obj, type) and issubclass(obj, OutboxError)
+    obj for obj in vars(outbox).values() if isinstance(obj, type) and issubclass(obj, OutboxError)
 ] + [PoisonMessage]
 
 
