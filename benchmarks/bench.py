@@ -512,7 +512,74 @@ def bench_claim(engine: sa.Engine) -> None:
         conn.execute("DELETE FROM outbox_messages")
 
 
-BENCHES: dict[str, Callable[..., None]] = {}
+# -- inbox consumer ----------------------------------------------------------------------------
+
+
+def bench_consumer(broker: Broker, engine: sa.Engine, n: int = 20_000) -> None:
+    """The inbox consumer with a trivial handler (one row per message) against the same
+    consumer with the inbox claim skipped, reading the same topic in the same run."""
+    from outbox.consumer import Consumer, ConsumerConfig
+    from outbox.transport.kafka import KafkaSource
+
+    topic = broker.create_topic(partitions=PARTITIONS)
+    producer = Producer({"bootstrap.servers": broker.bootstrap, "linger.ms": 5})
+    for i in range(n):
+        producer.produce(
+            topic,
+            value=json.dumps(payload(i)).encode(),
+            key=f"key-{i % KEYS}".encode(),
+            headers=[("message-id", str(uuid.uuid4()).encode())],
+        )
+        if i % 10_000 == 0:
+            producer.flush(30)
+    producer.flush(60)
+    with engine.begin() as c:
+        c.execute(sa.text("CREATE TABLE IF NOT EXISTS effects (n int NOT NULL)"))
+
+    def handler(session: Session, message: Any) -> None:
+        session.execute(sa.text("INSERT INTO effects (n) VALUES (1)"))
+
+    def run(with_inbox: bool) -> float:
+        group = f"bench-{uuid.uuid4().hex[:8]}"
+        settings = {"session.timeout.ms": "6000", "heartbeat.interval.ms": "1000"}
+        consumer = Consumer(
+            ConsumerConfig(db_url=DB_URL, name=group),
+            handler,
+            lambda: KafkaSource(broker.bootstrap, group, [topic], settings),
+        )
+        if not with_inbox:
+            consumer._inbox.claim = lambda *a, **k: True  # type: ignore[method-assign]
+        start: float | None = None
+        first = consumer._handle
+
+        def timed(message: Any) -> bool:  # the clock starts at the first message, not the join
+            nonlocal start
+            if start is None:
+                start = time.perf_counter()
+            return first(message)
+
+        consumer._handle = timed  # type: ignore[method-assign]
+        stats = consumer.run(max_messages=n)
+        assert stats.processed == n, stats
+        assert start is not None
+        return n / (time.perf_counter() - start)
+
+    rates: dict[str, list[float]] = {"inbox": [], "plain": []}
+    for _ in range(2):  # interleaved
+        rates["plain"].append(run(False))
+        rates["inbox"].append(run(True))
+    inbox, plain = statistics.median(rates["inbox"]), statistics.median(rates["plain"])
+    print(
+        f"\n== inbox consumer: {n} messages, {PARTITIONS} partitions, handler writes one row, "
+        "one transaction per message"
+    )
+    for label, key in (("with inbox   ", "inbox"), ("without inbox", "plain")):
+        runs = ", ".join(f"{x:,.0f}" for x in rates[key])
+        print(f"  {label} {statistics.median(rates[key]):>7,.0f} messages/s   (runs: {runs})")
+    print(
+        f"  ratio {inbox / plain:.2f}   (target >= 0.7); the claim is one INSERT ... ON "
+        "CONFLICT DO NOTHING RETURNING: one round trip"
+    )
 
 
 def main() -> None:
@@ -520,7 +587,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "which", nargs="*", default=["throughput", "latency", "write", "idle", "claim"]
+        "which", nargs="*", default=["throughput", "latency", "write", "idle", "claim", "consumer"]
     )
     parser.add_argument("-X", action="append", default=[], help="producer setting NAME=VALUE")
     args = parser.parse_args()
@@ -547,6 +614,8 @@ def main() -> None:
                 bench_idle(broker)
             elif name == "claim":
                 bench_claim(engine)
+            elif name == "consumer":
+                bench_consumer(broker, engine)
             else:
                 parser.error(f"unknown benchmark {name}")
     finally:

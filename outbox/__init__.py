@@ -20,6 +20,7 @@ from outbox.exceptions import (
     MissingTablesError,
     OutboxError,
     PayloadError,
+    TransactionConflict,
     TransportError,
 )
 from outbox.inbox import Command, CommandInProgress, IdempotencyKeyReused, Inbox
@@ -47,6 +48,7 @@ __all__ = [
     "Relay",
     "RelayConfig",
     "RelayStats",
+    "TransactionConflict",
     "TransportError",
     "define_tables",
     "uuid7",

@@ -42,6 +42,11 @@ class DatabaseUnavailableError(DatabaseError):
     """Cannot connect to the database; check the URL, that the server is up, and retry."""
 
 
+class TransactionConflict(DatabaseError):
+    """The transaction conflicted with a concurrent one (serialization failure or deadlock);
+    roll back and retry it."""
+
+
 class MissingTablesError(ConfigurationError):
     """The outbox tables do not exist; run `outbox db upgrade --db-url URL` (or
     `alembic upgrade outbox@head`) first."""
@@ -49,6 +54,17 @@ class MissingTablesError(ConfigurationError):
 
 class TransportError(OutboxError):
     """The message broker failed."""
+
+
+def _sqlstate(exc: BaseException | None) -> str:
+    return str(getattr(exc, "sqlstate", None) or "")
+
+
+def _is_connection_lost(exc: BaseException) -> bool:
+    # psycopg raises OperationalError for lost connections (no SQLSTATE, class 08, admin
+    # shutdown 57P0x) but also for serialization failures and deadlocks (class 40).
+    state = _sqlstate(exc)
+    return not state or state.startswith(("08", "57P"))
 
 
 def _is_undefined_table(exc: BaseException) -> bool:
@@ -72,15 +88,19 @@ def translate_db_errors(what: str = "database operation") -> Iterator[None]:
             raise MissingTablesError() from exc
         if isinstance(exc, sqlalchemy.exc.OperationalError) and exc.connection_invalidated:
             raise DatabaseUnavailableError() from exc
+        if _sqlstate(orig).startswith("40"):
+            raise TransactionConflict(f"{what}: {_first_line(orig or exc)}; retry it") from exc
         raise DatabaseError(f"{what} failed: {_first_line(orig or exc)}") from exc
     except psycopg.errors.UndefinedTable as exc:
         raise MissingTablesError() from exc
-    except psycopg.OperationalError as exc:
-        raise DatabaseUnavailableError(
-            f"cannot reach the database ({_first_line(exc)}); check the URL and that the "
-            "server is up"
-        ) from exc
     except psycopg.Error as exc:
+        if _sqlstate(exc).startswith("40"):
+            raise TransactionConflict(f"{what}: {_first_line(exc)}; retry it") from exc
+        if isinstance(exc, psycopg.OperationalError) and _is_connection_lost(exc):
+            raise DatabaseUnavailableError(
+                f"cannot reach the database ({_first_line(exc)}); check the URL and that the "
+                "server is up"
+            ) from exc
         raise DatabaseError(f"{what} failed: {_first_line(exc)}") from exc
 
 

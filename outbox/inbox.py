@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session
 
 from outbox import statements
 from outbox.exceptions import OutboxError, PayloadError, translate_db_errors
-from outbox.outbox import Outbox
+from outbox.outbox import Outbox, run_first
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
@@ -102,11 +102,9 @@ class Inbox:
 
     def claim(self, session: SyncTarget, consumer: str, key: str) -> bool:
         """True the first time ``consumer`` sees ``key`` (run the handler), False after."""
+        params = self._claim_params(consumer, key)
         with translate_db_errors("inbox claim"):
-            row = session.execute(
-                statements.inbox_claim(self.tables), self._claim_params(consumer, key)
-            ).first()
-        return row is not None
+            return run_first(session, statements.inbox_claim(self.tables), params) is not None
 
     async def aclaim(self, session: AsyncTarget, consumer: str, key: str) -> bool:
         """:meth:`claim` for an ``AsyncSession`` or ``AsyncConnection``."""

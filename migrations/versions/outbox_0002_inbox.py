@@ -41,7 +41,9 @@ def upgrade() -> None:
         sa.CheckConstraint("length(consumer) > 0 AND length(key) > 0", name=f"ck_{table}_names"),
         schema=schema,
     )
-    op.create_index(f"ix_{table}_expires_at", table, ["expires_at"], schema=schema)
+    op.create_index(
+        f"ix_{table}_expires_at", table, ["expires_at"], schema=schema, postgresql_using="brin"
+    )
 
 
 def downgrade() -> None:

@@ -26,6 +26,7 @@ from outbox import (
     Outbox,
     OutboxError,
     PayloadError,
+    TransactionConflict,
     migrate,
 )
 from outbox.cli import main
@@ -260,8 +261,10 @@ def test_repeatable_read_duplicate_is_a_serialization_failure(
     b.join(10)
     assert isinstance(b.error, DatabaseError) and isinstance(b.error, OutboxError)
     assert "could not serialize" in str(b.error)
-    assert getattr(b.error.__cause__, "orig", None) is not None
-    assert b.error.__cause__.orig.sqlstate == "40001"  # type: ignore[union-attr]
+    # TransactionConflict (a DatabaseError) says to retry; the driver error is chained.
+    assert isinstance(b.error, TransactionConflict)
+    cause = b.error.__cause__
+    assert getattr(getattr(cause, "orig", cause), "sqlstate", None) == "40001"
     # The retry, in a new transaction, sees the key.
     with Session(rr) as session, session.begin():
         assert handle(session, inbox, "billing", "m-1", note="b retried") is False

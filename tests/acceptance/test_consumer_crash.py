@@ -1,0 +1,348 @@
+"""The inbox consumer's exactly-once effects with the real ``outbox consume`` command, database
+and broker: SIGKILL between the database commit and the offset commit, a rebalance while
+processing, SIGTERM mid-stream, and retries that keep a partition's order.
+
+Every message carries a unique ``message-id`` header and the body ``{"n": i}``; the handlers
+(tests/acceptance/handlers.py) insert one row per message into ``effects`` with the pid of the
+process that committed it. ``effects`` has no unique constraint on purpose: a duplicate effect
+would show up as a second row.
+
+Group timing: this broker (Tansu) holds a restarted member's JoinGroup until the killed member's
+session has expired; with ``session.timeout.ms=6000`` a restart after SIGKILL took about 12 s
+to get partitions, with 2000 about 2 s (measured). The SIGKILL test restarts the consumer nine
+times, so the tests use 2000 / 500 (librdkafka heartbeats from its own thread, so a busy
+Python handler does not make the session expire).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import random
+import re
+import signal
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from confluent_kafka import Producer
+
+from tests.acceptance.conftest import wait_until
+from tests.acceptance.handlers import FLAKY_EVERY
+from tests.support.broker import Broker
+from tests.support.consumerproc import ConsumerProcess, Summary
+
+pytestmark = pytest.mark.slow
+
+NAME = "payments"
+KAFKA = (
+    *("-X", "session.timeout.ms=2000"),
+    *("-X", "heartbeat.interval.ms=500"),
+    # Offsets are committed in the background every 500 ms: a SIGKILL loses up to that much
+    # committed-in-the-database work's offsets, which is the window under test.
+    *("-X", "auto.commit.interval.ms=500"),
+)
+#: Slept after the handler's database work, inside its transaction (see handlers.py).
+SLEEP_MS = "5"
+#: A drain run stops after this long without a message. It counts from start-up, the group
+#: join (about 1-2 s here) included.
+DRAIN_IDLE = "30"
+DUPLICATE_KEY = re.compile(r"duplicate skipped key=(\S+)")
+
+ConsumerFactory = Callable[..., ConsumerProcess]
+
+
+# -- helpers ------------------------------------------------------------------------------------
+
+
+def produce(broker: Broker, topic: str, n: int, partitions: int) -> dict[str, int]:
+    """Messages ``{"n": i}`` round-robin over the partitions; returns message-id -> n."""
+    producer = Producer({"bootstrap.servers": broker.bootstrap, "linger.ms": 5})
+    sent: dict[str, int] = {}
+    for i in range(n):
+        mid = str(uuid.uuid4())
+        producer.produce(
+            topic,
+            value=json.dumps({"n": i}).encode(),
+            key=f"k{i}".encode(),
+            partition=i % partitions,
+            headers=[("message-id", mid.encode())],
+        )
+        sent[mid] = i
+    assert producer.flush(30) == 0, "not every message was acknowledged"
+    return sent
+
+
+@dataclasses.dataclass(frozen=True)
+class Effect:
+    seq: int
+    message_id: str
+    n: int
+    pid: int
+
+
+def effects_of(engine: sa.Engine) -> list[Effect]:
+    with engine.connect() as conn:
+        rows = conn.execute(sa.text("SELECT seq, message_id, n, pid FROM effects ORDER BY seq"))
+        return [Effect(*r) for r in rows]
+
+
+def count(engine: sa.Engine, pid: int | None = None) -> int:
+    with engine.connect() as conn:
+        if pid is None:
+            return int(conn.execute(sa.text("SELECT count(*) FROM effects")).scalar_one())
+        return int(
+            conn.execute(
+                sa.text("SELECT count(*) FROM effects WHERE pid = :pid"), {"pid": pid}
+            ).scalar_one()
+        )
+
+
+def check_exactly_once(engine: sa.Engine, sent: dict[str, int]) -> list[Effect]:
+    """Every message has exactly one effect, with its own body; nothing else has one."""
+    effects = effects_of(engine)
+    copies = collections.Counter(e.message_id for e in effects)
+    doubled = {m: c for m, c in copies.items() if c > 1}
+    assert not doubled, f"{len(doubled)} messages took effect more than once: {doubled}"
+    missing = set(sent) - set(copies)
+    assert not missing, f"{len(missing)} of {len(sent)} messages never took effect"
+    unknown = set(copies) - set(sent)
+    assert not unknown, f"effects of messages nobody sent: {unknown}"
+    wrong = [e for e in effects if sent[e.message_id] != e.n]
+    assert not wrong, f"effects with another message's body: {wrong[:5]}"
+    return effects
+
+
+def args(db_url: str, broker: Broker, topic: str, group: str, *extra: str) -> list[str]:
+    return [
+        *("--db-url", db_url),
+        *("--bootstrap-servers", broker.bootstrap),
+        *("--group", group),
+        *("--consumer-name", NAME),
+        *("--topic", topic),
+        *("--handler", "tests.acceptance.handlers:record_effect"),
+        *("--log-level", "debug"),
+        *KAFKA,
+        *extra,
+    ]
+
+
+# -- fixtures -----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def effects(engine: sa.Engine) -> sa.Engine:
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                "CREATE TABLE effects (seq bigserial PRIMARY KEY, message_id text NOT NULL, "
+                "n int NOT NULL, pid int NOT NULL)"
+            )
+        )
+    return engine
+
+
+@pytest.fixture
+def consumers(tmp_path: Path) -> Iterator[ConsumerFactory]:
+    """Start ``outbox consume ARGS...`` subprocesses; each is stopped (SIGTERM, then SIGKILL)
+    at teardown. Their log is in ``tmp_path/consumer.log``."""
+    started: list[ConsumerProcess] = []
+
+    def start(
+        *argv: str, name: str = "consumer", sleep_ms: str = SLEEP_MS, handler: str | None = None
+    ) -> ConsumerProcess:
+        argv_list = list(argv)
+        if handler is not None:
+            argv_list[argv_list.index("--handler") + 1] = handler
+        proc = ConsumerProcess(
+            argv_list,
+            name=name,
+            log_path=tmp_path / "consumer.log",
+            env={"CONSUMER_TEST_SLEEP_MS": sleep_ms},
+        ).start()
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        proc.stop(timeout=10)
+
+
+def drain(consumers: ConsumerFactory, argv: list[str], name: str = "drain") -> ConsumerProcess:
+    """Run the consumer with ``--idle-timeout`` until nothing is left; it must exit 0."""
+    proc = consumers(*argv, "--idle-timeout", DRAIN_IDLE, name=name)
+    rc = proc.wait(60)
+    assert rc == 0, proc.tail()
+    return proc
+
+
+def no_errors(*procs: ConsumerProcess) -> None:
+    for proc in procs:
+        bad = proc.matches(r"Traceback| ERROR |handler failed|dead-lettered key")
+        assert not bad, f"{proc.name}: {bad[:5]}"
+
+
+# -- tests --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_sigkill_between_db_commit_and_offset_commit_leaves_one_effect_per_message(
+    seed: int, effects: sa.Engine, db_url: str, broker: Broker, consumers: ConsumerFactory
+) -> None:
+    rng = random.Random(seed)
+    n = 300
+    topic = broker.create_topic(partitions=3)
+    sent = produce(broker, topic, n, partitions=3)
+    argv = args(db_url, broker, topic, f"g-{uuid.uuid4().hex[:8]}")
+
+    killed: list[ConsumerProcess] = []
+    for i in range(3):
+        proc = consumers(*argv, name=f"kill-{seed}-{i}")
+        # Kill it while it is committing effects of its own (past any redeliveries).
+        wait_until(
+            lambda p=proc: count(effects, p.pid) > 0 or count(effects) == n,
+            timeout=30,
+            interval=0.02,
+            what=f"{proc.name} to process",
+        )
+        if count(effects) == n:
+            proc.stop()
+            break
+        time.sleep(rng.uniform(0.0, 0.6))
+        assert proc.kill() == -signal.SIGKILL, proc.tail()  # it was still running
+        killed.append(proc)
+    assert len(killed) >= 2, "the consumer ran out of messages before it could be killed"
+
+    last = drain(consumers, argv)
+    result = check_exactly_once(effects, sent)
+
+    # Which process committed each effect: the killed ones and the drain, nothing else.
+    by_pid = collections.Counter(e.pid for e in result)
+    assert set(by_pid) <= {p.pid for p in [*killed, last]}
+    assert last.summary() == Summary(by_pid[last.pid], last.duplicates_logged(), 0)
+
+    # The window was hit: after each SIGKILL, messages whose effects had committed (in a killed
+    # process) came back because their offsets had not, and the inbox skipped them.
+    owner = {e.message_id: e.pid for e in result}
+    runs = [*killed, last]
+    skipped_per_run = []
+    for i, proc in enumerate(runs):
+        keys = [
+            m.group(1)
+            for line in proc.matches(DUPLICATE_KEY.pattern)
+            if (m := DUPLICATE_KEY.search(line))
+        ]
+        earlier = {p.pid for p in runs[:i]}
+        assert all(owner[k] in earlier for k in keys), f"{proc.name} skipped a key it had not"
+        skipped_per_run.append(len(keys))
+    assert sum(skipped_per_run) > 0, "no redelivery after any SIGKILL: the window was not hit"
+    no_errors(*runs)
+    print(f"seed {seed}: effects per process {sorted(by_pid.values())}, skipped {skipped_per_run}")
+
+
+def test_rebalance_while_processing_moves_partitions_without_double_effects(
+    effects: sa.Engine, db_url: str, broker: Broker, consumers: ConsumerFactory
+) -> None:
+    n = 600
+    topic = broker.create_topic(partitions=3)
+    sent = produce(broker, topic, n, partitions=3)
+    argv = args(db_url, broker, topic, f"g-{uuid.uuid4().hex[:8]}")
+
+    a = consumers(*argv, name="consumer-a", sleep_ms="10")
+    wait_until(lambda: count(effects, a.pid) >= 20, timeout=30, interval=0.05, what="A working")
+    b = consumers(*argv, name="consumer-b", sleep_ms="10")
+    # The group rebalanced: B got partitions and commits effects of its own ...
+    wait_until(lambda: count(effects, b.pid) >= 10, timeout=30, interval=0.05, what="B working")
+    # ... while A keeps processing the ones it kept.
+    a_before = count(effects, a.pid)
+    wait_until(
+        lambda: count(effects, a.pid) > a_before, timeout=15, interval=0.05, what="A still working"
+    )
+    assert count(effects) < n - 100, "too little work left to stop A in the middle of it"
+
+    started = time.monotonic()
+    a.send_signal(signal.SIGTERM)
+    assert a.wait(15) == 0, a.tail()
+    took = time.monotonic() - started
+    assert took < 5, f"A took {took:.1f}s to stop"
+    a_done = count(effects, a.pid)
+    assert a.summary().processed == a_done
+
+    # B takes every partition and finishes the topic.
+    wait_until(lambda: count(effects) >= n, timeout=60, interval=0.1, what="B to finish")
+    b.send_signal(signal.SIGTERM)
+    assert b.wait(15) == 0, b.tail()
+
+    result = check_exactly_once(effects, sent)
+    by_pid = collections.Counter(e.pid for e in result)
+    assert set(by_pid) == {a.pid, b.pid}
+    assert b.summary().processed == by_pid[b.pid]
+    # Nothing is left behind for a next member of the group.
+    last = drain(consumers, argv)
+    assert last.summary() == Summary(0, last.duplicates_logged(), 0)
+    no_errors(a, b, last)
+    print(
+        f"A {by_pid[a.pid]} in {took:.2f}s stop, B {by_pid[b.pid]}; duplicates skipped: "
+        f"A {a.summary().duplicates} B {b.summary().duplicates} last {last.summary().duplicates}"
+    )
+
+
+def test_sigterm_mid_stream_exits_0_and_commits_its_offsets(
+    effects: sa.Engine, db_url: str, broker: Broker, consumers: ConsumerFactory
+) -> None:
+    n = 300
+    topic = broker.create_topic(partitions=3)
+    sent = produce(broker, topic, n, partitions=3)
+    argv = args(db_url, broker, topic, f"g-{uuid.uuid4().hex[:8]}")
+
+    first = consumers(*argv, name="first")
+    wait_until(lambda: count(effects, first.pid) >= 50, timeout=30, interval=0.02, what="work")
+    started = time.monotonic()
+    first.send_signal(signal.SIGTERM)
+    rc = first.wait(15)
+    took = time.monotonic() - started
+    assert rc == 0, first.tail()
+    assert took < 5, f"took {took:.1f}s to stop"
+    done = count(effects)
+    assert done < n, "it finished the topic before the signal"
+    # Every message it counted took effect (its transactions committed) ...
+    assert first.summary() == Summary(done, 0, 0)
+
+    # ... and its offsets were committed: the next member re-reads (almost) nothing.
+    second = drain(consumers, argv, name="second")
+    summary = second.summary()
+    assert summary.processed == n - done
+    assert summary.duplicates <= 1, f"re-read {summary.duplicates} processed messages"
+    check_exactly_once(effects, sent)
+    no_errors(first, second)
+    print(f"stopped in {took:.2f}s after {done}; restart re-read {summary.duplicates}")
+
+
+def test_failing_handler_is_retried_in_place_keeping_partition_order(
+    effects: sa.Engine, db_url: str, broker: Broker, consumers: ConsumerFactory
+) -> None:
+    n = 30
+    topic = broker.create_topic(partitions=1)
+    sent = produce(broker, topic, n, partitions=1)
+    flaky = [i for i in range(n) if i % FLAKY_EVERY == 0]
+    argv = args(db_url, broker, topic, f"g-{uuid.uuid4().hex[:8]}")
+
+    proc = consumers(
+        *argv, "--idle-timeout", DRAIN_IDLE, handler="tests.acceptance.handlers:flaky_effect"
+    )
+    assert proc.wait(60) == 0, proc.tail()
+
+    # Each flaky message failed twice (its rows rolled back), then succeeded; nothing was
+    # dead-lettered, and no later message overtook it.
+    assert proc.summary() == Summary(n, 0, 0)
+    retries = proc.matches(r"outbox\.consumer: handler failed, retrying")
+    assert len(retries) == 2 * len(flaky), proc.tail()
+    assert all("TimeoutError: flaky dependency" in line for line in retries)
+    result = check_exactly_once(effects, sent)
+    assert [e.n for e in result] == list(range(n))
+    with effects.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM outbox_messages")).scalar_one() == 0
