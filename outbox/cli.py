@@ -20,7 +20,7 @@ import sqlalchemy as sa
 from outbox import migrate
 from outbox.admin import counts
 from outbox.config import RelayConfig, parse_db_url
-from outbox.consumer import Consumer, ConsumerConfig, load_handler
+from outbox.consumer import Consumer, ConsumerConfig, load_handler, message_id_key
 from outbox.exceptions import ConfigurationError, OutboxError, translate_db_errors
 from outbox.inbox import Inbox
 from outbox.outbox import Outbox
@@ -432,6 +432,13 @@ def purge(db_url: str, table: str, schema: str | None, inbox_table: str, batch_s
     help="package.module:function called as handler(session, message) [OUTBOX_HANDLER]",
 )
 @click.option(
+    "--key-extractor",
+    envvar="OUTBOX_KEY_EXTRACTOR",
+    default=None,
+    help="package.module:function(message) -> str | None giving the idempotency key "
+    "(default: the message-id header), for messages from other producers",
+)
+@click.option(
     "--consumer-name",
     envvar="OUTBOX_CONSUMER_NAME",
     default=None,
@@ -457,7 +464,7 @@ def purge(db_url: str, table: str, schema: str | None, inbox_table: str, batch_s
     "--idle-timeout",
     type=click.FloatRange(min=0.1),
     default=None,
-    help="Stop after this many seconds without a message",
+    help="Stop after this many seconds without a message (counted once the group is joined)",
 )
 @click.option(
     "-X",
@@ -490,6 +497,7 @@ def consume(
     group: str,
     topics: tuple[str, ...],
     handler: str,
+    key_extractor: str | None,
     consumer_name: str | None,
     dead_letter_topic: str | None,
     max_attempts: int,
@@ -514,8 +522,12 @@ def consume(
             schema=schema,
             inbox_table=inbox_table,
         )
+        key: Any = load_handler(key_extractor) if key_extractor else message_id_key
         consumer = Consumer(
-            config, fn, lambda: KafkaSource(bootstrap_servers, group, topic_list, overrides)
+            config,
+            fn,
+            lambda: KafkaSource(bootstrap_servers, group, topic_list, overrides),
+            key=key,
         )
         # Fail fast on a database without the tables or a bad -X setting.
         consumer.check()

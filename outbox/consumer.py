@@ -174,7 +174,7 @@ class Consumer:
         self, *, max_messages: int | None = None, idle_timeout: float | None = None
     ) -> ConsumerStats:
         """Consume until :meth:`stop`, or ``max_messages`` handled, or no message for
-        ``idle_timeout`` seconds (for scripts and tests)."""
+        ``idle_timeout`` seconds once the source has joined its group (for scripts and tests)."""
         self.check()
         source = self._source_factory()
         handled = 0
@@ -186,7 +186,11 @@ class Consumer:
                     break
                 message = source.poll(0.5)
                 if message is None:
-                    if idle_timeout is not None and time.monotonic() - last >= idle_timeout:
+                    if not getattr(source, "joined", True):
+                        # Joining a consumer group can take longer than idle_timeout (after a
+                        # crash, up to the dead member's session timeout): not idle yet.
+                        last = time.monotonic()
+                    elif idle_timeout is not None and time.monotonic() - last >= idle_timeout:
                         break
                     continue
                 last = time.monotonic()

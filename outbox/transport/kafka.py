@@ -313,7 +313,10 @@ class KafkaSource:
             self._consumer = confluent_kafka.Consumer(conf)
         except (KafkaException, ValueError, TypeError) as exc:
             raise ConfigurationError(f"invalid Kafka setting: {_describe(exc)}") from exc
-        self._consumer.subscribe(topics, on_revoke=self._on_revoke)
+        #: True once this member has joined the group and got its assignment (even an empty
+        #: one): until then no message can come, so the runner does not count it as idle.
+        self.joined = False
+        self._consumer.subscribe(topics, on_assign=self._on_assign, on_revoke=self._on_revoke)
         self._last_error_log = 0.0
 
     def _on_error(self, err: KafkaError) -> None:
@@ -321,6 +324,10 @@ class KafkaSource:
         if err.fatal() or now - self._last_error_log >= 30:
             self._last_error_log = now
             logger.warning("kafka consumer error", extra={"error": f"{err.name()}: {err.str()}"})
+
+    def _on_assign(self, consumer: Any, partitions: Any) -> None:
+        # confluent-kafka still applies the assignment itself after this callback returns.
+        self.joined = True
 
     def _on_revoke(self, consumer: Any, partitions: Any) -> None:
         # Commit what was processed before the partitions move, so the next owner starts

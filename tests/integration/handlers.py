@@ -18,3 +18,17 @@ def record_effect(session: Session, message: IncomingMessage) -> None:
         sa.text("INSERT INTO effects (message_id, n) VALUES (:m, :n)"),
         {"m": (message.header("message-id") or b"").decode(), "n": body["n"]},
     )
+
+
+def order_id_key(message: IncomingMessage) -> str | None:
+    """A foreign producer's idempotency key: the order id in the payload."""
+    body = json_value(message)
+    return str(body["order_id"]) if "order_id" in body else None
+
+
+def record_order(session: Session, message: IncomingMessage) -> None:
+    body = json_value(message)
+    session.execute(
+        sa.text("INSERT INTO effects (message_id, n) VALUES (:m, :n)"),
+        {"m": str(body["order_id"]), "n": body["n"]},
+    )

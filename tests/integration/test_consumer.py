@@ -217,3 +217,46 @@ def test_retention_shorter_than_the_redelivery_horizon_is_warned(
     with caplog.at_level("WARNING", logger="outbox.consumer"):
         Consumer(ok, record_effect, MemorySource).run(idle_timeout=0.1)
     assert "redelivery horizon" not in caplog.text
+
+
+def test_cli_key_extractor_for_messages_from_foreign_producers(
+    effects: sa.Engine, db_url: str, broker: Broker
+) -> None:
+    # Another producer (no message-id header) sends order 1 twice and order 2 once.
+    topic = broker.create_topic(partitions=1)
+    producer = Producer({"bootstrap.servers": broker.bootstrap})
+    for order_id, n in ((1, 10), (1, 11), (2, 20)):
+        producer.produce(topic, value=json.dumps({"order_id": order_id, "n": n}).encode())
+    producer.flush(10)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "outbox.cli",
+            "consume",
+            "--db-url",
+            db_url,
+            "--bootstrap-servers",
+            broker.bootstrap,
+            "--group",
+            f"g-{uuid.uuid4().hex[:8]}",
+            "--topic",
+            topic,
+            "--handler",
+            "tests.integration.handlers:record_order",
+            "--key-extractor",
+            "tests.integration.handlers:order_id_key",
+            "--max-messages",
+            "3",
+            "-X",
+            "session.timeout.ms=6000",
+            "-X",
+            "heartbeat.interval.ms=1000",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "processed 2, duplicates 1, dead-lettered 0" in proc.stderr
+    assert effect_counts(effects) == {10: 1, 20: 1}
