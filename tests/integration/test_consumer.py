@@ -51,6 +51,16 @@ def consumer(
     )
 
 
+def consume_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """Run the real ``outbox consume`` command."""
+    return subprocess.run(
+        [sys.executable, "-m", "outbox.cli", "consume", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
 def effect_counts(engine: sa.Engine) -> dict[int, int]:
     with engine.connect() as conn:
         rows = conn.execute(sa.text("SELECT n, count(*) FROM effects GROUP BY n")).all()
@@ -137,26 +147,17 @@ def test_undecodable_message_is_poison_at_once(
 def test_bad_handler_is_a_usage_error(
     db_url: str, broker: Broker, handler: str, expected: str
 ) -> None:
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "outbox.cli",
-            "consume",
-            "--db-url",
-            db_url,
-            "--bootstrap-servers",
-            broker.bootstrap,
-            "--group",
-            "g",
-            "--topic",
-            "t",
-            "--handler",
-            handler,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
+    proc = consume_cli(
+        "--db-url",
+        db_url,
+        "--bootstrap-servers",
+        broker.bootstrap,
+        "--group",
+        "g",
+        "--topic",
+        "t",
+        "--handler",
+        handler,
     )
     assert proc.returncode == 2, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
@@ -170,26 +171,17 @@ def test_poison_exception_type_is_public() -> None:
 def test_missing_tables_stop_the_consumer_cli_with_a_clear_line(
     empty_db_url: str, broker: Broker
 ) -> None:
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "outbox.cli",
-            "consume",
-            "--db-url",
-            empty_db_url,
-            "--bootstrap-servers",
-            broker.bootstrap,
-            "--group",
-            "g",
-            "--topic",
-            "t",
-            "--handler",
-            "tests.integration.handlers:record_effect",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
+    proc = consume_cli(
+        "--db-url",
+        empty_db_url,
+        "--bootstrap-servers",
+        broker.bootstrap,
+        "--group",
+        "g",
+        "--topic",
+        "t",
+        "--handler",
+        "tests.integration.handlers:record_effect",
     )
     assert proc.returncode == 2, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
@@ -228,34 +220,25 @@ def test_cli_key_extractor_for_messages_from_foreign_producers(
     for order_id, n in ((1, 10), (1, 11), (2, 20)):
         producer.produce(topic, value=json.dumps({"order_id": order_id, "n": n}).encode())
     producer.flush(10)
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "outbox.cli",
-            "consume",
-            "--db-url",
-            db_url,
-            "--bootstrap-servers",
-            broker.bootstrap,
-            "--group",
-            f"g-{uuid.uuid4().hex[:8]}",
-            "--topic",
-            topic,
-            "--handler",
-            "tests.integration.handlers:record_order",
-            "--key-extractor",
-            "tests.integration.handlers:order_id_key",
-            "--max-messages",
-            "3",
-            "-X",
-            "session.timeout.ms=6000",
-            "-X",
-            "heartbeat.interval.ms=1000",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
+    proc = consume_cli(
+        "--db-url",
+        db_url,
+        "--bootstrap-servers",
+        broker.bootstrap,
+        "--group",
+        f"g-{uuid.uuid4().hex[:8]}",
+        "--topic",
+        topic,
+        "--handler",
+        "tests.integration.handlers:record_order",
+        "--key-extractor",
+        "tests.integration.handlers:order_id_key",
+        "--max-messages",
+        "3",
+        "-X",
+        "session.timeout.ms=6000",
+        "-X",
+        "heartbeat.interval.ms=1000",
     )
     assert proc.returncode == 0, proc.stderr
     assert "processed 2, duplicates 1, dead-lettered 0" in proc.stderr
