@@ -197,7 +197,7 @@ class Relay:
                     if not self._ensure_leader():
                         self._sleep(self.config.leader_retry_interval)
                         continue
-                    if not self._step(drain=False):
+                    if not self._step():
                         self._wait_for_work()
                 except (DatabaseUnavailableError, psycopg.OperationalError) as exc:
                     self._lost_database(exc)
@@ -227,7 +227,7 @@ class Relay:
                 )
             self._transport_or_create().check(self.config.delivery_timeout)
             while not self._stop.is_set():
-                progressed = self._step(drain=True)
+                progressed = self._step()
                 # One transport failure may be a re-created client or a moved leader; a few
                 # in a row (with backoff between them) mean the broker is not there.
                 if self._failures_in_row >= _ONCE_BROKER_FAILURES:
@@ -244,7 +244,7 @@ class Relay:
 
     # -- one round ----------------------------------------------------------------------------
 
-    def _step(self, *, drain: bool) -> bool:
+    def _step(self) -> bool:
         """Claim and send one batch if there is room, then finish the oldest batch if the
         pipeline is full or nothing more was claimed. Returns whether anything happened."""
         progressed = False

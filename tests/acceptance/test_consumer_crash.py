@@ -140,7 +140,7 @@ def effects(engine: sa.Engine) -> sa.Engine:
         conn.execute(
             sa.text(
                 "CREATE TABLE effects (seq bigserial PRIMARY KEY, message_id text NOT NULL, "
-                "n int NOT NULL, pid int NOT NULL)"
+                "n int NOT NULL, pid int NOT NULL, at timestamptz NOT NULL DEFAULT clock_timestamp())"
             )
         )
     return engine
@@ -247,46 +247,59 @@ def test_sigkill_between_db_commit_and_offset_commit_leaves_one_effect_per_messa
 def test_rebalance_while_processing_moves_partitions_without_double_effects(
     effects: sa.Engine, db_url: str, broker: Broker, consumers: ConsumerFactory
 ) -> None:
-    n = 600
-    topic = broker.create_topic(partitions=3)
-    sent = produce(broker, topic, n, partitions=3)
-    argv = args(db_url, broker, topic, f"g-{uuid.uuid4().hex[:8]}")
-
-    a = consumers(*argv, name="consumer-a", sleep_ms="10")
-    wait_until(lambda: count(effects, a.pid) >= 20, timeout=30, interval=0.05, what="A working")
-    b = consumers(*argv, name="consumer-b", sleep_ms="10")
-    # The group rebalanced: B got partitions and commits effects of its own ...
-    wait_until(lambda: count(effects, b.pid) >= 10, timeout=30, interval=0.05, what="B working")
-    # ... while A keeps processing the ones it kept.
-    a_before = count(effects, a.pid)
-    wait_until(
-        lambda: count(effects, a.pid) > a_before, timeout=15, interval=0.05, what="A still working"
+    n, partitions = 900, 3
+    topic = broker.create_topic(partitions=partitions)
+    sent = produce(broker, topic, n, partitions=partitions)
+    # Small fetches, so that a consumer works on its partitions in turns instead of one after
+    # the other: no partition is finished before the rebalance.
+    argv = args(
+        db_url, broker, topic, f"g-{uuid.uuid4().hex[:8]}", "-X", "max.partition.fetch.bytes=2048"
     )
-    assert count(effects) < n - 100, "too little work left to stop A in the middle of it"
+
+    def rows_of(proc: ConsumerProcess) -> list[Effect]:
+        return [e for e in effects_of(effects) if e.pid == proc.pid]
+
+    a = consumers(*argv, name="consumer-a")
+    wait_until(lambda: count(effects, a.pid) >= 20, timeout=30, interval=0.05, what="A working")
+    b = consumers(*argv, name="consumer-b")
+    # The group rebalanced: B got partitions and commits effects of its own, while A goes on
+    # with the ones it kept (an effect of A after B's first one).
+    wait_until(lambda: count(effects, b.pid) > 0, timeout=30, interval=0.05, what="B working")
+    b_first = rows_of(b)[0].seq
+    wait_until(
+        lambda: any(e.seq > b_first for e in rows_of(a)),
+        timeout=15,
+        interval=0.05,
+        what="A and B working at once",
+    )
+    assert count(effects) < n - 200, "too little work left to stop A in the middle of it"
 
     started = time.monotonic()
     a.send_signal(signal.SIGTERM)
     assert a.wait(15) == 0, a.tail()
     took = time.monotonic() - started
     assert took < 5, f"A took {took:.1f}s to stop"
-    a_done = count(effects, a.pid)
-    assert a.summary().processed == a_done
+    a_rows = rows_of(a)
+    assert a.summary().processed == len(a_rows)
 
-    # B takes every partition and finishes the topic.
+    # B takes every partition (message i is in partition i % 3) and finishes the topic.
     wait_until(lambda: count(effects) >= n, timeout=60, interval=0.1, what="B to finish")
     b.send_signal(signal.SIGTERM)
     assert b.wait(15) == 0, b.tail()
-
     result = check_exactly_once(effects, sent)
+    a_last = max(e.seq for e in a_rows)
+    after_a = {e.n % partitions for e in result if e.seq > a_last}
+    assert after_a == set(range(partitions)), f"after A stopped, B worked only on {after_a}"
     by_pid = collections.Counter(e.pid for e in result)
     assert set(by_pid) == {a.pid, b.pid}
     assert b.summary().processed == by_pid[b.pid]
+
     # Nothing is left behind for a next member of the group.
     last = drain(consumers, argv)
     assert last.summary() == Summary(0, last.duplicates_logged(), 0)
     no_errors(a, b, last)
     print(
-        f"A {by_pid[a.pid]} in {took:.2f}s stop, B {by_pid[b.pid]}; duplicates skipped: "
+        f"A {by_pid[a.pid]} (stopped in {took:.2f}s), B {by_pid[b.pid]}; duplicates skipped: "
         f"A {a.summary().duplicates} B {b.summary().duplicates} last {last.summary().duplicates}"
     )
 

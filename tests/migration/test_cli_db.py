@@ -195,8 +195,8 @@ def test_sql_prints_ddl() -> None:
     assert f"CREATE TABLE {DEFAULT_INBOX_TABLE} (" in out
     assert f"CONSTRAINT pk_{DEFAULT_INBOX_TABLE} PRIMARY KEY (consumer, key)" in out
     assert (
-        f"CREATE INDEX ix_{DEFAULT_INBOX_TABLE}_expires_at ON {DEFAULT_INBOX_TABLE} (expires_at);"
-        in out
+        f"CREATE INDEX ix_{DEFAULT_INBOX_TABLE}_expires_at ON {DEFAULT_INBOX_TABLE} "
+        "USING brin (expires_at);" in out
     )
     # In revision order: the outbox table, then the inbox, each recorded as it is made.
     assert (
@@ -216,7 +216,7 @@ def test_sql_prints_ddl() -> None:
     assert "CREATE TABLE msg.events_out (" in out
     assert "CREATE INDEX ix_events_out_unsent ON msg.events_out (id)" in out
     assert "CREATE TABLE msg.events_in (" in out
-    assert "CREATE INDEX ix_events_in_expires_at ON msg.events_in (expires_at);" in out
+    assert "CREATE INDEX ix_events_in_expires_at ON msg.events_in USING brin (expires_at);" in out
     assert DEFAULT_INBOX_TABLE not in out
     # The schema comes first: the version table lives in it.
     assert out.index("CREATE SCHEMA IF NOT EXISTS msg;") < out.index(
