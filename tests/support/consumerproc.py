@@ -21,8 +21,6 @@ ROOT = Path(__file__).resolve().parents[2]
 SUMMARY = r"^processed (\d+), duplicates (\d+), dead-lettered (\d+)$"
 #: Debug line for each redelivered message the inbox skipped.
 DUPLICATE = r"outbox\.consumer: duplicate skipped"
-STARTING = r"outbox\.consumer: consumer starting"
-STOPPED = r"outbox\.consumer: consumer stopped"
 
 
 def consume_command() -> list[str]:
