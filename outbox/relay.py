@@ -110,6 +110,8 @@ class _Batch:
     fatal: bool = False
     # Ids handed to the transport (or refused by it): excluded from claims while in flight.
     sent: list[int] = dataclasses.field(default_factory=list)
+    # Set when finished or abandoned: later delivery reports are ignored.
+    closed: bool = False
     # Keys this batch held back (a failed or unsent message); released once it is finished.
     held_keys: set[tuple[str, bytes]] = dataclasses.field(default_factory=set)
 
@@ -358,6 +360,11 @@ class Relay:
         row_id = row.id
 
         def on_delivery(failure: DeliveryFailure | None) -> None:
+            if batch.closed:
+                # A report after the batch was finished or abandoned (e.g. purged when a
+                # client is discarded): the row's fate is already settled (it stays unsent
+                # and is claimed again); it must not hold its key back any more.
+                return
             batch.outstanding -= 1
             if failure is None:
                 batch.acked.append(row_id)
@@ -394,6 +401,7 @@ class Relay:
                 transport.poll(min(remaining, 0.1))
 
     def _finish(self, batch: _Batch) -> None:
+        batch.closed = True
         conn = self._require_conn()
         failures = batch.failed
         delays = [
@@ -577,6 +585,8 @@ class Relay:
         # (a bounded number of duplicates) once a relay is the leader. Purge what the producer
         # still holds: another relay may take over once the server drops our session, and
         # messages from us arriving after its own would break per-key order.
+        for batch in self._inflight:
+            batch.closed = True
         self._inflight.clear()
         self._held.clear()
         self._discard_transport()

@@ -181,3 +181,37 @@ def test_run_once_rides_out_a_single_transport_failure(engine: sa.Engine, db_url
     stats = make_relay(db_url, transport).run_once()
     assert stats.sent == 2
     assert [m.value for m in transport.sent] == [b"k1", b"k2"]
+
+
+def test_reports_after_a_batch_is_abandoned_hold_nothing_back(
+    engine: sa.Engine, db_url: str
+) -> None:
+    # A lost database connection abandons the batches in flight and discards the client,
+    # whose purge then reports them failed. Those late reports must not hold their keys
+    # back for good (a regression: the relay stopped sending those keys after reconnecting).
+    publish(engine, [("k", "v1"), ("k", "v2")])
+
+    class LateReports(MemoryTransport):
+        """Keeps delivery reports until closed, then reports everything as purged."""
+
+        def poll(self, timeout: float) -> None:
+            pass
+
+        def close(self, timeout: float) -> None:
+            with self._lock:
+                items = list(self._queue)
+                self._queue.clear()
+            for _, on_delivery in items:
+                on_delivery(DeliveryFailure(FailureKind.TRANSPORT, "purged"))
+
+    first = LateReports()
+    transports: list[MemoryTransport] = [first, MemoryTransport()]
+    relay = make_relay(db_url, lambda: transports[0] if len(transports) == 1 else transports.pop(0))
+    relay._ensure_leader()
+    rows, claim_no = relay._take_claim()
+    relay._inflight.append(relay._send(rows, claim_no))
+    relay._lost_database(RuntimeError("connection lost"))  # abandons, then the client purges
+    assert relay._held == {}
+    stats = relay.run_once()
+    assert stats.sent == 2
+    assert [m.value for m in transports[0].sent] == [b"v1", b"v2"]
