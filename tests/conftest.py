@@ -17,6 +17,7 @@ import psycopg
 import pytest
 import sqlalchemy as sa
 from pytest_postgresql import factories
+from sqlalchemy.orm import Session
 
 from outbox import migrate
 from tests.support.broker import Broker, broker_from_env
@@ -78,3 +79,13 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
 @pytest.fixture
 def topic(broker: Broker) -> str:
     return broker.create_topic(partitions=3)
+
+
+@pytest.fixture
+def session_a(engine: sa.Engine) -> Iterator[Session]:
+    """A session with a transaction open (rolled back at the end unless the test ended it)."""
+    with Session(engine) as session:
+        session.begin()
+        yield session
+        if session.in_transaction():
+            session.rollback()

@@ -8,7 +8,7 @@ import asyncio
 import datetime
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -30,6 +30,7 @@ from outbox import (
     migrate,
 )
 from outbox.cli import main
+from tests.support.waits import wait_for
 
 SCOPE = "POST /orders"
 FP = "sha256:request-1"
@@ -79,17 +80,6 @@ def handle(session: Session, inbox: Inbox, consumer: str, key: str, note: str = 
     return True
 
 
-def wait_for(condition: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
-
-
 def waiting_on_lock(engine: sa.Engine, pid: int | None) -> bool:
     """True while backend ``pid`` waits for a heavyweight lock (here: another transaction's
     id, which is how an INSERT waits on a concurrent insert of the same unique key)."""
@@ -134,15 +124,6 @@ class Duplicate(threading.Thread):
                     self.elapsed = time.monotonic() - start
         except BaseException as exc:
             self.error = exc
-
-
-@pytest.fixture
-def session_a(engine: sa.Engine) -> Iterator[Session]:
-    with Session(engine) as session:
-        session.begin()
-        yield session
-        if session.in_transaction():
-            session.rollback()
 
 
 # -- claim: once per (consumer, key) ----------------------------------------------------------

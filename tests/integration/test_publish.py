@@ -6,9 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-import time
 import uuid
-from collections.abc import Callable, Iterator
 from typing import Any
 
 import psycopg
@@ -28,6 +26,7 @@ from outbox import (
     migrate,
 )
 from outbox.schema import OutboxTables
+from tests.support.waits import wait_for
 
 DEFAULT = define_tables()
 
@@ -42,17 +41,6 @@ def rows(engine: sa.Engine, table: str = "outbox_messages") -> list[Any]:
                 )
             )
         )
-
-
-def wait_for(condition: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 def split_lock_id(lock_id: int) -> tuple[int, int]:
@@ -326,15 +314,6 @@ class Writer(threading.Thread):
                 self.ids = self.outbox.publish_many(session, self.msgs)
         except BaseException as exc:
             self.error = exc
-
-
-@pytest.fixture
-def session_a(engine: sa.Engine) -> Iterator[Session]:
-    with Session(engine) as session:
-        session.begin()
-        yield session
-        if session.in_transaction():
-            session.rollback()
 
 
 def lock_of(tables: OutboxTables, topic: str, key: str) -> int:

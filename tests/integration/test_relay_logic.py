@@ -24,6 +24,7 @@ from outbox.transport.base import (
     OutgoingMessage,
 )
 from outbox.transport.memory import MemoryTransport
+from tests.support.waits import wait_for
 
 FAST: dict[str, Any] = {
     "retry_backoff_base": 0.01,
@@ -98,17 +99,6 @@ def row_of(engine: sa.Engine, value: str) -> Any:
 def count_rows(engine: sa.Engine, table: str = "outbox_messages") -> int:
     with engine.connect() as conn:
         return int(conn.execute(sa.text(f"SELECT count(*) FROM {table}")).scalar_one())
-
-
-def wait_for(condition: Callable[[], Any], timeout: float = 15.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.01)
 
 
 class Running:
