@@ -404,9 +404,10 @@ class Relay:
         batch.closed = True
         conn = self._require_conn()
         failures = batch.failed
+        attempts = {row.id: row.attempts for row in batch.rows} if failures else {}
         delays = [
             backoff_delay(
-                self._attempts_of(batch, row_id),
+                attempts.get(row_id, 0),
                 self.config.retry_backoff_base,
                 self.config.retry_backoff_max,
                 self._rng,
@@ -465,13 +466,6 @@ class Relay:
                 "ms": round((time.monotonic() - batch.started) * 1000, 1),
             },
         )
-
-    @staticmethod
-    def _attempts_of(batch: _Batch, row_id: int) -> int:
-        for row in batch.rows:
-            if row.id == row_id:
-                return row.attempts
-        return 0
 
     # -- broker health ------------------------------------------------------------------------
 

@@ -110,6 +110,21 @@ _PRODUCER_STATE_CODES = {
 _SECRET_HINTS = ("password", "secret", "key", "token", "jaas")
 
 
+class _Throttle:
+    """librdkafka repeats connection errors while a broker is down: pass one per interval."""
+
+    def __init__(self, interval: float = 30.0) -> None:
+        self.interval = interval
+        self._last = -interval
+
+    def ready(self) -> bool:
+        now = time.monotonic()
+        if now - self._last < self.interval:
+            return False
+        self._last = now
+        return True
+
+
 def classify(err: KafkaError) -> DeliveryFailure:
     """Map a librdkafka error to what the relay should do about it."""
     reason = f"{err.name()}: {err.str()}"
@@ -159,17 +174,14 @@ class KafkaTransport:
         except (KafkaException, ValueError, TypeError) as exc:
             raise ConfigurationError(f"invalid Kafka setting: {_describe(exc)}") from exc
         self._broken = False
-        self._last_error_log = 0.0
+        self._error_log = _Throttle()
 
     def _on_error(self, err: KafkaError) -> None:
         if err.fatal():
             self._broken = True
             logger.error("kafka producer fatal error", extra={"error": err.str()})
             return
-        # librdkafka repeats connection errors while a broker is down: one line per 30 s.
-        now = time.monotonic()
-        if now - self._last_error_log >= 30:
-            self._last_error_log = now
+        if self._error_log.ready():
             logger.warning("kafka client error", extra={"error": f"{err.name()}: {err.str()}"})
 
     def send(self, message: OutgoingMessage, on_delivery: OnDelivery) -> None:
@@ -317,12 +329,10 @@ class KafkaSource:
         #: one): until then no message can come, so the runner does not count it as idle.
         self.joined = False
         self._consumer.subscribe(topics, on_assign=self._on_assign, on_revoke=self._on_revoke)
-        self._last_error_log = 0.0
+        self._error_log = _Throttle()
 
     def _on_error(self, err: KafkaError) -> None:
-        now = time.monotonic()
-        if err.fatal() or now - self._last_error_log >= 30:
-            self._last_error_log = now
+        if self._error_log.ready() or err.fatal():
             logger.warning("kafka consumer error", extra={"error": f"{err.name()}: {err.str()}"})
 
     def _on_assign(self, consumer: Any, partitions: Any) -> None:
