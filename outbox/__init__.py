@@ -13,6 +13,7 @@ then run ``outbox-relay --db-url ... --bootstrap-servers ...``. See ``docs/``.
 """
 
 from outbox.config import RelayConfig
+from outbox.events import EventSource, collect_events
 from outbox.exceptions import (
     ConfigurationError,
     DatabaseError,
@@ -37,6 +38,7 @@ __all__ = [
     "ConfigurationError",
     "DatabaseError",
     "DatabaseUnavailableError",
+    "EventSource",
     "IdempotencyKeyReused",
     "Inbox",
     "Message",
@@ -50,6 +52,7 @@ __all__ = [
     "RelayStats",
     "TransactionConflict",
     "TransportError",
+    "collect_events",
     "define_tables",
     "uuid7",
 ]
