@@ -13,7 +13,9 @@ Design (see ``docs/guarantees.md``):
 * **At least once.** Rows are deleted (or marked) only after the broker acknowledged them.
   Anything unacknowledged at a crash is sent again: duplicates, never loss.
 * **Pipelining.** Up to ``max_inflight_batches`` batches are out at once, so the database work
-  for one batch overlaps the broker's acknowledgement of another.
+  for one batch overlaps the broker's acknowledgement of another. Under load the next claim
+  also runs ahead, on a second connection in pipeline mode: the server runs it while this
+  thread waits for acknowledgements and marks the last batch.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import functools
 import heapq
 import json
 import logging
@@ -98,6 +101,11 @@ def _int_array(ids: list[int]) -> str:
     return "{" + ",".join(map(str, ids)) + "}"
 
 
+def _in_flight(batches: collections.deque[_Batch]) -> str:
+    """The ids of ``batches`` that are in flight, as a bigint[] literal."""
+    return "{" + ",".join(b.sent_text for b in batches if b.sent) + "}"
+
+
 @dataclasses.dataclass
 class _Batch:
     rows: list[_Row]
@@ -119,6 +127,42 @@ class _Batch:
     def done(self) -> bool:
         return self.outstanding == 0
 
+    @functools.cached_property
+    def sent_text(self) -> str:
+        """``sent`` joined by commas, built once: every claim excludes it while in flight,
+        and the delete of a batch acknowledged in full reuses it. Read only after _send."""
+        return ",".join(map(str, self.sent))
+
+
+class _Report:
+    """The delivery report callback of one message. A slotted object rather than a closure:
+    one allocation instead of a function and its cells, for every message sent."""
+
+    __slots__ = ("batch", "relay", "row")
+
+    def __init__(self, relay: Relay, batch: _Batch, row: _Row) -> None:
+        self.relay = relay
+        self.batch = batch
+        self.row = row
+
+    def __call__(self, failure: DeliveryFailure | None) -> None:
+        batch = self.batch
+        if batch.closed:
+            # A report after the batch was finished or abandoned (e.g. purged when a
+            # client is discarded): the row's fate is already settled (it stays unsent
+            # and is claimed again); it must not hold its key back any more.
+            return
+        batch.outstanding -= 1
+        if failure is None:
+            batch.acked.append(self.row.id)
+            return
+        self.relay._hold(batch, self.row)
+        if failure.kind is FailureKind.MESSAGE:
+            batch.failed.append((self.row.id, failure.reason))
+        else:
+            batch.transport_failures.append(failure.reason)
+            batch.fatal = batch.fatal or failure.kind is FailureKind.FATAL
+
 
 class Relay:
     """Moves committed outbox rows to a broker. Not thread-safe; call :meth:`stop` from any
@@ -137,6 +181,11 @@ class Relay:
         self._transport_factory = transport_factory
         self._transport: Transport | None = None
         self._conn: psycopg.Connection[Any] | None = None
+        # Claims that run ahead (see _prefetch): their own connection, kept in pipeline mode.
+        self._claim_conn: psycopg.Connection[Any] | None = None
+        self._claim_pipeline: psycopg.Pipeline | None = None
+        self._prefetched: tuple[psycopg.Cursor[Any], int] | None = None
+        self._claim_stack = contextlib.ExitStack()
         self._leader = False
         self._inflight: collections.deque[_Batch] = collections.deque()
         self._stop = threading.Event()
@@ -257,6 +306,8 @@ class Relay:
                 claimed_full = len(rows) == self.config.batch_size
                 self._inflight.append(self._send(rows, claim_no))
                 progressed = True
+                if claimed_full and not self._stop.is_set():
+                    self._prefetch()
         if self._inflight and (
             len(self._inflight) >= self.config.max_inflight_batches or not claimed_full
         ):
@@ -270,19 +321,83 @@ class Relay:
         return progressed
 
     def _take_claim(self) -> tuple[list[_Row], int]:
+        prefetched, self._prefetched = self._prefetched, None
+        if prefetched is not None:
+            cur, claim_no = prefetched
+            with translate_db_errors("claim"):
+                rows = cur.fetchall()
+                # Ends the pipeline's implicit transaction (it would hold back vacuum).
+                self._require_pipeline().sync()
+            self._drain_notifies()
+            return [_Row(*r) for r in rows], claim_no
         self._claims += 1
-        return self._claim([i for b in self._inflight for i in b.sent]), self._claims
+        return self._claim(_in_flight(self._inflight)), self._claims
 
-    def _claim(self, exclude: list[int]) -> list[_Row]:
+    def _prefetch(self) -> None:
+        """Send the next claim now, without waiting: the server runs it while this thread
+        awaits acknowledgements. It excludes exactly what is in flight, like any claim, and
+        takes its number now, so hold-back (see _send) treats it as the claim it is: one that
+        may not see failures recorded after this point."""
+        if self._claim_conn is None:
+            self._open_claim_conn()
+        conn = self._require_claim_conn()
+        self._claims += 1
+        with translate_db_errors("claim"):
+            cur = conn.cursor(binary=True)
+            cur.execute(
+                self._sql["claim"],
+                {"exclude": _in_flight(self._inflight), "limit": self.config.batch_size},
+            )
+        self._prefetched = (cur, self._claims)
+
+    def _open_claim_conn(self) -> None:
+        with translate_db_errors("connect"):
+            conn = psycopg.connect(self._conninfo, autocommit=True)
+        # The context manager must stay referenced: collecting it would leave pipeline mode.
+        self._claim_stack = contextlib.ExitStack()
+        try:
+            pipeline = self._claim_stack.enter_context(conn.pipeline())
+        except BaseException:
+            conn.close()
+            raise
+        self._claim_conn, self._claim_pipeline = conn, pipeline
+
+    def _close_claim_conn(self) -> None:
+        self._prefetched = None
+        conn, self._claim_conn, self._claim_pipeline = self._claim_conn, None, None
+        stack, self._claim_stack = self._claim_stack, contextlib.ExitStack()
+        if conn is not None:
+            # Close first: pending results are dropped instead of synced.
+            with contextlib.suppress(psycopg.Error):
+                conn.close()
+            with contextlib.suppress(psycopg.Error):
+                stack.close()
+
+    def _require_claim_conn(self) -> psycopg.Connection[Any]:
+        if self._claim_conn is None:
+            raise DatabaseUnavailableError("not connected")
+        return self._claim_conn
+
+    def _require_pipeline(self) -> psycopg.Pipeline:
+        if self._claim_pipeline is None:
+            raise DatabaseUnavailableError("not connected")
+        return self._claim_pipeline
+
+    def _drain_notifies(self) -> None:
+        # Notifications already received are for commits this claim will see; drop them
+        # (psycopg queues them until read: under constant load they would pile up).
         conn = self._require_conn()
         with translate_db_errors("claim"):
-            # Notifications already received are for commits this claim will see; drop them
-            # (psycopg queues them until read: under constant load they would pile up).
             for _ in conn.notifies(timeout=0):
                 pass
+
+    def _claim(self, exclude: str) -> list[_Row]:
+        conn = self._require_conn()
+        self._drain_notifies()
+        with translate_db_errors("claim"):
             cur = conn.execute(
                 self._sql["claim"],
-                {"exclude": _int_array(exclude), "limit": self.config.batch_size},
+                {"exclude": exclude, "limit": self.config.batch_size},
                 binary=True,  # bytea arrives raw instead of hex-encoded
             )
             return [_Row(*r) for r in cur.fetchall()]
@@ -307,13 +422,13 @@ class Relay:
                 self._hold(batch, row)
                 continue
             message = OutgoingMessage(
-                topic=row.topic,
-                key=row.key,
-                value=row.payload,
-                headers=[(HEADER_MESSAGE_ID, row.message_id.encode()), *self._headers(row.headers)],
+                row.topic,
+                row.key,
+                row.payload,
+                [(HEADER_MESSAGE_ID, row.message_id.encode()), *self._headers(row.headers)],
             )
             try:
-                transport.send(message, self._reporter(batch, row))
+                transport.send(message, _Report(self, batch, row))
                 if row.attempts and row.key is not None:
                     # A retry goes alone: if it fails again, the rest of its key must not
                     # be in flight behind it (they would fail too, or overtake it).
@@ -356,28 +471,6 @@ class Relay:
             self._header_cache[text] = cached
         return cached
 
-    def _reporter(self, batch: _Batch, row: _Row) -> Callable[[DeliveryFailure | None], None]:
-        row_id = row.id
-
-        def on_delivery(failure: DeliveryFailure | None) -> None:
-            if batch.closed:
-                # A report after the batch was finished or abandoned (e.g. purged when a
-                # client is discarded): the row's fate is already settled (it stays unsent
-                # and is claimed again); it must not hold its key back any more.
-                return
-            batch.outstanding -= 1
-            if failure is None:
-                batch.acked.append(row_id)
-                return
-            self._hold(batch, row)
-            if failure.kind is FailureKind.MESSAGE:
-                batch.failed.append((row_id, failure.reason))
-            else:
-                batch.transport_failures.append(failure.reason)
-                batch.fatal = batch.fatal or failure.kind is FailureKind.FATAL
-
-        return on_delivery
-
     def _await(self, batch: _Batch) -> None:
         transport = self._transport_or_create()
         # librdkafka reports every message within message.timeout.ms; the margin covers the
@@ -391,6 +484,11 @@ class Relay:
                 batch.transport_failures.append("no delivery report before the deadline")
                 batch.fatal = True
                 batch.outstanding = 0
+                # Their keys wait like failed ones: a later claim must not send behind them.
+                reported = {*batch.acked, *(f[0] for f in batch.failed)}
+                for row in batch.rows:
+                    if row.id in batch.sent and row.id not in reported:
+                        self._hold(batch, row)
                 break
             if batch is self._inflight[-1]:
                 # Nothing queued behind it: send now rather than after linger.ms.
@@ -420,7 +518,11 @@ class Relay:
             if batch.acked:
                 conn.execute(
                     self._sql["mark" if self.config.retain_sent else "delete"],
-                    {"ids": _int_array(batch.acked)},
+                    {
+                        "ids": "{" + batch.sent_text + "}"
+                        if len(batch.acked) == len(batch.sent)
+                        else _int_array(batch.acked)
+                    },
                 )
             if failures:
                 cur = conn.execute(
@@ -583,6 +685,7 @@ class Relay:
             batch.closed = True
         self._inflight.clear()
         self._held.clear()
+        self._close_claim_conn()
         self._discard_transport()
         self._leader = False
         if self._conn is not None:
@@ -637,6 +740,7 @@ class Relay:
             )
         finally:
             self._inflight.clear()
+            self._close_claim_conn()
             if self._transport is not None:
                 self._transport.close(max(0.0, deadline - time.monotonic()))
                 self._transport = None

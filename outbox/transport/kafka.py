@@ -159,6 +159,26 @@ def producer_config(bootstrap_servers: str, overrides: Mapping[str, str]) -> dic
     return conf
 
 
+class _Report:
+    """Translates one message's delivery report. A slotted object rather than a closure: the
+    relay creates one per message."""
+
+    __slots__ = ("on_delivery", "transport")
+
+    def __init__(self, transport: KafkaTransport, on_delivery: OnDelivery) -> None:
+        self.transport = transport
+        self.on_delivery = on_delivery
+
+    def __call__(self, err: KafkaError | None, _msg: object) -> None:
+        if err is None:
+            self.on_delivery(None)
+            return
+        failure = classify(err)
+        if failure.kind is FailureKind.FATAL:
+            self.transport._broken = True
+        self.on_delivery(failure)
+
+
 class KafkaTransport:
     """Idempotent Kafka producer (``acks=all``); see :data:`DEFAULTS` and :data:`REQUIRED`."""
 
@@ -188,15 +208,6 @@ class KafkaTransport:
         if self._broken:
             raise TransportUnavailable("the Kafka producer is in a fatal state")
 
-        def report(err: KafkaError | None, _msg: object) -> None:
-            if err is None:
-                on_delivery(None)
-                return
-            failure = classify(err)
-            if failure.kind is FailureKind.FATAL:
-                self._broken = True
-            on_delivery(failure)
-
         while True:
             try:
                 self._producer.produce(
@@ -206,7 +217,7 @@ class KafkaTransport:
                     headers=message.headers
                     if isinstance(message.headers, list)
                     else list(message.headers),
-                    on_delivery=report,
+                    on_delivery=_Report(self, on_delivery),
                 )
                 return
             except BufferError:
