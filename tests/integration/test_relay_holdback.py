@@ -5,6 +5,7 @@ retry time wakes the relay; retries fly alone; --once rides out one transient fa
 from __future__ import annotations
 
 import random
+from typing import Any
 
 import sqlalchemy as sa
 
@@ -215,3 +216,74 @@ def test_reports_after_a_batch_is_abandoned_hold_nothing_back(
     stats = relay.run_once()
     assert stats.sent == 2
     assert [m.value for m in transports[0].sent] == [b"v1", b"v2"]
+
+
+class CountingPrefetch:
+    """Counts the claims that ran ahead (the relay's prefetch), to prove a test used one."""
+
+    def __init__(self, relay: Any) -> None:
+        self.count = 0
+        original = relay._prefetch
+
+        def prefetch() -> None:
+            self.count += 1
+            original()
+
+        relay._prefetch = prefetch
+
+
+def test_a_claim_that_ran_ahead_of_a_failure_does_not_send_past_it(
+    engine: sa.Engine, db_url: str
+) -> None:
+    # Batches of 5, two in flight: claim 3 (holding K-1) is sent ahead while batch 1 (holding
+    # K-0) is still in flight; K-0 then fails. Claim 3 ran before the failure was recorded, so
+    # K-1 must wait for K-0's retry although the claim returned it.
+    specs = [("K", "K-0"), *[("a", f"a-{i}") for i in range(1, 10)], ("K", "K-1")]
+    specs += [("b", f"b-{i}") for i in range(8)]
+    publish(engine, specs)
+    failed: set[str] = set()
+
+    def fail(m: OutgoingMessage) -> DeliveryFailure | None:
+        if m.value == b"K-0" and "K-0" not in failed:
+            failed.add("K-0")
+            return DeliveryFailure(FailureKind.MESSAGE, "refused once")
+        return None
+
+    transport = MemoryTransport(fail=fail)
+    relay = make_relay(db_url, transport, NoDelay(), batch_size=5, max_inflight_batches=2)
+    prefetches = CountingPrefetch(relay)
+    with Running(relay) as running:
+        wait_for(lambda: count_rows(engine) == 0 and running.check_alive(), 20, "all sent")
+        stats = running.stop()
+    assert prefetches.count >= 2
+    assert stats.failed_attempts == 1
+    assert by_key(transport.sent)["K"] == ["K-0", "K-1"]
+
+
+def test_a_message_never_reported_holds_its_key_like_a_failure(
+    engine: sa.Engine, db_url: str
+) -> None:
+    # K-0's delivery report never comes; the batch hits its deadline. A claim that ran ahead
+    # (holding K-1) must not send K-1 before K-0 is sent again.
+    specs = [("K", "K-0"), *[("a", f"a-{i}") for i in range(1, 10)], ("K", "K-1")]
+    publish(engine, specs)
+
+    class LosesOneReport(MemoryTransport):
+        lost = False
+
+        def send(self, message: OutgoingMessage, on_delivery: Any) -> None:
+            if message.value == b"K-0" and not LosesOneReport.lost:
+                LosesOneReport.lost = True
+                return  # accepted, then never reported (nor stored)
+            super().send(message, on_delivery)
+
+    transport = LosesOneReport()
+    relay = make_relay(
+        db_url, transport, batch_size=5, max_inflight_batches=2, delivery_timeout=0.1
+    )
+    prefetches = CountingPrefetch(relay)
+    with Running(relay) as running:
+        wait_for(lambda: count_rows(engine) == 0 and running.check_alive(), 30, "all sent")
+        running.stop()
+    assert prefetches.count >= 2
+    assert by_key(transport.sent)["K"] == ["K-0", "K-1"]
