@@ -5,14 +5,14 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias, cast
 
 import psycopg
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from outbox import statements
-from outbox.exceptions import translate_db_errors
+from outbox import deferred, statements
+from outbox.exceptions import DatabaseUnavailableError, translate_db_errors
 from outbox.message import EncodedMessage, Message, encode
 from outbox.schema import DEFAULT_INBOX_TABLE, DEFAULT_TABLE, OutboxTables, define_tables
 
@@ -50,6 +50,12 @@ class Outbox:
 
     Publishing inserts rows in the session's current transaction: they become visible to the
     relay when that transaction commits, and vanish with it when it rolls back.
+
+    ``at_commit=True`` (psycopg 3 only) validates and encodes at the publish call but writes
+    the rows when the transaction commits, in the same round trip as the COMMIT: no extra round
+    trip per publish call, and same-key writers wait for each other only while committing.
+    The transaction must then end through SQLAlchemy (see ``docs/howto.md``), and database
+    errors (missing tables, a duplicate message id) surface at commit, rolling it back.
     """
 
     def __init__(
@@ -59,10 +65,14 @@ class Outbox:
         schema: str | None = None,
         metadata: sa.MetaData | None = None,
         inbox_table: str = DEFAULT_INBOX_TABLE,
+        at_commit: bool = False,
     ) -> None:
         self.tables: OutboxTables = define_tables(
             metadata, table=table, schema=schema, inbox_table=inbox_table
         )
+        self.at_commit = at_commit
+        if at_commit:
+            deferred.install()
 
     def publish(
         self,
@@ -87,9 +97,16 @@ class Outbox:
         """Publish several messages in one round trip, in the given order."""
         encoded = [encode(m) for m in messages]
         if encoded:
-            stmt, params = self._insert(encoded)
-            with translate_db_errors("publish"):
-                run_first(session, stmt, params)
+            if self.at_commit:
+                with translate_db_errors("publish"):
+                    conn = session.connection() if isinstance(session, Session) else session
+                    if not conn.in_transaction():
+                        conn.begin()  # as a statement would (autobegin): commit() then writes
+                deferred.add(conn, self.tables, encoded)
+            else:
+                stmt, params = insert_statement(self.tables, encoded)
+                with translate_db_errors("publish"):
+                    run_first(session, stmt, params)
         return [e.message_id for e in encoded]
 
     async def apublish(
@@ -113,31 +130,47 @@ class Outbox:
         """:meth:`publish_many` for an ``AsyncSession`` or ``AsyncConnection``."""
         encoded = [encode(m) for m in messages]
         if encoded:
-            stmt, params = self._insert(encoded)
-            with translate_db_errors("publish"):
-                await session.execute(stmt, params)
+            if self.at_commit:
+                with translate_db_errors("publish"):
+                    # AsyncConnection or AsyncSession (not imported: it needs greenlet).
+                    if hasattr(session, "sync_connection"):
+                        aconn = cast("AsyncConnection", session)
+                    else:
+                        aconn = await cast("AsyncSession", session).connection()  # type: ignore[redundant-cast]
+                    sync_conn = aconn.sync_connection
+                    if sync_conn is None:
+                        raise DatabaseUnavailableError("the connection is closed")
+                deferred.add(sync_conn, self.tables, encoded)
+            else:
+                stmt, params = insert_statement(self.tables, encoded)
+                with translate_db_errors("publish"):
+                    await session.execute(stmt, params)
         return [e.message_id for e in encoded]
 
-    def _insert(self, encoded: Sequence[EncodedMessage]) -> tuple[sa.TextClause, dict[str, Any]]:
-        if len(encoded) == 1:
-            e = encoded[0]
-            return statements.insert_message(self.tables), {
-                "message_id": e.message_id,
-                "topic": e.topic,
-                "key": e.key,
-                "payload": e.payload,
-                "headers": json.dumps(e.headers, separators=(",", ":")),
-                "lock_id": None if e.key is None else self.tables.lock_id(e.topic.encode(), e.key),
-            }
-        lock_ids = sorted(
-            {self.tables.lock_id(e.topic.encode(), e.key) for e in encoded if e.key is not None}
-        )
-        params: dict[str, Any] = {
-            "message_ids": [e.message_id for e in encoded],
-            "topics": [e.topic for e in encoded],
-            "keys": [e.key for e in encoded],
-            "payloads": [e.payload for e in encoded],
-            "headers": [json.dumps(e.headers, separators=(",", ":")) for e in encoded],
-            "lock_ids": lock_ids,
+
+def insert_statement(
+    tables: OutboxTables, encoded: Sequence[EncodedMessage]
+) -> tuple[sa.TextClause, dict[str, Any]]:
+    """The one statement that writes ``encoded`` (at least one message), with its parameters."""
+    if len(encoded) == 1:
+        e = encoded[0]
+        return statements.insert_message(tables), {
+            "message_id": e.message_id,
+            "topic": e.topic,
+            "key": e.key,
+            "payload": e.payload,
+            "headers": json.dumps(e.headers, separators=(",", ":")),
+            "lock_id": None if e.key is None else tables.lock_id(e.topic.encode(), e.key),
         }
-        return statements.insert_messages(self.tables), params
+    lock_ids = sorted(
+        {tables.lock_id(e.topic.encode(), e.key) for e in encoded if e.key is not None}
+    )
+    params: dict[str, Any] = {
+        "message_ids": [e.message_id for e in encoded],
+        "topics": [e.topic for e in encoded],
+        "keys": [e.key for e in encoded],
+        "payloads": [e.payload for e in encoded],
+        "headers": [json.dumps(e.headers, separators=(",", ":")) for e in encoded],
+        "lock_ids": lock_ids,
+    }
+    return statements.insert_messages(tables), params

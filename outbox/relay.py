@@ -324,12 +324,16 @@ class Relay:
         prefetched, self._prefetched = self._prefetched, None
         if prefetched is not None:
             cur, claim_no = prefetched
-            with translate_db_errors("claim"):
-                rows = cur.fetchall()
-                # Ends the pipeline's implicit transaction (it would hold back vacuum).
-                self._require_pipeline().sync()
-            self._drain_notifies()
-            return [_Row(*r) for r in rows], claim_no
+            try:
+                with translate_db_errors("claim"):
+                    rows = cur.fetchall()
+                    # Ends the pipeline's implicit transaction (it would hold back vacuum).
+                    self._require_pipeline().sync()
+            except OutboxError as exc:
+                self._lost_claim_conn(exc)  # claim on the leader's connection instead
+            else:
+                self._drain_notifies()
+                return [_Row(*r) for r in rows], claim_no
         self._claims += 1
         return self._claim(_in_flight(self._inflight)), self._claims
 
@@ -338,21 +342,34 @@ class Relay:
         awaits acknowledgements. It excludes exactly what is in flight, like any claim, and
         takes its number now, so hold-back (see _send) treats it as the claim it is: one that
         may not see failures recorded after this point."""
-        if self._claim_conn is None:
-            self._open_claim_conn()
-        conn = self._require_claim_conn()
-        self._claims += 1
-        with translate_db_errors("claim"):
-            cur = conn.cursor(binary=True)
-            cur.execute(
-                self._sql["claim"],
-                {"exclude": _in_flight(self._inflight), "limit": self.config.batch_size},
-            )
+        try:
+            if self._claim_conn is None:
+                self._open_claim_conn()
+            conn = self._require_claim_conn()
+            self._claims += 1
+            with translate_db_errors("claim"):
+                cur = conn.cursor(binary=True)
+                cur.execute(
+                    self._sql["claim"],
+                    {"exclude": _in_flight(self._inflight), "limit": self.config.batch_size},
+                )
+        except OutboxError as exc:
+            self._lost_claim_conn(exc)
+            return
         self._prefetched = (cur, self._claims)
 
+    def _lost_claim_conn(self, exc: OutboxError) -> None:
+        # Only reads ran there: nothing in flight depends on it. Claims go through the
+        # leader's connection until the next prefetch opens a new one.
+        logger.warning("claim connection lost", extra={"error": str(exc)})
+        self._close_claim_conn()
+
     def _open_claim_conn(self) -> None:
+        name = psycopg.conninfo.conninfo_to_dict(self._conninfo).get("application_name")
         with translate_db_errors("connect"):
-            conn = psycopg.connect(self._conninfo, autocommit=True)
+            conn = psycopg.connect(
+                self._conninfo, autocommit=True, application_name=f"{name or 'outbox'} claims"
+            )
         # The context manager must stay referenced: collecting it would leave pipeline mode.
         self._claim_stack = contextlib.ExitStack()
         try:

@@ -287,3 +287,42 @@ def test_a_message_never_reported_holds_its_key_like_a_failure(
         running.stop()
     assert prefetches.count >= 2
     assert by_key(transport.sent)["K"] == ["K-0", "K-1"]
+
+
+def test_losing_the_claim_connection_only_falls_back_to_the_leader_connection(
+    engine: sa.Engine, db_url: str, caplog: Any
+) -> None:
+    import logging
+
+    import psycopg
+
+    specs = [(f"k{i % 4}", f"v{i:03d}") for i in range(60)]
+    publish(engine, specs)
+    dsn = db_url.replace("postgresql+psycopg", "postgresql")
+    holder: list[Any] = []
+
+    class KillsClaims(MemoryTransport):
+        killed = 0
+
+        def poll(self, timeout: float) -> None:
+            relay = holder[0]
+            if not KillsClaims.killed and relay._prefetched is not None:
+                pid = relay._claim_conn.info.backend_pid
+                with psycopg.connect(dsn, autocommit=True) as admin:
+                    admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+                KillsClaims.killed = pid
+            super().poll(timeout)
+
+    transport = KillsClaims()
+    relay = make_relay(db_url, transport, batch_size=5, max_inflight_batches=2)
+    holder.append(relay)
+    caplog.set_level(logging.INFO, logger="outbox.relay")
+    stats = relay.run_once()
+    assert KillsClaims.killed
+    assert stats.sent == 60
+    messages = [r.getMessage() for r in caplog.records]
+    assert "claim connection lost" in messages
+    assert "database connection lost, reconnecting" not in messages
+    sent = by_key(transport.sent)
+    for key in ("k0", "k1", "k2", "k3"):
+        assert sent[key] == [v for k, v in specs if k == key]  # no duplicates either

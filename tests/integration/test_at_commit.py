@@ -1,0 +1,285 @@
+"""``Outbox(at_commit=True)``: messages written in the same round trip as the COMMIT."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import uuid
+from typing import Any
+
+import psycopg
+import pytest
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+from sqlalchemy.orm import Session
+
+from outbox import (
+    ConfigurationError,
+    DatabaseError,
+    Message,
+    MissingTablesError,
+    Outbox,
+    PayloadError,
+)
+from tests.integration.test_publish import rows
+from tests.support.waits import wait_for
+
+
+@pytest.fixture
+def outbox() -> Outbox:
+    return Outbox(at_commit=True)
+
+
+@pytest.fixture
+def business(engine: sa.Engine) -> sa.Engine:
+    with engine.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE orders (id int PRIMARY KEY)"))
+    return engine
+
+
+def orders(engine: sa.Engine) -> list[int]:
+    with engine.connect() as conn:
+        return list(conn.execute(sa.text("SELECT id FROM orders ORDER BY id")).scalars())
+
+
+def count_statements(engine: sa.Engine) -> list[str]:
+    """Statements SQLAlchemy sends (the commit pipeline goes around it: not listed)."""
+    seen: list[str] = []
+    event.listen(engine, "before_cursor_execute", lambda c, cur, stmt, *a: seen.append(stmt))
+    return seen
+
+
+def test_rows_are_written_by_the_commit_only(business: sa.Engine, outbox: Outbox) -> None:
+    seen = count_statements(business)
+    with Session(business) as session, session.begin():
+        session.execute(sa.text("INSERT INTO orders VALUES (1)"))
+        a = outbox.publish(session, "t", {"n": 1}, key="k")
+        b = outbox.publish_many(session, [Message("t", {"n": 2}, key="k"), Message("u", b"3")])
+        # Nothing is sent at the publish calls...
+        assert len(seen) == 1
+        own = session.execute(sa.text("SELECT count(*) FROM outbox_messages")).scalar()
+        assert own == 0
+    # ...and all of it is written, in call order, with the COMMIT.
+    stored = rows(business)
+    assert [r.message_id for r in stored] == [a, *b]
+    assert [r.payload for r in stored] == [b'{"n":1}', b'{"n":2}', b"3"]
+    assert orders(business) == [1]
+
+
+def test_rollback_and_close_write_nothing_and_leak_nothing(
+    business: sa.Engine, outbox: Outbox
+) -> None:
+    with Session(business) as session:
+        session.begin()
+        outbox.publish(session, "t", "rolled back")
+        session.rollback()
+        session.begin()
+        outbox.publish(session, "t", "closed without commit")
+    # The pool hands out the same connection again: nothing may be left on it.
+    with Session(business) as session, session.begin():
+        session.execute(sa.text("INSERT INTO orders VALUES (2)"))
+        outbox.publish(session, "t", "committed")
+    assert [r.payload for r in rows(business)] == [b"committed"]
+
+
+def test_savepoints(business: sa.Engine, outbox: Outbox) -> None:
+    with Session(business) as session, session.begin():
+        outbox.publish(session, "t", "before")
+        with session.begin_nested() as sp:
+            outbox.publish(session, "t", "in rolled back savepoint")
+            with session.begin_nested():
+                outbox.publish(session, "t", "in released inner savepoint")
+            sp.rollback()
+        with session.begin_nested():
+            outbox.publish(session, "t", "in released savepoint")
+        sp2 = session.begin_nested()
+        outbox.publish(session, "t", "first in a rolled back savepoint")
+        sp2.rollback()
+    assert [r.payload for r in rows(business)] == [b"before", b"in released savepoint"]
+
+
+def test_a_savepoint_before_the_first_publish(business: sa.Engine, outbox: Outbox) -> None:
+    with Session(business) as session, session.begin():
+        sp = session.begin_nested()
+        outbox.publish(session, "t", "inside")
+        sp.rollback()
+        outbox.publish(session, "t", "after")
+    assert [r.payload for r in rows(business)] == [b"after"]
+
+
+def test_on_a_connection(business: sa.Engine, outbox: Outbox) -> None:
+    with business.begin() as conn:
+        conn.execute(sa.text("INSERT INTO orders VALUES (3)"))
+        outbox.publish(conn, "t", "via connection")
+    with business.connect() as conn:
+        outbox.publish(conn, "t", "committed explicitly")
+        conn.commit()
+        outbox.publish(conn, "t", "never committed")
+    assert [r.payload for r in rows(business)] == [b"via connection", b"committed explicitly"]
+
+
+def test_a_failing_insert_rolls_the_whole_transaction_back(
+    business: sa.Engine, outbox: Outbox
+) -> None:
+    mid = uuid.uuid4()
+    with Session(business) as session, session.begin():
+        outbox.publish(session, "t", "first", message_id=mid)
+    with (
+        pytest.raises(DatabaseError, match="duplicate"),
+        Session(business) as session,
+        session.begin(),
+    ):
+        session.execute(sa.text("INSERT INTO orders VALUES (4)"))
+        outbox.publish(session, "t", "same id", message_id=mid)
+    assert orders(business) == []  # the business row went with it
+    assert len(rows(business)) == 1
+    # The session and its pooled connection are usable again.
+    with Session(business) as session, session.begin():
+        session.execute(sa.text("INSERT INTO orders VALUES (5)"))
+        outbox.publish(session, "t", "after")
+    assert orders(business) == [5]
+
+
+def test_missing_tables_surface_at_commit(empty_db_url: str, outbox: Outbox) -> None:
+    engine = sa.create_engine(empty_db_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(sa.text("CREATE TABLE orders (id int PRIMARY KEY)"))
+        with pytest.raises(MissingTablesError), Session(engine) as session, session.begin():
+            session.execute(sa.text("INSERT INTO orders VALUES (6)"))
+            outbox.publish(session, "t", {})
+        assert orders(engine) == []
+    finally:
+        engine.dispose()
+
+
+def test_bad_payload_still_fails_at_the_call(business: sa.Engine, outbox: Outbox) -> None:
+    with Session(business) as session, session.begin():
+        with pytest.raises(PayloadError):
+            outbox.publish(session, "", {})
+        with pytest.raises(PayloadError):
+            outbox.publish(session, "t", float("nan"))
+
+
+def test_autocommit_connections_are_refused(db_url: str, outbox: Outbox) -> None:
+    engine = sa.create_engine(db_url, isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as conn, pytest.raises(ConfigurationError, match="autocommit"):
+            outbox.publish(conn, "t", {})
+    finally:
+        engine.dispose()
+
+
+def test_two_phase_commit_is_refused(business: sa.Engine, outbox: Outbox) -> None:
+    with Session(business, twophase=True) as session:
+        session.begin()
+        outbox.publish(session, "t", {})
+        with pytest.raises(ConfigurationError, match="two-phase"):
+            session.prepare()
+        session.rollback()
+    assert rows(business) == []
+
+
+def test_a_commit_sent_as_sql_is_logged_as_dropping_messages(
+    business: sa.Engine, outbox: Outbox, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.ERROR, logger="outbox.deferred")
+    with Session(business) as session:
+        session.begin()
+        session.execute(sa.text("INSERT INTO orders VALUES (9)"))
+        outbox.publish(session, "t", "lost")
+        session.connection().connection.driver_connection.commit()  # type: ignore[union-attr]
+        session.close()
+    assert rows(business) == []
+    assert orders(business) == [9]  # committed by the raw COMMIT, without its event
+    assert [r.getMessage() for r in caplog.records] == [
+        "published messages dropped: their transaction ended without a SQLAlchemy commit or "
+        "rollback"
+    ]
+    assert caplog.records[0].dropped == 1  # type: ignore[attr-defined]
+
+
+def test_same_key_writers_get_ids_in_commit_order(db_url: str, outbox: Outbox) -> None:
+    # The per-key lock is taken at commit: the transaction that publishes first but commits
+    # last gets the later id, so the relay sends in commit order.
+    engine = sa.create_engine(db_url, pool_size=2)
+    try:
+        first = Session(engine)
+        first.begin()
+        outbox.publish(first, "t", "published first, committed last", key="k")
+        with Session(engine) as second, second.begin():
+            outbox.publish(second, "t", "published second, committed first", key="k")
+        first.commit()
+        first.close()
+        assert [r.payload for r in rows(engine)] == [
+            b"published second, committed first",
+            b"published first, committed last",
+        ]
+    finally:
+        engine.dispose()
+
+
+def test_the_lock_is_held_only_while_committing(db_url: str, outbox: Outbox) -> None:
+    # A writer that published a key and is still working does not block another writer of
+    # that key (unlike Outbox(), where the lock is taken at the publish call).
+    engine = sa.create_engine(db_url, pool_size=2)
+    try:
+        with Session(engine) as slow:
+            slow.begin()
+            outbox.publish(slow, "t", "slow", key="k")
+            done = threading.Event()
+
+            def other() -> None:
+                with Session(engine) as fast, fast.begin():
+                    outbox.publish(fast, "t", "fast", key="k")
+                done.set()
+
+            t = threading.Thread(target=other)
+            t.start()
+            wait_for(done.is_set, 10, "the other writer committed")
+            t.join()
+            slow.commit()
+        assert [r.payload for r in rows(engine)] == [b"fast", b"slow"]
+    finally:
+        engine.dispose()
+
+
+def test_notification_fires_with_the_commit(db_url: str, outbox: Outbox, engine: Any) -> None:
+    dsn = db_url.replace("postgresql+psycopg", "postgresql")
+    with psycopg.connect(dsn, autocommit=True) as listener:
+        listener.execute(f"LISTEN {outbox.tables.channel}")
+        with Session(engine) as session, session.begin():
+            outbox.publish(session, "t", {})
+        assert len(list(listener.notifies(timeout=10, stop_after=1))) == 1
+
+
+def test_async_session_and_connection(business: sa.Engine, db_url: str, outbox: Outbox) -> None:
+    async def main() -> list[uuid.UUID]:
+        aengine = create_async_engine(db_url)
+        try:
+            async with AsyncSession(aengine) as session:
+                async with session.begin():
+                    await session.execute(sa.text("INSERT INTO orders VALUES (7)"))
+                    a = await outbox.apublish(session, "t", {"n": 1}, key="k")
+                    b = await outbox.apublish_many(session, [Message("t", {"n": 2}, key="k")])
+                async with session.begin():
+                    await outbox.apublish(session, "t", {"n": "rolled back"}, key="k")
+                    await session.rollback()
+                mid = uuid.uuid4()
+                async with session.begin():
+                    await outbox.apublish(session, "t", "x", message_id=mid)
+                with pytest.raises(DatabaseError, match="duplicate"):
+                    async with session.begin():
+                        await session.execute(sa.text("INSERT INTO orders VALUES (8)"))
+                        await outbox.apublish(session, "t", "dup", message_id=mid)
+            async with aengine.begin() as conn:
+                c = await outbox.apublish(conn, "t", "via connection")
+            return [a, *b, mid, c]
+        finally:
+            await aengine.dispose()
+
+    ids = asyncio.run(main())
+    assert [r.message_id for r in rows(business)] == ids
+    assert orders(business) == [7]
