@@ -28,7 +28,8 @@ from typing import Any
 import psycopg
 import sqlalchemy as sa
 from confluent_kafka import Producer
-from sqlalchemy.orm import Session
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -386,7 +387,19 @@ def bench_latency(
 # -- write overhead ----------------------------------------------------------------------------
 
 
-def bench_write(engine: sa.Engine, n: int = 2000) -> None:
+class _Base(DeclarativeBase):
+    pass
+
+
+class BenchOrder(_Base):
+    __tablename__ = "bench_orders"
+    id: Mapped[int] = mapped_column(sa.BigInteger, primary_key=True)
+    customer: Mapped[str]
+    amount: Mapped[Any] = mapped_column(sa.Numeric(12, 2))
+    body: Mapped[Any] = mapped_column(JSONB)
+
+
+def bench_write(engine: sa.Engine, n: int = 3000) -> None:
     with engine.begin() as c:
         c.execute(
             sa.text(
@@ -394,38 +407,49 @@ def bench_write(engine: sa.Engine, n: int = 2000) -> None:
                 "customer text NOT NULL, amount numeric(12,2) NOT NULL, body jsonb NOT NULL)"
             )
         )
-    outbox = Outbox()
+    modes: dict[str, Outbox | None] = {
+        "without event": None,
+        "Outbox()": Outbox(),
+        "Outbox(at_commit=True)": Outbox(at_commit=True),
+    }
     insert = sa.text(
         "INSERT INTO bench_orders (customer, amount, body) VALUES (:c, :a, CAST(:b AS jsonb))"
     )
 
-    def txn(i: int, with_event: bool) -> float:
+    events = 1
+    orm = False
+
+    def txn(i: int, outbox: Outbox | None) -> float:
         start = time.perf_counter()
         with Session(engine) as s, s.begin():
-            s.execute(
-                insert, {"c": f"customer-{i % KEYS}", "a": i % 997, "b": json.dumps(payload(i))}
-            )
-            if with_event:
-                outbox.publish(s, "orders", payload(i), key=f"customer-{i % KEYS}")
+            if orm:
+                s.add(BenchOrder(customer=f"customer-{i % KEYS}", amount=i % 997, body=payload(i)))
+                s.flush()
+            else:
+                s.execute(
+                    insert,
+                    {"c": f"customer-{i % KEYS}", "a": i % 997, "b": json.dumps(payload(i))},
+                )
+            if outbox is not None:
+                for j in range(events):  # one publish call per event
+                    outbox.publish(s, "orders", payload(i), key=f"customer-{(i + j) % KEYS}")
         return time.perf_counter() - start
 
-    for i in range(200):  # warm up the pool, caches, plans
-        txn(i, i % 2 == 0)
-    without: list[float] = []
-    with_: list[float] = []
-    for i in range(n):  # alternate so that drift and noise hit both alike
-        (with_ if i % 2 else without).append(txn(i, bool(i % 2)))
-    a, b = statistics.median(without), statistics.median(with_)
-    print(f"\n== write overhead: business transaction of one order row, {n // 2} each, alternating")
-    print(
-        f"  without event {a * 1000:.3f} ms   with one event {b * 1000:.3f} ms (medians)   "
-        f"ratio {b / a:.2f}   (target <= 1.25)"
-    )
-    print(
-        f"  means: {statistics.mean(without) * 1000:.3f} ms vs "
-        f"{statistics.mean(with_) * 1000:.3f} ms   ratio "
-        f"{statistics.mean(with_) / statistics.mean(without):.2f}"
-    )
+    for i in range(300):  # warm up the pool, caches, plans
+        txn(i, list(modes.values())[i % len(modes)])
+    print(f"\n== write overhead: business transaction of one order row, {n} each, interleaved")
+    for events, orm in ((1, False), (3, False), (1, True)):
+        times: dict[str, list[float]] = {name: [] for name in modes}
+        for i in range(n if events == 1 else n // 3):  # interleaved: noise hits all alike
+            for name, outbox in modes.items():
+                times[name].append(txn(i, outbox))
+        base = statistics.median(times["without event"])
+        how = "ORM (session.add + flush)" if orm else "Core text INSERT"
+        print(f"  order row by {how}, {events} event(s), one publish call each (medians):")
+        for name, t in times.items():
+            m = statistics.median(t)
+            target = "   (target <= 1.25)" if name != "without event" and events == 1 else ""
+            print(f"    {name:24} {m * 1000:.3f} ms   ratio {m / base:.2f}{target}")
 
 
 # -- idle cost ---------------------------------------------------------------------------------

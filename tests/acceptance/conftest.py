@@ -49,6 +49,7 @@ class Writers:
     ... (1 to 3 messages of its keys per transaction). ``mode="counter"``: every thread writes
     every key; a transaction increments the key's row in ``counters`` and publishes that number,
     so the row lock serializes the writers of a key and the number is the business order.
+    Odd-numbered threads use ``Outbox(at_commit=True)``, even ones ``Outbox()``.
     """
 
     def __init__(
@@ -122,7 +123,8 @@ class Writers:
 
     def _run(self, index: int, seed: int) -> None:
         rng = random.Random(seed)
-        outbox = Outbox()
+        # Odd threads write with the COMMIT: both modes share the keys and their order.
+        outbox = Outbox(at_commit=index % 2 == 1)
         mine = self.keys[index :: len(self._threads)] if self.mode == "owned" else self.keys
         seqs = dict.fromkeys(mine, 0)
         try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
@@ -17,10 +18,11 @@ def relay_for(db_url: str, broker: Broker, **kw: object) -> Relay:
     return Relay(config, lambda: KafkaTransport(broker.bootstrap, {"message.timeout.ms": "20000"}))
 
 
+@pytest.mark.parametrize("at_commit", [False, True], ids=["at-publish", "at-commit"])
 def test_committed_events_arrive_with_headers_rolled_back_never(
-    engine: sa.Engine, db_url: str, broker: Broker, topic: str
+    engine: sa.Engine, db_url: str, broker: Broker, topic: str, at_commit: bool
 ) -> None:
-    outbox = Outbox()
+    outbox = Outbox(at_commit=at_commit)
     with Session(engine) as session, session.begin():
         ids = [
             outbox.publish(session, topic, {"order": i}, key=f"k{i % 3}", headers={"h": "v"})
