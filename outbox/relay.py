@@ -352,6 +352,7 @@ class Relay:
                 cur.execute(
                     self._sql["claim"],
                     {"exclude": _in_flight(self._inflight), "limit": self.config.batch_size},
+                    prepare=False,  # see _claim
                 )
         except OutboxError as exc:
             self._lost_claim_conn(exc)
@@ -416,6 +417,10 @@ class Relay:
                 self._sql["claim"],
                 {"exclude": exclude, "limit": self.config.batch_size},
                 binary=True,  # bytea arrives raw instead of hex-encoded
+                # Planned for each call: a prepared statement's generic plan cannot see how
+                # many ids are excluded, and at some backlogs picked a plan ten times slower
+                # (26 ms instead of 2.3 ms for 1000 rows, 1000 excluded, 10k pending).
+                prepare=False,
             )
             return [_Row(*r) for r in cur.fetchall()]
 
