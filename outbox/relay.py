@@ -676,6 +676,11 @@ class Relay:
             self._db_failures = 0
             self._standby_logged = False
             self._woken = True  # look for work at once
+            if self._claim_conn is None:
+                # Now rather than at the first claim that runs ahead: connecting takes longer
+                # than a batch. Failing here is not fatal: _prefetch tries again.
+                with contextlib.suppress(OutboxError):
+                    self._open_claim_conn()
             # Retries scheduled by an earlier leader: wake when the first falls due.
             with translate_db_errors("read retry times"):
                 due = self._conn.execute(self._sql["next_retry"]).fetchone()

@@ -351,3 +351,20 @@ def test_claims_are_never_prepared(engine: sa.Engine, db_url: str) -> None:
             assert not [s for s in prepared if "LIMIT" in s], prepared
     finally:
         relay._shutdown()
+
+
+def test_a_claim_waits_for_the_mark_of_the_batch_it_stops_excluding(
+    engine: sa.Engine, db_url: str
+) -> None:
+    # Marks are sent without waiting and read later; a claim sent before the last mark is
+    # in would no longer exclude that batch's ids and send them again.
+    specs = [(f"k{i % 7}", f"v{i:03d}") for i in range(200)]
+    publish(engine, specs)
+    transport = MemoryTransport()
+    relay = make_relay(db_url, transport, batch_size=10, max_inflight_batches=2)
+    prefetches = CountingPrefetch(relay)
+    stats = relay.run_once()
+    assert prefetches.count >= 10
+    assert stats.sent == 200
+    assert sorted((m.value or b"").decode() for m in transport.sent) == sorted(v for _, v in specs)
+    assert count_rows(engine) == 0
