@@ -92,14 +92,12 @@ def install() -> None:
 def _statements(
     messages: list[tuple[OutboxTables, EncodedMessage]],
 ) -> list[tuple[str, dict[str, Any]]]:
-    from outbox.outbox import insert_statement  # outbox.outbox imports this module
-
     groups: dict[OutboxTables, list[EncodedMessage]] = {}
     for tables, e in messages:
         groups.setdefault(tables, []).append(e)
     out = []
     for tables, encoded in groups.items():
-        stmt, params = insert_statement(tables, encoded)
+        stmt, params = statements.insert(tables, encoded)
         out.append((statements.to_driver_sql(stmt), params))
     return out
 

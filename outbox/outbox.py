@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any, TypeAlias, cast
 
 import psycopg
@@ -13,7 +12,7 @@ from sqlalchemy.orm import Session
 
 from outbox import deferred, statements
 from outbox.exceptions import DatabaseUnavailableError, translate_db_errors
-from outbox.message import EncodedMessage, Message, encode
+from outbox.message import Message, encode
 from outbox.schema import DEFAULT_INBOX_TABLE, DEFAULT_TABLE, OutboxTables, define_tables
 
 if TYPE_CHECKING:
@@ -104,7 +103,7 @@ class Outbox:
                         conn.begin()  # as a statement would (autobegin): commit() then writes
                 deferred.add(conn, self.tables, encoded)
             else:
-                stmt, params = insert_statement(self.tables, encoded)
+                stmt, params = statements.insert(self.tables, encoded)
                 with translate_db_errors("publish"):
                     run_first(session, stmt, params)
         return [e.message_id for e in encoded]
@@ -142,35 +141,7 @@ class Outbox:
                         raise DatabaseUnavailableError("the connection is closed")
                 deferred.add(sync_conn, self.tables, encoded)
             else:
-                stmt, params = insert_statement(self.tables, encoded)
+                stmt, params = statements.insert(self.tables, encoded)
                 with translate_db_errors("publish"):
                     await session.execute(stmt, params)
         return [e.message_id for e in encoded]
-
-
-def insert_statement(
-    tables: OutboxTables, encoded: Sequence[EncodedMessage]
-) -> tuple[sa.TextClause, dict[str, Any]]:
-    """The one statement that writes ``encoded`` (at least one message), with its parameters."""
-    if len(encoded) == 1:
-        e = encoded[0]
-        return statements.insert_message(tables), {
-            "message_id": e.message_id,
-            "topic": e.topic,
-            "key": e.key,
-            "payload": e.payload,
-            "headers": json.dumps(e.headers, separators=(",", ":")),
-            "lock_id": None if e.key is None else tables.lock_id(e.topic.encode(), e.key),
-        }
-    lock_ids = sorted(
-        {tables.lock_id(e.topic.encode(), e.key) for e in encoded if e.key is not None}
-    )
-    params: dict[str, Any] = {
-        "message_ids": [e.message_id for e in encoded],
-        "topics": [e.topic for e in encoded],
-        "keys": [e.key for e in encoded],
-        "payloads": [e.payload for e in encoded],
-        "headers": [json.dumps(e.headers, separators=(",", ":")) for e in encoded],
-        "lock_ids": lock_ids,
-    }
-    return statements.insert_messages(tables), params

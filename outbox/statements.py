@@ -8,10 +8,14 @@ Statements are written for PostgreSQL 13+.
 from __future__ import annotations
 
 import functools
+import json
+from collections.abc import Sequence
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import psycopg as pg_psycopg
 
+from outbox.message import EncodedMessage
 from outbox.schema import DEAD, PENDING, RETRY, SENT, OutboxTables
 
 _DIALECT = pg_psycopg.dialect()  # type: ignore[no-untyped-call]
@@ -63,6 +67,35 @@ FROM (SELECT pg_advisory_xact_lock(CAST(:lock_id AS bigint)),
              pg_notify({_literal(tables.channel)}, '')) AS wake
 """
     return sa.text(sql)
+
+
+def insert(
+    tables: OutboxTables, encoded: Sequence[EncodedMessage]
+) -> tuple[sa.TextClause, dict[str, Any]]:
+    """The one statement that writes ``encoded`` (at least one message), with its parameters:
+    :func:`insert_message` for one, :func:`insert_messages` for several."""
+    if len(encoded) == 1:
+        e = encoded[0]
+        return insert_message(tables), {
+            "message_id": e.message_id,
+            "topic": e.topic,
+            "key": e.key,
+            "payload": e.payload,
+            "headers": json.dumps(e.headers, separators=(",", ":")),
+            "lock_id": None if e.key is None else tables.lock_id(e.topic.encode(), e.key),
+        }
+    lock_ids = sorted(
+        {tables.lock_id(e.topic.encode(), e.key) for e in encoded if e.key is not None}
+    )
+    params: dict[str, Any] = {
+        "message_ids": [e.message_id for e in encoded],
+        "topics": [e.topic for e in encoded],
+        "keys": [e.key for e in encoded],
+        "payloads": [e.payload for e in encoded],
+        "headers": [json.dumps(e.headers, separators=(",", ":")) for e in encoded],
+        "lock_ids": lock_ids,
+    }
+    return insert_messages(tables), params
 
 
 @functools.lru_cache(maxsize=64)
