@@ -507,9 +507,9 @@ class Relay:
                 batch.fatal = True
                 batch.outstanding = 0
                 # Their keys wait like failed ones: a later claim must not send behind them.
-                reported = {*batch.acked, *(f[0] for f in batch.failed)}
+                unreported = set(batch.sent) - {*batch.acked, *(f[0] for f in batch.failed)}
                 for row in batch.rows:
-                    if row.id in batch.sent and row.id not in reported:
+                    if row.id in unreported:
                         self._hold(batch, row)
                 break
             if batch is self._inflight[-1]:
