@@ -313,3 +313,22 @@ def test_domain_events_with_at_commit(engine: sa.Engine) -> None:
         after.record_event("orders", {"n": "after"})
         s.add(after)
     assert [r.payload for r in rows(engine)] == [b'{"n":"before"}', b'{"n":"after"}']
+
+
+def test_an_unmatched_savepoint_rollback_fails_the_commit(
+    business: sa.Engine, outbox: Outbox
+) -> None:
+    # Should a savepoint's name ever not be recognised (say, a SQLAlchemy that names them
+    # differently), the commit fails rather than guess which events the rollback discarded.
+    from outbox import deferred
+
+    with (
+        pytest.raises(ConfigurationError, match="savepoint"),
+        Session(business) as session,
+        session.begin(),
+    ):
+        session.execute(sa.text("INSERT INTO orders VALUES (10)"))
+        outbox.publish(session, "t", "kept or not?")
+        deferred._on_rollback_savepoint(session.connection(), "not_a_known_name", None)
+    assert orders(business) == []
+    assert rows(business) == []
