@@ -2,7 +2,7 @@
 run on the same PostgreSQL and broker. Prints numbers; asserts nothing.
 
     .venv/bin/python benchmarks/bench.py            # everything (a few minutes)
-    .venv/bin/python benchmarks/bench.py throughput latency write idle claim
+    .venv/bin/python benchmarks/bench.py throughput latency write idle claim consumer notify
 
 Environment: OUTBOX_BENCH_PG (host:port, default 127.0.0.1:5432, user postgres; the database
 ``outbox_bench`` is dropped and re-created), OUTBOX_BENCH_KAFKA (bootstrap servers; default:
@@ -16,6 +16,7 @@ import json
 import multiprocessing
 import os
 import random
+import re
 import statistics
 import sys
 import threading
@@ -34,6 +35,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from outbox import Message, Outbox, Relay, RelayConfig, migrate, statements
+from outbox.message import encode
 from outbox.relay import _int_array
 from outbox.schema import define_tables
 from outbox.transport.base import OnDelivery, OutgoingMessage
@@ -618,6 +620,61 @@ def bench_consumer(broker: Broker, engine: sa.Engine, n: int = 20_000) -> None:
     )
 
 
+# -- the cost of NOTIFY for concurrent writers -------------------------------------------------
+
+
+def bench_notify(engine: sa.Engine, seconds: float = 4.0) -> None:
+    """Not a target: what the wake-up NOTIFY costs writers. The same publish statement with
+    and without its pg_notify, from 1, 4 and 16 writer threads (one order row and one event
+    per transaction)."""
+    tables = define_tables()
+    with_notify = statements.to_driver_sql(statements.insert_message(tables))
+    without = re.sub(r",\s*pg_notify\([^)]*\)", "", with_notify)
+    assert without != with_notify
+    with engine.begin() as c:
+        c.execute(
+            sa.text(
+                "CREATE TABLE IF NOT EXISTS bench_orders (id bigserial PRIMARY KEY, "
+                "customer text NOT NULL, amount numeric(12,2) NOT NULL, body jsonb NOT NULL)"
+            )
+        )
+    conninfo = f"host={HOST} port={PORT or 5432} user=postgres dbname=outbox_bench"
+
+    def rate(sql: str, threads: int) -> float:
+        stop = time.monotonic() + seconds
+        done = [0] * threads
+
+        def writer(i: int) -> None:
+            with psycopg.connect(conninfo) as conn:
+                n = 0
+                while time.monotonic() < stop:
+                    p = payload(n)
+                    msg = encode(Message("orders", p, key=f"k{i}-{n % 10}"))
+                    _, params = statements.insert(tables, [msg])
+                    conn.execute(
+                        "INSERT INTO bench_orders (customer, amount, body) VALUES (%s, %s, %s)",
+                        (f"c{i}", n % 997, json.dumps(p)),
+                    )
+                    conn.execute(sql, params)
+                    conn.commit()
+                    n += 1
+                done[i] = n
+
+        workers = [threading.Thread(target=writer, args=(i,)) for i in range(threads)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        return sum(done) / seconds
+
+    print("\n== NOTIFY's cost to writers (transactions/s; for information, no target)")
+    for threads in (1, 4, 16):
+        a, b = rate(with_notify, threads), rate(without, threads)
+        print(
+            f"  {threads:2} writers: with notify {a:7,.0f}   without {b:7,.0f}   ratio {a / b:.2f}"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -652,6 +709,8 @@ def main() -> None:
                 bench_claim(engine)
             elif name == "consumer":
                 bench_consumer(broker, engine)
+            elif name == "notify":
+                bench_notify(engine)
             else:
                 parser.error(f"unknown benchmark {name}")
     finally:
