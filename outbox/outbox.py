@@ -139,6 +139,8 @@ class Outbox:
                     sync_conn = aconn.sync_connection
                     if sync_conn is None:
                         raise DatabaseUnavailableError("the connection is closed")
+                    if not sync_conn.in_transaction():
+                        await aconn.begin()  # as a statement would (autobegin)
                 deferred.add(sync_conn, self.tables, encoded)
             else:
                 stmt, params = statements.insert(self.tables, encoded)

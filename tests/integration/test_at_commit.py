@@ -276,7 +276,10 @@ def test_async_session_and_connection(business: sa.Engine, db_url: str, outbox: 
                         await outbox.apublish(session, "t", "dup", message_id=mid)
             async with aengine.begin() as conn:
                 c = await outbox.apublish(conn, "t", "via connection")
-            return [a, *b, mid, c]
+            async with aengine.connect() as conn:  # commit as you go, nothing executed before
+                d = await outbox.apublish(conn, "t", "committed explicitly")
+                await conn.commit()
+            return [a, *b, mid, c, d]
         finally:
             await aengine.dispose()
 
