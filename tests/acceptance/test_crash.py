@@ -7,6 +7,7 @@ per crash.
 
 from __future__ import annotations
 
+import os
 import random
 import signal
 import time
@@ -36,7 +37,11 @@ INFLIGHT = RelayConfig(db_url="postgresql://x/y").max_inflight_batches
 ARGS = ("--batch-size", str(BATCH), "--log-level", "debug")
 
 
-@pytest.mark.parametrize("seed", [11, 22, 33])
+# More seeds for a longer soak: OUTBOX_CRASH_SEEDS="1 2 3 4 5 6" pytest tests/acceptance
+SEEDS = [int(s) for s in os.environ.get("OUTBOX_CRASH_SEEDS", "11 22 33").split()]
+
+
+@pytest.mark.parametrize("seed", SEEDS)
 def test_sigkill_at_random_moments_loses_nothing_and_keeps_key_order(
     seed: int, engine: sa.Engine, db_url: str, broker: Broker, topic: str, relays: RelayFactory
 ) -> None:
