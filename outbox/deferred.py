@@ -139,9 +139,9 @@ def _on_rollback(conn: sa.Connection) -> None:
     buf: _Buffer | None = conn.info.pop(_INFO, None)
     if buf is None or not buf.messages or not buf.began:
         return
+    # add() accepted only psycopg connections, sync or async: both have .info.
     driver = conn.connection.driver_connection
-    status = getattr(getattr(driver, "info", None), "transaction_status", None)
-    if status == psycopg.pq.TransactionStatus.IDLE:
+    if driver is not None and driver.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
         # The server transaction is already over: it ended outside SQLAlchemy (a COMMIT sent
         # as SQL or on the DBAPI connection). If it committed, these messages are lost.
         _log_dropped(len(buf.messages))

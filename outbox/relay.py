@@ -343,9 +343,7 @@ class Relay:
         takes its number now, so hold-back (see _send) treats it as the claim it is: one that
         may not see failures recorded after this point."""
         try:
-            if self._claim_conn is None:
-                self._open_claim_conn()
-            conn = self._require_claim_conn()
+            conn = self._claim_conn or self._open_claim_conn()
             self._claims += 1
             with translate_db_errors("claim"):
                 cur = conn.cursor(binary=True)
@@ -365,7 +363,7 @@ class Relay:
         logger.warning("claim connection lost", extra={"error": str(exc)})
         self._close_claim_conn()
 
-    def _open_claim_conn(self) -> None:
+    def _open_claim_conn(self) -> psycopg.Connection[Any]:
         name = psycopg.conninfo.conninfo_to_dict(self._conninfo).get("application_name")
         with translate_db_errors("connect"):
             conn = psycopg.connect(
@@ -379,6 +377,7 @@ class Relay:
             conn.close()
             raise
         self._claim_conn, self._claim_pipeline = conn, pipeline
+        return conn
 
     def _close_claim_conn(self) -> None:
         self._prefetched = None
@@ -390,11 +389,6 @@ class Relay:
                 conn.close()
             with contextlib.suppress(psycopg.Error):
                 stack.close()
-
-    def _require_claim_conn(self) -> psycopg.Connection[Any]:
-        if self._claim_conn is None:
-            raise DatabaseUnavailableError("not connected")
-        return self._claim_conn
 
     def _require_pipeline(self) -> psycopg.Pipeline:
         if self._claim_pipeline is None:
