@@ -21,12 +21,16 @@ from outbox import migrate
 from outbox.admin import counts
 from outbox.config import RelayConfig, parse_db_url
 from outbox.consumer import Consumer, ConsumerConfig, load_handler, message_id_key
-from outbox.exceptions import ConfigurationError, OutboxError, translate_db_errors
+from outbox.exceptions import (
+    ConfigurationError,
+    OutboxError,
+    TransportUnavailable,
+    translate_db_errors,
+)
 from outbox.inbox import Inbox
 from outbox.outbox import Outbox
 from outbox.relay import Relay
 from outbox.schema import DEFAULT_INBOX_TABLE, DEFAULT_TABLE
-from outbox.transport.base import TransportUnavailable
 from outbox.transport.kafka import KafkaSource, KafkaTransport
 
 logger = logging.getLogger(__name__)

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
+from typing import Any
 
+import psycopg.conninfo
 import sqlalchemy as sa
 import sqlalchemy.exc
 
+from outbox.backoff import Backoff
 from outbox.exceptions import ConfigurationError
 from outbox.schema import DEFAULT_TABLE, validate_identifier
 
@@ -56,6 +59,9 @@ class RelayConfig:
     #: Relay-wide backoff while the broker is unreachable (same formula).
     broker_backoff_base: float = 0.5
     broker_backoff_max: float = 30.0
+    #: Backoff between reconnects while the database is unreachable (same formula).
+    db_backoff_base: float = 0.5
+    db_backoff_max: float = 30.0
     #: Fallback poll when no notification arrives (notifications wake it at once).
     poll_interval: float = 10.0
     #: How often a standby relay tries to become the leader.
@@ -83,6 +89,8 @@ class RelayConfig:
             "retry_backoff_max",
             "broker_backoff_base",
             "broker_backoff_max",
+            "db_backoff_base",
+            "db_backoff_max",
             "poll_interval",
             "leader_retry_interval",
             "delivery_timeout",
@@ -92,3 +100,47 @@ class RelayConfig:
                 raise ConfigurationError(f"{name} must be positive")
         if self.shutdown_timeout < 0:
             raise ConfigurationError("shutdown_timeout must not be negative")
+
+    @property
+    def retry_backoff(self) -> Backoff:
+        return Backoff(self.retry_backoff_base, self.retry_backoff_max)
+
+    @property
+    def broker_backoff(self) -> Backoff:
+        return Backoff(self.broker_backoff_base, self.broker_backoff_max)
+
+    @property
+    def db_backoff(self) -> Backoff:
+        return Backoff(self.db_backoff_base, self.db_backoff_max)
+
+
+def relay_conninfo(config: RelayConfig) -> str:
+    """The libpq connection string of the relay's sessions: the URL's parameters, plus
+    keepalives and session settings that its guarantees rest on."""
+    url = parse_db_url(config.db_url)
+    params: dict[str, Any] = dict(
+        url.translate_connect_args(username="user", database="dbname").items()
+    )
+    params.update({k: v for k, v in url.query.items() if isinstance(v, str)})
+    params.setdefault("application_name", config.application_name)
+    params.setdefault("connect_timeout", max(1, int(config.db_connect_timeout)))
+    # Client side: notice a dead server or network in about 25 s instead of hanging on TCP,
+    # and stop sending (see Relay._lost_database).
+    params.setdefault("keepalives", 1)
+    params.setdefault("keepalives_idle", 10)
+    params.setdefault("keepalives_interval", 5)
+    params.setdefault("keepalives_count", 3)
+    server_options = [
+        # Server side: end the session of a relay that vanished from the network (releasing
+        # leadership) after about 60 s -- later than the relay itself gives up (25 s), so a
+        # new leader never sends while the old one still could.
+        "-c tcp_keepalives_idle=30",
+        "-c tcp_keepalives_interval=10",
+        "-c tcp_keepalives_count=3",
+        # Marking rows sent need not wait for the WAL flush: if the database crashes before
+        # it, those rows are sent again (duplicates, which at-least-once allows), never lost.
+        "-c synchronous_commit=off",
+    ]
+    params["options"] = " ".join(filter(None, [str(params.get("options", "")), *server_options]))
+    params.update(config.extra_db_options)
+    return psycopg.conninfo.make_conninfo(**params)

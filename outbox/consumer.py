@@ -20,7 +20,7 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import sqlalchemy as sa
@@ -28,17 +28,19 @@ import sqlalchemy.exc
 from sqlalchemy.orm import Session
 
 from outbox import statements
+from outbox.backoff import Backoff, Retrying
 from outbox.config import parse_db_url
 from outbox.exceptions import (
     ConfigurationError,
     DatabaseUnavailableError,
-    OutboxError,
+    PoisonMessage,
+    first_line,
     translate_db_errors,
 )
 from outbox.inbox import Inbox
 from outbox.message import HEADER_CONTENT_TYPE, HEADER_MESSAGE_ID
+from outbox.observe import ConsumerObserver, LogConsumer, Outcome, fanout, message_fields
 from outbox.outbox import Outbox
-from outbox.relay import backoff_delay
 from outbox.schema import DEFAULT_INBOX_TABLE, DEFAULT_TABLE, validate_identifier
 from outbox.transport.base import IncomingMessage, Source
 
@@ -46,11 +48,6 @@ logger = logging.getLogger(__name__)
 
 Handler = Callable[[Session, IncomingMessage], Any]
 KeyExtractor = Callable[[IncomingMessage], "str | None"]
-
-
-class PoisonMessage(OutboxError):
-    """The message can never be processed (e.g. it cannot be decoded): it is dead-lettered at
-    once, without retries."""
 
 
 def message_id_key(message: IncomingMessage) -> str | None:
@@ -95,8 +92,12 @@ class ConsumerConfig:
     #: Where poison messages go; default ``<topic>.dlq`` of each message.
     dead_letter_topic: str | None = None
     max_attempts: int = 5
+    #: Backoff between a handler's attempts at one message.
     retry_backoff_base: float = 0.2
     retry_backoff_max: float = 30.0
+    #: Backoff between tries while the database is unreachable (no attempt is counted).
+    db_backoff_base: float = 0.5
+    db_backoff_max: float = 30.0
     table: str = DEFAULT_TABLE
     schema: str | None = None
     inbox_table: str = DEFAULT_INBOX_TABLE
@@ -112,9 +113,23 @@ class ConsumerConfig:
             raise ConfigurationError("the consumer needs a name (the inbox's consumer)")
         if self.max_attempts < 1:
             raise ConfigurationError("max_attempts must be at least 1")
-        if self.retry_backoff_base <= 0 or self.retry_backoff_max <= 0:
-            raise ConfigurationError("retry backoff must be positive")
+        for name in (
+            "retry_backoff_base",
+            "retry_backoff_max",
+            "db_backoff_base",
+            "db_backoff_max",
+        ):
+            if not getattr(self, name) > 0:
+                raise ConfigurationError(f"{name} must be positive")
         validate_identifier(self.table, "table name")
+
+    @property
+    def retry_backoff(self) -> Backoff:
+        return Backoff(self.retry_backoff_base, self.retry_backoff_max)
+
+    @property
+    def db_backoff(self) -> Backoff:
+        return Backoff(self.db_backoff_base, self.db_backoff_max)
 
 
 @dataclasses.dataclass
@@ -137,6 +152,7 @@ class Consumer:
         *,
         key: KeyExtractor = message_id_key,
         rng: random.Random | None = None,
+        observers: Sequence[ConsumerObserver] = (),
     ) -> None:
         self.config = config
         self.handler = handler
@@ -144,6 +160,7 @@ class Consumer:
         self._source_factory = source_factory
         self._key = key
         self._rng = rng or random.Random()
+        self._observe = fanout(LogConsumer(), observers)
         self._stop = threading.Event()
         self._outbox = Outbox(
             table=config.table, schema=config.schema, inbox_table=config.inbox_table
@@ -179,14 +196,20 @@ class Consumer:
         source = self._source_factory()
         handled = 0
         last = time.monotonic()
-        logger.info("consumer starting", extra={"consumer": self.config.name})
+        joined = False
+        logger.info(
+            "consumer starting", extra={"event": "consumer.starting", "consumer": self.config.name}
+        )
         try:
             while not self._stop.is_set():
                 if max_messages is not None and handled >= max_messages:
                     break
                 message = source.poll(0.5)
+                if not joined and source.joined:
+                    joined = True
+                    self._observe.joined()
                 if message is None:
-                    if not getattr(source, "joined", True):
+                    if not joined:
                         # Joining a consumer group can take longer than idle_timeout (after a
                         # crash, up to the dead member's session timeout): not idle yet.
                         last = time.monotonic()
@@ -194,80 +217,68 @@ class Consumer:
                         break
                     continue
                 last = time.monotonic()
-                if not self._handle(message):
+                outcome = self._handle(message)
+                if outcome is None:
                     break  # stopping in the middle of retries: not processed, redelivered
                 source.processed(message)
+                self._observe.message_finished(message, outcome, time.monotonic() - last)
                 handled += 1
         finally:
             source.close()
             self._engine.dispose()
-            logger.info("consumer stopped", extra=dataclasses.asdict(self.stats))
+            self._observe.stopped(self.stats)
         return self.stats
 
     # -- one message ----------------------------------------------------------------------------
 
-    def _handle(self, message: IncomingMessage) -> bool:
-        """Process ``message`` to the end (done, duplicate or dead-lettered): True. False only
-        when asked to stop before it could be done."""
+    def _handle(self, message: IncomingMessage) -> Outcome | None:
+        """Process ``message`` to the end: its outcome. None only when asked to stop before
+        it could be done."""
         key = self._key(message)
         if key is None:
             logger.error(
                 "message has no idempotency key, dead-lettering",
-                extra=_where(message),
+                extra={"event": "consumer.no_key", **message_fields(message)},
             )
             return self._dead_letter(message, None, "no idempotency key (message-id header)", 0)
-        attempts = 0
-        outages = 0
+        attempts = Retrying(self.config.retry_backoff, self._rng)
+        outage = Retrying(self.config.db_backoff, self._rng)
         while True:
             try:
                 with Session(self._engine) as session, session.begin():
                     if not self._inbox.claim(session, self.config.name, key):
                         self.stats.duplicates += 1
-                        logger.debug("duplicate skipped", extra={"key": key, **_where(message)})
-                        return True
+                        return "duplicate"
                     self.handler(session, message)
                 self.stats.processed += 1
-                return True
+                return "processed"
             except PoisonMessage as exc:
-                return self._dead_letter(message, key, f"PoisonMessage: {exc}", attempts + 1)
+                return self._dead_letter(
+                    message, key, f"PoisonMessage: {exc}", attempts.failures + 1
+                )
             except (DatabaseUnavailableError, sqlalchemy.exc.OperationalError) as exc:
                 # The database, not the message: wait for it, counting no attempt.
-                outages += 1
-                delay = backoff_delay(outages, 0.5, 30.0, self._rng)
-                logger.warning(
-                    "database unavailable, retrying",
-                    extra={"error": _first_line(exc), "retry_in_s": round(delay, 2)},
-                )
-                if self._stop.wait(delay):
-                    return False
+                if not self._wait_for_database(exc, outage):
+                    return None
             except Exception as exc:  # the handler's own failure
-                attempts += 1
                 self.stats.failed_attempts += 1
-                reason = f"{type(exc).__name__}: {_first_line(exc)}"
-                if attempts >= self.config.max_attempts:
-                    return self._dead_letter(message, key, reason, attempts)
-                delay = backoff_delay(
-                    attempts,
-                    self.config.retry_backoff_base,
-                    self.config.retry_backoff_max,
-                    self._rng,
-                )
-                logger.warning(
-                    "handler failed, retrying",
-                    extra={
-                        "key": key,
-                        "attempts": attempts,
-                        "error": reason,
-                        "retry_in_s": round(delay, 2),
-                        **_where(message),
-                    },
-                )
+                reason = f"{type(exc).__name__}: {first_line(exc)}"
+                if attempts.failures + 1 >= self.config.max_attempts:
+                    return self._dead_letter(message, key, reason, attempts.failures + 1)
+                delay = attempts.failed()
+                self._observe.attempt_failed(message, attempts.failures, reason, delay)
                 if self._stop.wait(delay):
-                    return False
+                    return None
+
+    def _wait_for_database(self, exc: BaseException, outage: Retrying) -> bool:
+        """Back off after a database failure; False when asked to stop meanwhile."""
+        delay = outage.failed()
+        self._observe.database_unavailable(first_line(exc), delay)
+        return not self._stop.wait(delay)
 
     def _dead_letter(
         self, message: IncomingMessage, key: str | None, reason: str, attempts: int
-    ) -> bool:
+    ) -> Outcome | None:
         topic = self.config.dead_letter_topic or f"{message.topic}.dlq"
         headers: dict[str, str] = {}
         content_type = None
@@ -289,13 +300,14 @@ class Consumer:
                 "dlq-attempts": str(attempts),
             }
         )
+        outage = Retrying(self.config.db_backoff, self._rng)
         while True:
             try:
                 with Session(self._engine) as session, session.begin():
                     # Claiming the key makes the dead-lettering itself happen once.
                     if key is not None and not self._inbox.claim(session, self.config.name, key):
                         self.stats.duplicates += 1
-                        return True
+                        return "duplicate"
                     self._outbox.publish(
                         session,
                         topic,
@@ -306,27 +318,18 @@ class Consumer:
                     )
                 break
             except (DatabaseUnavailableError, sqlalchemy.exc.OperationalError) as exc:
-                logger.warning("database unavailable, retrying", extra={"error": _first_line(exc)})
-                if self._stop.wait(1.0):
-                    return False
+                if not self._wait_for_database(exc, outage):
+                    return None
         self.stats.dead_lettered += 1
         logger.error(
             "message dead-lettered",
             extra={
+                "event": "consumer.dead_lettered",
                 "key": key,
                 "dead_letter_topic": topic,
                 "attempts": attempts,
                 "error": reason,
-                **_where(message),
+                **message_fields(message),
             },
         )
-        return True
-
-
-def _where(message: IncomingMessage) -> dict[str, Any]:
-    return {"topic": message.topic, "partition": message.partition, "offset": message.offset}
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+        return "dead_lettered"

@@ -56,6 +56,27 @@ class TransportError(OutboxError):
     """The message broker failed."""
 
 
+class MessageRejected(TransportError):
+    """The transport refused the message before sending it; nothing was queued."""
+
+
+class TransportUnavailable(TransportError):
+    """The transport cannot take messages now; nothing was queued."""
+
+
+class PoisonMessage(OutboxError):
+    """The message can never be processed (e.g. it cannot be decoded): it is dead-lettered at
+    once, without retries."""
+
+
+class CommandInProgress(OutboxError):
+    """A request with this idempotency key is being processed now; retry later (HTTP 409)."""
+
+
+class IdempotencyKeyReused(OutboxError):
+    """This idempotency key was used for a different request (HTTP 422)."""
+
+
 def _sqlstate(exc: BaseException | None) -> str:
     return str(getattr(exc, "sqlstate", None) or "")
 
@@ -89,21 +110,22 @@ def translate_db_errors(what: str = "database operation") -> Iterator[None]:
         if isinstance(exc, sqlalchemy.exc.OperationalError) and exc.connection_invalidated:
             raise DatabaseUnavailableError() from exc
         if _sqlstate(orig).startswith("40"):
-            raise TransactionConflict(f"{what}: {_first_line(orig or exc)}; retry it") from exc
-        raise DatabaseError(f"{what} failed: {_first_line(orig or exc)}") from exc
+            raise TransactionConflict(f"{what}: {first_line(orig or exc)}; retry it") from exc
+        raise DatabaseError(f"{what} failed: {first_line(orig or exc)}") from exc
     except psycopg.errors.UndefinedTable as exc:
         raise MissingTablesError() from exc
     except psycopg.Error as exc:
         if _sqlstate(exc).startswith("40"):
-            raise TransactionConflict(f"{what}: {_first_line(exc)}; retry it") from exc
+            raise TransactionConflict(f"{what}: {first_line(exc)}; retry it") from exc
         if isinstance(exc, psycopg.OperationalError) and _is_connection_lost(exc):
             raise DatabaseUnavailableError(
-                f"cannot reach the database ({_first_line(exc)}); check the URL and that the "
+                f"cannot reach the database ({first_line(exc)}); check the URL and that the "
                 "server is up"
             ) from exc
-        raise DatabaseError(f"{what} failed: {_first_line(exc)}") from exc
+        raise DatabaseError(f"{what} failed: {first_line(exc)}") from exc
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
+    """The first line of an error's text (or its type's name): for one-line messages."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__

@@ -23,7 +23,14 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from outbox import statements
-from outbox.exceptions import OutboxError, PayloadError, translate_db_errors
+from outbox.exceptions import (
+    CommandInProgress,
+    ConfigurationError,
+    IdempotencyKeyReused,
+    OutboxError,
+    PayloadError,
+    translate_db_errors,
+)
 from outbox.outbox import Outbox, run_first
 
 if TYPE_CHECKING:
@@ -33,14 +40,6 @@ SyncTarget: TypeAlias = "Session | sa.Connection"
 AsyncTarget: TypeAlias = "AsyncSession | AsyncConnection"
 
 _MAX_KEY = 512
-
-
-class CommandInProgress(OutboxError):
-    """A request with this idempotency key is being processed now; retry later (HTTP 409)."""
-
-
-class IdempotencyKeyReused(OutboxError):
-    """This idempotency key was used for a different request (HTTP 422)."""
 
 
 @dataclasses.dataclass
@@ -94,7 +93,7 @@ class Inbox:
         retention: datetime.timedelta = datetime.timedelta(days=7),
     ) -> None:
         if retention.total_seconds() <= 0:
-            raise PayloadError("retention must be positive")
+            raise ConfigurationError("retention must be positive")
         self.tables = (outbox or Outbox()).tables
         self.retention = retention
 

@@ -204,11 +204,6 @@ def try_leader_lock() -> sa.TextClause:
     return sa.text("SELECT pg_try_advisory_lock(:lock_id)")
 
 
-def release_leader_lock() -> sa.TextClause:
-    return sa.text("SELECT pg_advisory_unlock(:lock_id)")
-
-
-@functools.lru_cache(maxsize=64)
 def listen(tables: OutboxTables) -> sa.TextClause:
     return sa.text(f"LISTEN {_DIALECT.identifier_preparer.quote(tables.channel)}")
 

@@ -5,9 +5,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 from collections.abc import Callable, Sequence
-from typing import NamedTuple, Protocol
-
-from outbox.exceptions import TransportError
+from typing import Any, NamedTuple, Protocol
 
 
 class FailureKind(enum.Enum):
@@ -37,28 +35,25 @@ class OutgoingMessage(NamedTuple):
     headers: Sequence[tuple[str, bytes]]
 
 
-#: Called exactly once per accepted message, from :meth:`Transport.poll`: ``None`` on success.
-OnDelivery = Callable[[DeliveryFailure | None], None]
-
-
-class MessageRejected(TransportError):
-    """The transport refused the message before sending it; nothing was queued."""
-
-
-class TransportUnavailable(TransportError):
-    """The transport cannot take messages now; nothing was queued."""
+#: Called exactly once per accepted message, from :meth:`Transport.poll` or
+#: :meth:`Transport.flush`, as ``on_delivery(error, message)``: ``error`` is None when the broker
+#: acknowledged the message; otherwise :meth:`Transport.failure` says what it means. The form
+#: is librdkafka's own delivery callback, so the Kafka transport hands the relay's callback to
+#: the client as it is: no adapter object per message.
+OnDelivery = Callable[[Any, Any], None]
 
 
 class Transport(Protocol):
     """What the relay needs from a broker client.
 
     Order: messages passed to :meth:`send` for the same topic and key reach the broker in the
-    order of the calls. Acknowledgement: ``on_delivery(None)`` means the broker durably
-    accepted the message (for Kafka: all in-sync replicas).
+    order of the calls. Acknowledgement: ``on_delivery(None, message)`` means the broker
+    durably accepted the message (for Kafka: all in-sync replicas).
     """
 
     def send(self, message: OutgoingMessage, on_delivery: OnDelivery) -> None:
-        """Queue a message; raises :class:`MessageRejected` or :class:`TransportUnavailable`."""
+        """Queue a message; raises :class:`~outbox.exceptions.MessageRejected` or
+        :class:`~outbox.exceptions.TransportUnavailable`."""
 
     def poll(self, timeout: float) -> None:
         """Wait up to ``timeout`` seconds and run pending delivery callbacks."""
@@ -67,8 +62,13 @@ class Transport(Protocol):
         """Send everything queued now (no batching delay), wait up to ``timeout`` seconds for
         it to be acknowledged, and run the delivery callbacks."""
 
+    def failure(self, error: Any) -> DeliveryFailure:
+        """What the ``error`` passed to a delivery callback means (and, for a fatal one, mark
+        the client broken)."""
+
     def check(self, timeout: float) -> None:
-        """Raise :class:`TransportUnavailable` unless the broker answers within ``timeout``."""
+        """Raise :class:`~outbox.exceptions.TransportUnavailable` unless the broker answers
+        within ``timeout``."""
 
     @property
     def broken(self) -> bool:
@@ -102,6 +102,10 @@ class IncomingMessage:
 class Source(Protocol):
     """What the consumer runner needs from a broker: read in partition order, remember what
     was processed, and commit those positions."""
+
+    #: True once this member joined its group and got an assignment (even an empty one):
+    #: until then no message can come, so the runner does not count the wait as idle.
+    joined: bool
 
     def poll(self, timeout: float) -> IncomingMessage | None:
         """The next message, or None after ``timeout`` seconds."""

@@ -13,19 +13,33 @@ from typing import Any
 import confluent_kafka
 from confluent_kafka import KafkaError, KafkaException
 
-from outbox.exceptions import ConfigurationError
+from outbox.exceptions import ConfigurationError, MessageRejected, TransportUnavailable
 from outbox.transport.base import (
     DeliveryFailure,
     FailureKind,
     IncomingMessage,
-    MessageRejected,
     OnDelivery,
     OutgoingMessage,
-    TransportUnavailable,
 )
 
 logger = logging.getLogger(__name__)
 librdkafka_logger = logging.getLogger("outbox.transport.librdkafka")
+
+
+class _Throttle:
+    """Passes one event per key per ``interval`` seconds: while a broker is down, librdkafka
+    repeats the same error or log line many times a second."""
+
+    def __init__(self, interval: float = 30.0) -> None:
+        self.interval = interval
+        self._last: dict[object, float] = {}
+
+    def ready(self, key: object = None) -> bool:
+        now = time.monotonic()
+        if now - self._last.get(key, -self.interval) < self.interval:
+            return False
+        self._last[key] = now
+        return True
 
 
 class _LibrdkafkaFilter(logging.Filter):
@@ -34,25 +48,18 @@ class _LibrdkafkaFilter(logging.Filter):
     * It warns that enable.gapless.guarantee is experimental on every start; we set it on
       purpose (see DEFAULTS), so that line would only teach operators to ignore warnings.
     * While a broker is down it logs every reconnect attempt (about 20 lines a second): pass
-      one line per facility per ``interval`` seconds.
+      one line per facility and level per ``interval`` seconds.
     """
 
     def __init__(self, interval: float = 30.0) -> None:
         super().__init__()
-        self.interval = interval
-        self._last: dict[tuple[str, int], float] = {}
+        self._throttle = _Throttle(interval)
 
     def filter(self, record: logging.LogRecord) -> bool:
         text = record.getMessage()
         if "enable.gapless.guarantee is experimental" in text:
             return False
-        facility = text.split(" ", 1)[0]
-        key = (facility, record.levelno)
-        now = time.monotonic()
-        if now - self._last.get(key, -self.interval) < self.interval:
-            return False
-        self._last[key] = now
-        return True
+        return self._throttle.ready((text.split(" ", 1)[0], record.levelno))
 
 
 librdkafka_logger.addFilter(_LibrdkafkaFilter())
@@ -110,21 +117,6 @@ _PRODUCER_STATE_CODES = {
 _SECRET_HINTS = ("password", "secret", "key", "token", "jaas")
 
 
-class _Throttle:
-    """librdkafka repeats connection errors while a broker is down: pass one per interval."""
-
-    def __init__(self, interval: float = 30.0) -> None:
-        self.interval = interval
-        self._last = -interval
-
-    def ready(self) -> bool:
-        now = time.monotonic()
-        if now - self._last < self.interval:
-            return False
-        self._last = now
-        return True
-
-
 def classify(err: KafkaError) -> DeliveryFailure:
     """Map a librdkafka error to what the relay should do about it."""
     reason = f"{err.name()}: {err.str()}"
@@ -159,26 +151,6 @@ def producer_config(bootstrap_servers: str, overrides: Mapping[str, str]) -> dic
     return conf
 
 
-class _Report:
-    """Translates one message's delivery report. A slotted object rather than a closure: the
-    relay creates one per message."""
-
-    __slots__ = ("on_delivery", "transport")
-
-    def __init__(self, transport: KafkaTransport, on_delivery: OnDelivery) -> None:
-        self.transport = transport
-        self.on_delivery = on_delivery
-
-    def __call__(self, err: KafkaError | None, _msg: object) -> None:
-        if err is None:
-            self.on_delivery(None)
-            return
-        failure = classify(err)
-        if failure.kind is FailureKind.FATAL:
-            self.transport._broken = True
-        self.on_delivery(failure)
-
-
 class KafkaTransport:
     """Idempotent Kafka producer (``acks=all``); see :data:`DEFAULTS` and :data:`REQUIRED`."""
 
@@ -199,10 +171,16 @@ class KafkaTransport:
     def _on_error(self, err: KafkaError) -> None:
         if err.fatal():
             self._broken = True
-            logger.error("kafka producer fatal error", extra={"error": err.str()})
+            logger.error(
+                "kafka producer fatal error",
+                extra={"event": "kafka.fatal", "error": err.str()},
+            )
             return
         if self._error_log.ready():
-            logger.warning("kafka client error", extra={"error": f"{err.name()}: {err.str()}"})
+            logger.warning(
+                "kafka client error",
+                extra={"event": "kafka.error", "error": f"{err.name()}: {err.str()}"},
+            )
 
     def send(self, message: OutgoingMessage, on_delivery: OnDelivery) -> None:
         if self._broken:
@@ -217,7 +195,7 @@ class KafkaTransport:
                     headers=message.headers
                     if isinstance(message.headers, list)
                     else list(message.headers),
-                    on_delivery=_Report(self, on_delivery),
+                    on_delivery=on_delivery,
                 )
                 return
             except BufferError:
@@ -233,6 +211,12 @@ class KafkaTransport:
                 if failure.kind is FailureKind.FATAL:
                     self._broken = True
                 raise TransportUnavailable(failure.reason) from exc
+
+    def failure(self, error: KafkaError) -> DeliveryFailure:
+        failure = classify(error)
+        if failure.kind is FailureKind.FATAL:
+            self._broken = True
+        return failure
 
     def poll(self, timeout: float) -> None:
         try:
@@ -254,7 +238,10 @@ class KafkaTransport:
         # poll()/flush() instead of passing it to error_cb. The client must be re-created; the
         # pending delivery reports still arrive on the next polls.
         self._broken = True
-        logger.error("kafka producer fatal error", extra={"error": _describe(exc)})
+        logger.error(
+            "kafka producer fatal error",
+            extra={"event": "kafka.fatal", "error": _describe(exc)},
+        )
 
     def check(self, timeout: float) -> None:
         try:
@@ -280,7 +267,8 @@ class KafkaTransport:
             self._producer.purge()
             self.poll(0)
             logger.warning(
-                "kafka producer closed with unacknowledged messages", extra={"count": remaining}
+                "kafka producer closed with unacknowledged messages",
+                extra={"event": "kafka.unacknowledged_at_close", "count": remaining},
             )
 
 
@@ -344,7 +332,10 @@ class KafkaSource:
 
     def _on_error(self, err: KafkaError) -> None:
         if self._error_log.ready() or err.fatal():
-            logger.warning("kafka consumer error", extra={"error": f"{err.name()}: {err.str()}"})
+            logger.warning(
+                "kafka consumer error",
+                extra={"event": "kafka.error", "error": f"{err.name()}: {err.str()}"},
+            )
 
     def _on_assign(self, consumer: Any, partitions: Any) -> None:
         # confluent-kafka still applies the assignment itself after this callback returns.
@@ -354,11 +345,12 @@ class KafkaSource:
         # Commit what was processed before the partitions move, so the next owner starts
         # right after it (the inbox would catch repeats anyway; this keeps them rare).
         try:
-            consumer.commit(asynchronous=False)
+            self.commit()
         except KafkaException as exc:
-            err = exc.args[0] if exc.args else None
-            if not (isinstance(err, KafkaError) and err.code() == KafkaError._NO_OFFSET):
-                logger.warning("offset commit on revoke failed", extra={"error": _describe(exc)})
+            logger.warning(
+                "offset commit on revoke failed",
+                extra={"event": "consumer.commit_failed", "error": _describe(exc)},
+            )
 
     def poll(self, timeout: float) -> IncomingMessage | None:
         msg = self._consumer.poll(timeout)
@@ -367,7 +359,10 @@ class KafkaSource:
         err = msg.error()
         if err is not None:
             if err.code() != KafkaError._PARTITION_EOF:
-                logger.warning("kafka consume error", extra={"error": f"{err.name()}: {err.str()}"})
+                logger.warning(
+                    "kafka consume error",
+                    extra={"event": "kafka.error", "error": f"{err.name()}: {err.str()}"},
+                )
             return None
         raw_key, raw_value = msg.key(), msg.value()
         return IncomingMessage(
@@ -398,7 +393,10 @@ class KafkaSource:
         try:
             self.commit()
         except KafkaException as exc:
-            logger.warning("offset commit at close failed", extra={"error": _describe(exc)})
+            logger.warning(
+                "offset commit at close failed",
+                extra={"event": "consumer.commit_failed", "error": _describe(exc)},
+            )
         self._consumer.close()
 
 
@@ -429,7 +427,10 @@ def topic_retention(
             longest = max(longest, float("inf") if ms < 0 else ms / 1000)
         return longest
     except Exception as exc:  # an answer we cannot use is no answer: the caller only warns
-        logger.debug("cannot read topic retention", extra={"error": str(exc)})
+        logger.debug(
+            "cannot read topic retention",
+            extra={"event": "kafka.retention_unknown", "error": str(exc)},
+        )
         return None
 
 

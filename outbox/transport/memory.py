@@ -18,14 +18,13 @@ import collections
 import threading
 from collections.abc import Callable
 
+from outbox.exceptions import MessageRejected, TransportUnavailable
 from outbox.transport.base import (
     DeliveryFailure,
     FailureKind,
     IncomingMessage,
-    MessageRejected,
     OnDelivery,
     OutgoingMessage,
-    TransportUnavailable,
 )
 
 
@@ -86,10 +85,13 @@ class MemoryTransport:
                     self._broken = True
                 if message.key is not None:
                     gaps.add((message.topic, message.key))
-            on_delivery(failure)
+            on_delivery(failure, message)
 
     def flush(self, timeout: float) -> None:
         self.poll(timeout)
+
+    def failure(self, error: DeliveryFailure) -> DeliveryFailure:
+        return error
 
     def check(self, timeout: float) -> None:
         if not self.available:
@@ -112,6 +114,7 @@ class MemorySource:
         self.committed: dict[tuple[str, int], int] = {}
         self._stored: dict[tuple[str, int], int] = {}
         self.closed = False
+        self.joined = True
 
     def poll(self, timeout: float) -> IncomingMessage | None:
         return self.messages.popleft() if self.messages else None

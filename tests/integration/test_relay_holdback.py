@@ -7,19 +7,24 @@ from __future__ import annotations
 import random
 from typing import Any
 
+import psycopg
 import sqlalchemy as sa
 
+from outbox import RelayConfig, RelayObserver, define_tables
+from outbox.claims import Claims
+from outbox.config import relay_conninfo
+from outbox.statements import claim, to_driver_sql
 from outbox.transport.base import DeliveryFailure, FailureKind, OutgoingMessage
 from outbox.transport.memory import MemoryTransport
-from tests.integration.test_relay_logic import (
+from tests.support.relay import (
     Running,
     by_key,
     count_rows,
     db_rows,
     make_relay,
     publish,
-    wait_for,
 )
+from tests.support.waits import wait_for
 
 
 class NoDelay(random.Random):
@@ -69,7 +74,7 @@ def test_outage_mid_batch_resends_the_rest_of_each_key_in_order(
         def send(self, message: OutgoingMessage, on_delivery: object) -> None:
             FlakyTransport.sends += 1
             if FlakyTransport.sends in (7, 19):
-                from outbox.transport.base import TransportUnavailable
+                from outbox.exceptions import TransportUnavailable
 
                 raise TransportUnavailable("connection reset")
             super().send(message, on_delivery)  # type: ignore[arg-type]
@@ -184,52 +189,14 @@ def test_run_once_rides_out_a_single_transport_failure(engine: sa.Engine, db_url
     assert [m.value for m in transport.sent] == [b"k1", b"k2"]
 
 
-def test_reports_after_a_batch_is_abandoned_hold_nothing_back(
-    engine: sa.Engine, db_url: str
-) -> None:
-    # A lost database connection abandons the batches in flight and discards the client,
-    # whose purge then reports them failed. Those late reports must not hold their keys
-    # back for good (a regression: the relay stopped sending those keys after reconnecting).
-    publish(engine, [("k", "v1"), ("k", "v2")])
+class CountingAhead(RelayObserver):
+    """Counts the claims that ran ahead, to prove a test used them."""
 
-    class LateReports(MemoryTransport):
-        """Keeps delivery reports until closed, then reports everything as purged."""
-
-        def poll(self, timeout: float) -> None:
-            pass
-
-        def close(self, timeout: float) -> None:
-            with self._lock:
-                items = list(self._queue)
-                self._queue.clear()
-            for _, on_delivery in items:
-                on_delivery(DeliveryFailure(FailureKind.TRANSPORT, "purged"))
-
-    first = LateReports()
-    transports: list[MemoryTransport] = [first, MemoryTransport()]
-    relay = make_relay(db_url, lambda: transports[0] if len(transports) == 1 else transports.pop(0))
-    relay._ensure_leader()
-    rows, claim_no = relay._take_claim()
-    relay._inflight.append(relay._send(rows, claim_no))
-    relay._lost_database(RuntimeError("connection lost"))  # abandons, then the client purges
-    assert relay._held == {}
-    stats = relay.run_once()
-    assert stats.sent == 2
-    assert [m.value for m in transports[0].sent] == [b"v1", b"v2"]
-
-
-class CountingPrefetch:
-    """Counts the claims that ran ahead (the relay's prefetch), to prove a test used one."""
-
-    def __init__(self, relay: Any) -> None:
+    def __init__(self) -> None:
         self.count = 0
-        original = relay._prefetch
 
-        def prefetch() -> None:
-            self.count += 1
-            original()
-
-        relay._prefetch = prefetch
+    def claimed(self, rows: int, ahead: bool) -> None:
+        self.count += ahead
 
 
 def test_a_claim_that_ran_ahead_of_a_failure_does_not_send_past_it(
@@ -250,8 +217,10 @@ def test_a_claim_that_ran_ahead_of_a_failure_does_not_send_past_it(
         return None
 
     transport = MemoryTransport(fail=fail)
-    relay = make_relay(db_url, transport, NoDelay(), batch_size=5, max_inflight_batches=2)
-    prefetches = CountingPrefetch(relay)
+    prefetches = CountingAhead()
+    relay = make_relay(
+        db_url, transport, NoDelay(), batch_size=5, max_inflight_batches=2, observers=[prefetches]
+    )
     with Running(relay) as running:
         wait_for(lambda: count_rows(engine) == 0 and running.check_alive(), 20, "all sent")
         stats = running.stop()
@@ -278,10 +247,15 @@ def test_a_message_never_reported_holds_its_key_like_a_failure(
             super().send(message, on_delivery)
 
     transport = LosesOneReport()
+    prefetches = CountingAhead()
     relay = make_relay(
-        db_url, transport, batch_size=5, max_inflight_batches=2, delivery_timeout=0.1
+        db_url,
+        transport,
+        batch_size=5,
+        max_inflight_batches=2,
+        delivery_timeout=0.1,
+        observers=[prefetches],
     )
-    prefetches = CountingPrefetch(relay)
     with Running(relay) as running:
         wait_for(lambda: count_rows(engine) == 0 and running.check_alive(), 30, "all sent")
         running.stop()
@@ -290,67 +264,77 @@ def test_a_message_never_reported_holds_its_key_like_a_failure(
 
 
 def test_losing_the_claim_connection_only_falls_back_to_the_leader_connection(
-    engine: sa.Engine, db_url: str, caplog: Any
+    engine: sa.Engine, db_url: str
 ) -> None:
-    import logging
-
-    import psycopg
-
     specs = [(f"k{i % 4}", f"v{i:03d}") for i in range(60)]
     publish(engine, specs)
     dsn = db_url.replace("postgresql+psycopg", "postgresql")
-    holder: list[Any] = []
 
     class KillsClaims(MemoryTransport):
+        """Terminates the relay's claims connection (found by its application name) while
+        the relay awaits a batch."""
+
         killed = 0
 
         def poll(self, timeout: float) -> None:
-            relay = holder[0]
-            if not KillsClaims.killed and relay._prefetched is not None:
-                pid = relay._claim_conn.info.backend_pid
+            if not KillsClaims.killed:
                 with psycopg.connect(dsn, autocommit=True) as admin:
-                    admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
-                KillsClaims.killed = pid
+                    row = admin.execute(
+                        "SELECT pg_terminate_backend(pid), pid FROM pg_stat_activity "
+                        "WHERE application_name = 'holdback-kill claims'"
+                    ).fetchone()
+                KillsClaims.killed = row[1] if row else 0
             super().poll(timeout)
 
+    class Lost(RelayObserver):
+        databases = 0
+
+        def database_lost(self, reason: str, abandoned: int, retry_in: float) -> None:
+            self.databases += 1
+
+    lost = Lost()
     transport = KillsClaims()
-    relay = make_relay(db_url, transport, batch_size=5, max_inflight_batches=2)
-    holder.append(relay)
-    caplog.set_level(logging.INFO, logger="outbox.relay")
+    relay = make_relay(
+        db_url,
+        transport,
+        batch_size=5,
+        max_inflight_batches=2,
+        application_name="holdback-kill",
+        observers=[lost],
+    )
     stats = relay.run_once()
     assert KillsClaims.killed
     assert stats.sent == 60
-    messages = [r.getMessage() for r in caplog.records]
-    assert "claim connection lost" in messages
-    assert "database connection lost, reconnecting" not in messages
+    assert lost.databases == 0  # the leader's session went on
     sent = by_key(transport.sent)
     for key in ("k0", "k1", "k2", "k3"):
         assert sent[key] == [v for k, v in specs if k == key]  # no duplicates either
 
 
-def test_claims_are_never_prepared(engine: sa.Engine, db_url: str) -> None:
+def test_claims_are_never_prepared(db_url: str, engine: sa.Engine) -> None:
     # A prepared claim gets a generic plan after five runs, which cannot see how many ids are
-    # excluded; at some backlogs it was ten times slower. Claims are planned each time.
+    # excluded; at some backlogs it was ten times slower. Claims are planned each time, on
+    # the leader's connection and ahead on the claims connection.
     publish(engine, [(f"k{i % 5}", f"v{i}") for i in range(60)])
-    transport = MemoryTransport()
-    relay = make_relay(db_url, transport, batch_size=5, max_inflight_batches=2)
-    relay._ensure_leader()
-    try:
-        while relay._step():  # full claims: the next one runs ahead
-            pass
-        for i in range(8):  # claims that come back short: on the leader's connection
-            publish(engine, [("k", f"w{i}")])
-            while relay._step():
-                pass
-        assert relay.stats.sent == 68 and relay.stats.batches >= 20
-        for conn in (relay._conn, relay._claim_conn):
-            assert conn is not None
-            if conn is relay._claim_conn:
-                relay._require_pipeline().sync()
-            prepared = [r[0] for r in conn.execute("SELECT statement FROM pg_prepared_statements")]
-            assert not [s for s in prepared if "LIMIT" in s], prepared
-    finally:
-        relay._shutdown()
+    config = RelayConfig(db_url=db_url, batch_size=5)
+    tables = define_tables()
+    claims = Claims(relay_conninfo(config), to_driver_sql(claim(tables)), config.batch_size)
+    with psycopg.connect(relay_conninfo(config), autocommit=True) as leader:
+        try:
+            for number in range(8):
+                assert len(claims.claim(leader, "{}")) == 5
+                claims.send_ahead("{}", number)
+                ahead = claims.take_ahead(leader)
+                assert ahead is not None and len(ahead[0]) == 5
+            claims.sync()
+            for conn in (leader, claims._conn):
+                assert conn is not None
+                prepared = [
+                    r[0] for r in conn.execute("SELECT statement FROM pg_prepared_statements")
+                ]
+                assert not [s for s in prepared if "LIMIT" in s], prepared
+        finally:
+            claims.close()
 
 
 def test_a_claim_waits_for_the_mark_of_the_batch_it_stops_excluding(
@@ -361,8 +345,10 @@ def test_a_claim_waits_for_the_mark_of_the_batch_it_stops_excluding(
     specs = [(f"k{i % 7}", f"v{i:03d}") for i in range(200)]
     publish(engine, specs)
     transport = MemoryTransport()
-    relay = make_relay(db_url, transport, batch_size=10, max_inflight_batches=2)
-    prefetches = CountingPrefetch(relay)
+    prefetches = CountingAhead()
+    relay = make_relay(
+        db_url, transport, batch_size=10, max_inflight_batches=2, observers=[prefetches]
+    )
     stats = relay.run_once()
     assert prefetches.count >= 10
     assert stats.sent == 200

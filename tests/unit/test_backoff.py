@@ -1,4 +1,5 @@
-"""Backoff with full jitter: always within [0, min(cap, base * 2**attempt)]."""
+"""Backoff with full jitter: always within [0, min(cap, base * 2**attempt)]; the retry state
+of one thing (failures in a row, when it is due)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,11 @@ import random
 
 import pytest
 
-from outbox.relay import backoff_delay
+from outbox.backoff import Backoff, Retrying
+
+
+def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random) -> float:
+    return Backoff(base, cap).delay(attempt, rng)
 
 
 @pytest.mark.parametrize(("base", "cap"), [(1.0, 300.0), (0.5, 30.0), (0.01, 0.05), (2.0, 1.0)])
@@ -46,3 +51,29 @@ def test_deterministic_for_a_seeded_rng() -> None:
     a = [backoff_delay(n, 1.0, 60.0, random.Random(5)) for n in range(10)]
     b = [backoff_delay(n, 1.0, 60.0, random.Random(5)) for n in range(10)]
     assert a == b
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Top(random.Random):
+    def uniform(self, a: float, b: float) -> float:
+        return b
+
+
+def test_retrying_counts_failures_and_knows_when_it_is_due() -> None:
+    clock = Clock()
+    retry = Retrying(Backoff(1.0, 5.0), Top(), clock)
+    assert not retry.failing and retry.due() and retry.remaining() == 0
+    assert [retry.failed() for _ in range(4)] == [1.0, 2.0, 4.0, 5.0]
+    assert retry.failures == 4 and retry.failing
+    assert not retry.due() and retry.remaining() == 5.0
+    clock.now += 5.0
+    assert retry.due()
+    retry.succeeded()
+    assert not retry.failing and retry.failed() == 1.0  # starts over

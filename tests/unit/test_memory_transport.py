@@ -4,13 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from outbox.transport.base import (
-    DeliveryFailure,
-    FailureKind,
-    MessageRejected,
-    OutgoingMessage,
-    TransportUnavailable,
-)
+from outbox.exceptions import MessageRejected, TransportUnavailable
+from outbox.transport.base import DeliveryFailure, FailureKind, OutgoingMessage
 from outbox.transport.memory import MemoryTransport
 
 
@@ -23,7 +18,7 @@ class Reports:
         self.got: list[tuple[bytes | None, DeliveryFailure | None]] = []
 
     def cb(self, m: OutgoingMessage):  # type: ignore[no-untyped-def]
-        return lambda failure: self.got.append((m.value, failure))
+        return lambda failure, _message: self.got.append((m.value, failure))
 
     def kinds(self) -> list[tuple[bytes | None, FailureKind | None]]:
         return [(v, f.kind if f else None) for v, f in self.got]

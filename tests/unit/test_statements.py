@@ -72,7 +72,6 @@ def test_builders_are_cached_per_tables() -> None:
 
 def test_leader_lock_statements() -> None:
     assert bound_names(st.to_driver_sql(st.try_leader_lock())) == {"lock_id"}
-    assert bound_names(st.to_driver_sql(st.release_leader_lock())) == {"lock_id"}
 
 
 def test_notify_channel_is_quoted_as_a_literal() -> None:

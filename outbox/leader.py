@@ -1,0 +1,133 @@
+"""The relay's main database session: the leader lock, LISTEN, and the marks.
+
+The leader lock is a session advisory lock on *this* connection, the one that marks rows
+sent: if the session ends, PostgreSQL releases the lock and the relay can mark nothing more.
+The lock, the work and the fencing are one thing (see ``docs/design.md``). Claims run here
+too, or ahead on the claims connection (``outbox.claims``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import psycopg
+import sqlalchemy as sa
+
+from outbox import statements
+from outbox.exceptions import DatabaseUnavailableError, translate_db_errors
+from outbox.schema import DEAD, OutboxTables
+
+
+def _int_array(ids: Sequence[int]) -> str:
+    """A bigint[] literal: much cheaper to build than letting the driver adapt a list."""
+    return "{" + ",".join(map(str, ids)) + "}"
+
+
+class LeaderSession:
+    """One connection (autocommit, no statement in a transaction unless recording failures).
+    Not thread-safe."""
+
+    def __init__(self, conninfo: str, tables: OutboxTables, *, retain_sent: bool) -> None:
+        self._conninfo = conninfo
+        self._lock_id = tables.leader_lock_id
+        self.conn: psycopg.Connection[Any] | None = None
+
+        def sql(build: Callable[[OutboxTables], sa.TextClause]) -> str:
+            return statements.to_driver_sql(build(tables))
+
+        self._probe = sql(statements.probe_tables)
+        self._listen = sql(statements.listen)
+        self._next_retry = sql(statements.next_retry_in)
+        self._mark = sql(statements.mark_sent if retain_sent else statements.delete_sent)
+        self._fail = sql(statements.record_failures)
+        self._lock = statements.to_driver_sql(statements.try_leader_lock())
+
+    def connect(self) -> psycopg.Connection[Any]:
+        """A new connection on which the tables were found (the caller owns it)."""
+        with translate_db_errors("connect"):
+            conn = psycopg.connect(self._conninfo, autocommit=True)
+        try:
+            with translate_db_errors("check tables"):
+                conn.execute(self._probe)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def try_lead(self) -> bool:
+        """Connect and LISTEN if needed, then try to take the leader lock."""
+        if self.conn is None:
+            conn = self.connect()
+            with translate_db_errors("listen"):
+                conn.execute(self._listen)
+            self.conn = conn
+        with translate_db_errors("leader lock"):
+            row = self.conn.execute(self._lock, {"lock_id": self._lock_id}).fetchone()
+        return bool(row and row[0])
+
+    def next_retry_in(self) -> float | None:
+        """Seconds until the earliest scheduled retry (by any leader), if there is one."""
+        with translate_db_errors("read retry times"):
+            due = self.require().execute(self._next_retry).fetchone()
+        return None if due is None or due[0] is None else max(0.0, float(due[0]))
+
+    def record(
+        self,
+        acked: str | Sequence[int],
+        failed: Sequence[tuple[int, str]],
+        delays: Sequence[float],
+        max_attempts: int,
+    ) -> list[tuple[Any, ...]]:
+        """Mark ``acked`` sent (ids, or a ready bigint[] literal) and count an attempt for
+        each of ``failed`` (retry after ``delays``): one statement, one round trip, no
+        BEGIN/COMMIT in the common case. Returns the rows (id, status, attempts) parked."""
+        conn = self.require()
+        parked: list[tuple[Any, ...]] = []
+        with (
+            translate_db_errors("mark sent"),
+            conn.transaction() if failed else contextlib.nullcontext(),
+        ):
+            if acked:
+                ids = acked if isinstance(acked, str) else _int_array(acked)
+                conn.execute(self._mark, {"ids": ids})
+            if failed:
+                cur = conn.execute(
+                    self._fail,
+                    {
+                        "ids": _int_array([f[0] for f in failed]),
+                        "errors": [f[1][:2000] for f in failed],
+                        "delays": list(delays),
+                        "max_attempts": max_attempts,
+                    },
+                )
+                parked = [r for r in cur.fetchall() if r[1] == DEAD]
+        return parked
+
+    def wait_for_notify(self, deadline: float, stop: threading.Event) -> bool:
+        """Wait until a writer's commit notifies, ``deadline`` (monotonic) passes or
+        ``stop`` is set. Issues no statement. True if notified."""
+        conn = self.require()
+        while not stop.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            with translate_db_errors("wait for notifications"):
+                for _ in conn.notifies(timeout=min(remaining, 0.25), stop_after=1):
+                    return True
+        return False
+
+    def require(self) -> psycopg.Connection[Any]:
+        if self.conn is None:
+            raise DatabaseUnavailableError("not connected")
+        return self.conn
+
+    def close(self) -> None:
+        """Close the session (which releases the leader lock)."""
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            with contextlib.suppress(psycopg.Error):
+                conn.close()

@@ -1,0 +1,228 @@
+"""Watching the relay and the consumer: observers with stable hook names.
+
+Subclass :class:`RelayObserver` or :class:`ConsumerObserver`, override the hooks you need and
+pass instances as ``observers=[...]``. Hooks run on the relay's or consumer's own thread, in
+the order the things happened; keep them quick (count, set a gauge, signal a test). An
+exception in a hook is logged (``event=observer.failed``) and does not disturb the loop.
+
+The library's own log lines for these moments are written by an observer too
+(:class:`LogRelay`, :class:`LogConsumer`), so what is logged and what is observed never
+disagree. Each log record carries a stable ``event`` field (listed in the reference): match
+on it, never on the wording.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
+
+if TYPE_CHECKING:
+    from outbox.transport.base import IncomingMessage
+
+_relay_log = logging.getLogger("outbox.relay")
+_consumer_log = logging.getLogger("outbox.consumer")
+_logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BatchOutcome:
+    """What became of one claimed batch, once it is recorded in the table."""
+
+    claimed: int
+    #: Acknowledged by the broker and marked sent (deleted, or status ``sent``).
+    acked: int
+    #: Refused or failed: an attempt was counted (``parked`` of them reached max_attempts).
+    failed: int
+    parked: int
+    #: Neither acknowledged nor failed (broker outage, held back, shutdown): still pending.
+    unsent: int
+    #: From the claim to the record, in seconds.
+    seconds: float
+
+
+class RelayObserver:
+    """Hooks called by :class:`~outbox.Relay`. Every hook is optional."""
+
+    def leadership(self, leader: bool) -> None:
+        """This relay became the leader (True) or stopped being it (False)."""
+
+    def claimed(self, rows: int, ahead: bool) -> None:
+        """A claim returned ``rows`` rows (0 when nothing is due); ``ahead``: it ran on the
+        claims connection while the previous batch was awaited."""
+
+    def batch_finished(self, outcome: BatchOutcome) -> None:
+        """A batch was recorded in the table."""
+
+    def broker_unavailable(self, reason: str, retry_in: float, failures: int) -> None:
+        """The broker failed (``failures`` times in a row); sending pauses ``retry_in`` s."""
+
+    def broker_available(self) -> None:
+        """A probe reached the broker again after failures."""
+
+    def producer_recreated(self) -> None:
+        """The broker client was discarded (fatal state or outage); a new one will be made."""
+
+    def database_lost(self, reason: str, abandoned: int, retry_in: float) -> None:
+        """The database session ended (or failed transiently); ``abandoned`` messages in
+        flight stay pending and will be sent again."""
+
+    def stopped(self, stats: Any) -> None:
+        """The relay returned from run()/run_once(); ``stats`` is its :class:`RelayStats`."""
+
+
+Outcome = Literal["processed", "duplicate", "dead_lettered"]
+
+
+class ConsumerObserver:
+    """Hooks called by :class:`outbox.consumer.Consumer`. Every hook is optional."""
+
+    def joined(self) -> None:
+        """The consumer joined its group and got its first assignment."""
+
+    def message_finished(self, message: IncomingMessage, outcome: Outcome, seconds: float) -> None:
+        """A message is done: its effects committed, skipped as a duplicate, or
+        dead-lettered; its offset may be committed. ``seconds`` includes retries."""
+
+    def attempt_failed(
+        self, message: IncomingMessage, attempts: int, error: str, retry_in: float
+    ) -> None:
+        """The handler raised; the message is tried again in ``retry_in`` seconds."""
+
+    def database_unavailable(self, error: str, retry_in: float) -> None:
+        """The database could not be reached; no attempt is counted."""
+
+    def stopped(self, stats: Any) -> None:
+        """The consumer returned from run(); ``stats`` is its ``ConsumerStats``."""
+
+
+ObserverT = TypeVar("ObserverT", RelayObserver, ConsumerObserver)
+
+
+class _Fanout:
+    """Calls a hook on every observer, isolating their failures."""
+
+    def __init__(self, observers: Sequence[object]) -> None:
+        self._observers = list(observers)
+
+    def __getattr__(self, name: str) -> Any:
+        hooks = [getattr(o, name) for o in self._observers]
+
+        def call(*args: Any) -> None:
+            for hook in hooks:
+                try:
+                    hook(*args)
+                except Exception:
+                    _logger.exception(
+                        "observer failed",
+                        extra={"event": "observer.failed", "hook": name},
+                    )
+
+        setattr(self, name, call)  # resolved once per hook name
+        return call
+
+
+def fanout(first: ObserverT, observers: Sequence[ObserverT]) -> ObserverT:
+    """One observer that calls ``first`` and then each of ``observers``."""
+    if not observers:
+        return first
+    combined: Any = _Fanout([first, *observers])
+    return combined  # type: ignore[no-any-return]
+
+
+class LogRelay(RelayObserver):
+    """The relay's log lines for what it reports to observers."""
+
+    def leadership(self, leader: bool) -> None:
+        if leader:
+            _relay_log.info("relay is the leader", extra={"event": "relay.leader"})
+
+    def batch_finished(self, outcome: BatchOutcome) -> None:
+        if _relay_log.isEnabledFor(logging.DEBUG):
+            fields = dataclasses.asdict(outcome)
+            fields["ms"] = round(fields.pop("seconds") * 1000, 1)
+            _relay_log.debug("batch done", extra={"event": "relay.batch", **fields})
+
+    def broker_unavailable(self, reason: str, retry_in: float, failures: int) -> None:
+        _relay_log.warning(
+            "broker unavailable, backing off",
+            extra={
+                "event": "relay.broker_unavailable",
+                "error": reason,
+                "retry_in_s": round(retry_in, 2),
+                "failures": failures,
+            },
+        )
+
+    def broker_available(self) -> None:
+        _relay_log.info("broker reachable again", extra={"event": "relay.broker_available"})
+
+    def producer_recreated(self) -> None:
+        _relay_log.warning(
+            "re-creating the broker client", extra={"event": "relay.producer_recreated"}
+        )
+
+    def database_lost(self, reason: str, abandoned: int, retry_in: float) -> None:
+        _relay_log.warning(
+            "database connection lost, reconnecting",
+            extra={
+                "event": "relay.database_lost",
+                "error": reason,
+                "abandoned": abandoned,
+                "retry_in_s": round(retry_in, 2),
+            },
+        )
+
+    def stopped(self, stats: Any) -> None:
+        _relay_log.info(
+            "relay stopped", extra={"event": "relay.stopped", **dataclasses.asdict(stats)}
+        )
+
+
+def message_fields(message: IncomingMessage) -> dict[str, Any]:
+    """A message's position, as log fields."""
+    return {"topic": message.topic, "partition": message.partition, "offset": message.offset}
+
+
+class LogConsumer(ConsumerObserver):
+    """The consumer's log lines for what it reports to observers."""
+
+    def joined(self) -> None:
+        _consumer_log.info("consumer joined its group", extra={"event": "consumer.joined"})
+
+    def message_finished(self, message: IncomingMessage, outcome: Outcome, seconds: float) -> None:
+        if outcome == "duplicate" and _consumer_log.isEnabledFor(logging.DEBUG):
+            _consumer_log.debug(
+                "duplicate skipped",
+                extra={"event": "consumer.duplicate", **message_fields(message)},
+            )
+
+    def attempt_failed(
+        self, message: IncomingMessage, attempts: int, error: str, retry_in: float
+    ) -> None:
+        _consumer_log.warning(
+            "handler failed, retrying",
+            extra={
+                "event": "consumer.retry",
+                "attempts": attempts,
+                "error": error,
+                "retry_in_s": round(retry_in, 2),
+                **message_fields(message),
+            },
+        )
+
+    def database_unavailable(self, error: str, retry_in: float) -> None:
+        _consumer_log.warning(
+            "database unavailable, retrying",
+            extra={
+                "event": "consumer.database_unavailable",
+                "error": error,
+                "retry_in_s": round(retry_in, 2),
+            },
+        )
+
+    def stopped(self, stats: Any) -> None:
+        _consumer_log.info(
+            "consumer stopped", extra={"event": "consumer.stopped", **dataclasses.asdict(stats)}
+        )
