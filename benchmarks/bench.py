@@ -34,11 +34,20 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from outbox import Message, Outbox, Relay, RelayConfig, migrate, statements
+from outbox import (
+    BatchOutcome,
+    ConsumerObserver,
+    Message,
+    Outbox,
+    Relay,
+    RelayConfig,
+    RelayObserver,
+    migrate,
+    statements,
+)
 from outbox.message import encode
-from outbox.relay import _int_array
 from outbox.schema import define_tables
-from outbox.transport.base import OnDelivery, OutgoingMessage
+from outbox.transport.base import DeliveryFailure, OnDelivery, OutgoingMessage
 from outbox.transport.kafka import KafkaTransport
 from tests.support.broker import Broker
 
@@ -219,15 +228,23 @@ def minimal_relay(bootstrap: str, topic: str, extra: dict[str, str]) -> float:
         return n / (time.perf_counter() - start)
 
 
-class _TimedRelay(Relay):
-    """Records when the last expected row was marked sent."""
+class _Clock(RelayObserver):
+    """Starts when the relay becomes the leader (connected, claims connection open) and
+    records when the last expected row was marked sent."""
 
-    expected = 0
-    done_at = 0.0
+    def __init__(self, expected: int) -> None:
+        self.expected = expected
+        self.sent = 0
+        self.start = 0.0
+        self.done_at = 0.0
 
-    def _finish(self, batch: Any) -> None:
-        super()._finish(batch)
-        if self.stats.sent >= self.expected and not self.done_at:
+    def leadership(self, leader: bool) -> None:
+        if leader and not self.start:
+            self.start = time.perf_counter()
+
+    def batch_finished(self, outcome: BatchOutcome) -> None:
+        self.sent += outcome.acked
+        if self.sent >= self.expected and not self.done_at:
             self.done_at = time.perf_counter()
 
 
@@ -238,17 +255,15 @@ def relay_drain(bootstrap: str, extra: dict[str, str], **config: Any) -> float:
     acknowledgement), not after closing the producer and the connections."""
     n = count(sa.create_engine(DB_URL))
     transport = KafkaTransport(bootstrap, kafka_settings(extra))
-    relay = _TimedRelay(RelayConfig(db_url=DB_URL, **config), lambda: transport)
-    relay.expected = n
-    relay._ensure_leader()
+    clock = _Clock(n)
+    relay = Relay(RelayConfig(db_url=DB_URL, **config), lambda: transport, observers=[clock])
     transport.check(10)
     check = transport.check
     transport.check = lambda timeout: None  # type: ignore[method-assign]  # just done
-    start = time.perf_counter()
     stats = relay.run_once()
     transport.check = check  # type: ignore[method-assign]
     assert stats.sent == n, (stats.sent, n)
-    return n / (relay.done_at - start)
+    return n / (clock.done_at - clock.start)
 
 
 def bench_throughput(broker: Broker, engine: sa.Engine, extra: dict[str, str]) -> None:
@@ -302,10 +317,10 @@ class TimingTransport:
     def send(self, message: OutgoingMessage, on_delivery: OnDelivery) -> None:
         mid = dict(message.headers)["message-id"].decode()
 
-        def report(failure: Any) -> None:
-            if failure is None:
+        def report(error: Any, msg: Any) -> None:
+            if error is None:
                 self.acked[mid] = time.monotonic()
-            on_delivery(failure)
+            on_delivery(error, msg)
 
         self.inner.send(message, report)
 
@@ -314,6 +329,9 @@ class TimingTransport:
 
     def flush(self, timeout: float) -> None:
         self.inner.flush(timeout)
+
+    def failure(self, error: Any) -> DeliveryFailure:
+        return self.inner.failure(error)
 
     def check(self, timeout: float) -> None:
         self.inner.check(timeout)
@@ -383,7 +401,10 @@ def bench_latency(
     commits = {m: t for m, t in commits.items() if t - t0 >= 1.0}
     lat = sorted((acked[m] - t) * 1000 for m, t in commits.items() if m in acked)
     missing = len(commits) - len(lat)
-    p = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))]  # noqa: E731
+
+    def p(q: float) -> float:
+        return lat[min(len(lat) - 1, int(q * len(lat)))]
+
     print(
         f"\n== commit-to-acknowledged latency at {rate} events/s for {seconds:.0f} s "
         f"({len(lat)} events{f', {missing} missing' if missing else ''}), producer "
@@ -466,34 +487,33 @@ def bench_write(engine: sa.Engine, n: int = 3000) -> None:
 # -- idle cost ---------------------------------------------------------------------------------
 
 
-class CountingRelay(Relay):
-    statements_run = 0
+class CountingClaims(RelayObserver):
+    """Counts claims: once leading, the only statements a relay runs (waiting for
+    notifications runs none)."""
 
-    def _connect(self) -> psycopg.Connection[Any]:
-        conn = super()._connect()
-        execute = conn.execute
+    def __init__(self) -> None:
+        self.claims = 0
 
-        def counted(*args: Any, **kwargs: Any) -> Any:
-            CountingRelay.statements_run += 1
-            return execute(*args, **kwargs)
-
-        conn.execute = counted  # type: ignore[method-assign]
-        return conn
+    def claimed(self, rows: int, ahead: bool) -> None:
+        self.claims += 1
 
 
 def bench_idle(broker: Broker, seconds: float = 30.0) -> None:
-    relay = CountingRelay(
-        RelayConfig(db_url=DB_URL), lambda: KafkaTransport(broker.bootstrap, kafka_settings({}))
+    counter = CountingClaims()
+    relay = Relay(
+        RelayConfig(db_url=DB_URL),
+        lambda: KafkaTransport(broker.bootstrap, kafka_settings({})),
+        observers=[counter],
     )
     thread = threading.Thread(target=relay.run, daemon=True)
     thread.start()
     while not relay.is_leader:
         time.sleep(0.01)
     time.sleep(1.0)
-    before = CountingRelay.statements_run
+    before = counter.claims
     cpu0 = time.process_time()
     time.sleep(seconds)
-    n = CountingRelay.statements_run - before
+    n = counter.claims - before
     cpu = time.process_time() - cpu0
     relay.stop()
     thread.join(30)
@@ -540,7 +560,9 @@ def bench_claim(engine: sa.Engine) -> None:
             for _ in range(30):
                 start = time.perf_counter()
                 conn.execute(
-                    claim, {"exclude": _int_array(exclude), "limit": 1000}, prepare=False
+                    claim,
+                    {"exclude": "{" + ",".join(map(str, exclude)) + "}", "limit": 1000},
+                    prepare=False,
                 ).fetchall()
                 times_ex.append(time.perf_counter() - start)
             print(
@@ -551,6 +573,16 @@ def bench_claim(engine: sa.Engine) -> None:
 
 
 # -- inbox consumer ----------------------------------------------------------------------------
+
+
+class _ConsumerClock(ConsumerObserver):
+    def __init__(self) -> None:
+        self.first = 0.0
+        self.last = 0.0
+
+    def message_finished(self, message: Any, outcome: Any, seconds: float) -> None:
+        self.last = time.perf_counter()
+        self.first = self.first or self.last
 
 
 def bench_consumer(broker: Broker, engine: sa.Engine, n: int = 20_000) -> None:
@@ -580,27 +612,19 @@ def bench_consumer(broker: Broker, engine: sa.Engine, n: int = 20_000) -> None:
     def run(with_inbox: bool) -> float:
         group = f"bench-{uuid.uuid4().hex[:8]}"
         settings = {"session.timeout.ms": "6000", "heartbeat.interval.ms": "1000"}
+        clock = _ConsumerClock()
         consumer = Consumer(
             ConsumerConfig(db_url=DB_URL, name=group),
             handler,
             lambda: KafkaSource(broker.bootstrap, group, [topic], settings),
+            observers=[clock],
         )
         if not with_inbox:
             consumer._inbox.claim = lambda *a, **k: True  # type: ignore[method-assign]
-        start: float | None = None
-        first = consumer._handle
-
-        def timed(message: Any) -> bool:  # the clock starts at the first message, not the join
-            nonlocal start
-            if start is None:
-                start = time.perf_counter()
-            return first(message)
-
-        consumer._handle = timed  # type: ignore[method-assign]
         stats = consumer.run(max_messages=n)
         assert stats.processed == n, stats
-        assert start is not None
-        return n / (time.perf_counter() - start)
+        # From the first message done to the last: the group join is not timed.
+        return (n - 1) / (clock.last - clock.first)
 
     rates: dict[str, list[float]] = {"inbox": [], "plain": []}
     for _ in range(2):  # interleaved
