@@ -6,9 +6,10 @@ call public functions. Exit status: 0 done, 1 failed, 2 usage or configuration e
 
 from __future__ import annotations
 
+import datetime
 import functools
-import json
 import logging
+import math
 import signal
 import sys
 from collections.abc import Callable
@@ -17,7 +18,7 @@ from typing import Any, TypeVar
 import click
 import sqlalchemy as sa
 
-from outbox import migrate
+from outbox import logs, migrate
 from outbox.admin import counts
 from outbox.config import RelayConfig, parse_db_url
 from outbox.consumer import Consumer, ConsumerConfig, load_handler, message_id_key
@@ -31,57 +32,12 @@ from outbox.inbox import Inbox
 from outbox.outbox import Outbox
 from outbox.relay import Relay
 from outbox.schema import DEFAULT_INBOX_TABLE, DEFAULT_TABLE
-from outbox.transport.kafka import KafkaSource, KafkaTransport
+from outbox.transport.kafka import KafkaSource, KafkaTransport, topic_retention
 
 logger = logging.getLogger(__name__)
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-_STANDARD_ATTRS = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
-    "message",
-    "asctime",
-}
-
-
-def _extras(record: logging.LogRecord) -> dict[str, Any]:
-    return {k: v for k, v in vars(record).items() if k not in _STANDARD_ATTRS}
-
-
-class TextFormatter(logging.Formatter):
-    """``time level logger: message key=value ...``"""
-
-    def format(self, record: logging.LogRecord) -> str:
-        base = super().format(record)
-        fields = " ".join(f"{k}={v}" for k, v in _extras(record).items())
-        return f"{base} {fields}" if fields else base
-
-
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line, extras as top-level fields."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        data = {
-            "ts": self.formatTime(record),
-            "level": record.levelname,
-            "logger": record.name,
-            "message": record.getMessage(),
-            **_extras(record),
-        }
-        if record.exc_info:
-            data["exc"] = self.formatException(record.exc_info)
-        return json.dumps(data, default=str)
-
-
-def _setup_logging(level: str, fmt: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(
-        JsonFormatter()
-        if fmt == "json"
-        else TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
-    )
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
+T = TypeVar("T")
 
 
 def _fail(exc: OutboxError) -> None:
@@ -207,104 +163,150 @@ def versions_dir() -> None:
     click.echo(str(migrate.versions_dir()))
 
 
-def _relay_options(fn: F) -> F:
-    defaults = RelayConfig(db_url="postgresql://x/y")
-    options = [
+def _options(*options: Callable[[F], F]) -> Callable[[F], F]:
+    """Apply click options in the order they are listed (as --help shows them)."""
+
+    def apply(fn: F) -> F:
+        for option in reversed(options):
+            fn = option(fn)
+        return fn
+
+    return apply
+
+
+# Declared once for the relay and the consumer, so that the same option means the same there.
+_kafka_options = _options(
+    click.option(
+        "--bootstrap-servers",
+        envvar="OUTBOX_BOOTSTRAP_SERVERS",
+        required=True,
+        help="Kafka bootstrap servers, host:port[,host:port] [OUTBOX_BOOTSTRAP_SERVERS]",
+    ),
+    click.option(
+        "-X",
+        "kafka_settings",
+        multiple=True,
+        envvar="OUTBOX_KAFKA_SETTINGS",
+        metavar="NAME=VALUE",
+        help="Any librdkafka setting, repeatable [OUTBOX_KAFKA_SETTINGS, space-separated]",
+    ),
+)
+
+_log_options = _options(
+    click.option(
+        "--log-level",
+        type=click.Choice(logs.LEVELS, case_sensitive=False),
+        default="info",
+        show_default=True,
+        envvar="OUTBOX_LOG_LEVEL",
+        help="[OUTBOX_LOG_LEVEL]",
+    ),
+    click.option(
+        "--log-format",
+        type=click.Choice(["text", "json"], case_sensitive=False),
+        default="text",
+        show_default=True,
+        envvar="OUTBOX_LOG_FORMAT",
+        help="[OUTBOX_LOG_FORMAT]",
+    ),
+)
+
+
+def _backoff_options(what: str, env: str, base: float, cap: float) -> Callable[[F], F]:
+    """``--{what}-backoff`` and ``--{what}-backoff-max``, read from ``{env}`` too."""
+    return _options(
         click.option(
-            "--bootstrap-servers",
-            envvar="OUTBOX_BOOTSTRAP_SERVERS",
-            required=True,
-            help="Kafka bootstrap servers, host:port[,host:port] [OUTBOX_BOOTSTRAP_SERVERS]",
-        ),
-        click.option(
-            "-X",
-            "kafka_settings",
-            multiple=True,
-            envvar="OUTBOX_KAFKA_SETTINGS",
-            metavar="NAME=VALUE",
-            help="Any librdkafka producer setting, repeatable "
-            "[OUTBOX_KAFKA_SETTINGS, space-separated]",
-        ),
-        click.option("--once", is_flag=True, help="Send what is due now, then exit."),
-        click.option(
-            "--batch-size",
-            type=click.IntRange(1, 100_000),
-            default=defaults.batch_size,
-            show_default=True,
-            envvar="OUTBOX_BATCH_SIZE",
-        ),
-        click.option(
-            "--max-attempts",
-            type=click.IntRange(1),
-            default=defaults.max_attempts,
-            show_default=True,
-            envvar="OUTBOX_MAX_ATTEMPTS",
-            help="Failed sends before a message is parked [OUTBOX_MAX_ATTEMPTS]",
-        ),
-        click.option(
-            "--retry-backoff",
+            f"--{what}-backoff",
+            f"{what.replace('-', '_')}_backoff",
             type=click.FloatRange(min=0.001),
-            default=defaults.retry_backoff_base,
+            default=base,
             show_default=True,
-            envvar="OUTBOX_RETRY_BACKOFF",
-            help="Base of the per-message exponential backoff, seconds",
+            envvar=env,
+            help=f"Base of the {what} backoff (full jitter), seconds [{env}]",
         ),
         click.option(
-            "--retry-backoff-max",
+            f"--{what}-backoff-max",
+            f"{what.replace('-', '_')}_backoff_max",
             type=click.FloatRange(min=0.001),
-            default=defaults.retry_backoff_max,
+            default=cap,
             show_default=True,
-            envvar="OUTBOX_RETRY_BACKOFF_MAX",
+            envvar=f"{env}_MAX",
+            help=f"Cap of the {what} backoff, seconds [{env}_MAX]",
         ),
-        click.option(
-            "--poll-interval",
-            type=click.FloatRange(min=0.01),
-            default=defaults.poll_interval,
-            show_default=True,
-            envvar="OUTBOX_POLL_INTERVAL",
-            help="Fallback poll, seconds (commits wake the relay at once)",
-        ),
-        click.option(
-            "--leader-retry-interval",
-            type=click.FloatRange(min=0.01),
-            default=defaults.leader_retry_interval,
-            show_default=True,
-            envvar="OUTBOX_LEADER_RETRY_INTERVAL",
-            help="How often a standby relay tries to take over, seconds",
-        ),
-        click.option(
-            "--delivery-timeout",
-            type=click.FloatRange(min=0.1),
-            default=defaults.delivery_timeout,
-            show_default=True,
-            envvar="OUTBOX_DELIVERY_TIMEOUT",
-            help="Seconds a message may wait for the broker's acknowledgement",
-        ),
-        click.option(
-            "--retain-sent",
-            is_flag=True,
-            envvar="OUTBOX_RETAIN_SENT",
-            help="Keep sent rows (status 'sent') instead of deleting them",
-        ),
-        click.option(
-            "--log-level",
-            type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
-            default="info",
-            show_default=True,
-            envvar="OUTBOX_LOG_LEVEL",
-        ),
-        click.option(
-            "--log-format",
-            type=click.Choice(["text", "json"]),
-            default="text",
-            show_default=True,
-            envvar="OUTBOX_LOG_FORMAT",
-        ),
-    ]
-    fn = _db_options(fn)
-    for option in reversed(options):
-        fn = option(fn)
-    return fn
+    )
+
+
+def _first_client(make: Callable[[], T]) -> Callable[[], T]:
+    """Build one client now, so that a bad -X setting fails before anything starts, and hand
+    it out first; later calls (after a client was discarded) make new ones."""
+    first = [make()]
+    return lambda: first.pop() if first else make()
+
+
+_RELAY = RelayConfig(db_url="postgresql://x/y")
+_CONSUMER = ConsumerConfig(db_url="postgresql://x/y", name="x")
+
+
+_relay_options = _options(
+    _db_options,
+    _kafka_options,
+    click.option("--once", is_flag=True, help="Send what is due now, then exit."),
+    click.option(
+        "--batch-size",
+        type=click.IntRange(1, 100_000),
+        default=_RELAY.batch_size,
+        show_default=True,
+        envvar="OUTBOX_BATCH_SIZE",
+        help="Rows claimed per round trip [OUTBOX_BATCH_SIZE]",
+    ),
+    click.option(
+        "--max-attempts",
+        type=click.IntRange(1),
+        default=_RELAY.max_attempts,
+        show_default=True,
+        envvar="OUTBOX_MAX_ATTEMPTS",
+        help="Failed sends before a message is parked [OUTBOX_MAX_ATTEMPTS]",
+    ),
+    _backoff_options(
+        "retry", "OUTBOX_RETRY_BACKOFF", _RELAY.retry_backoff_base, _RELAY.retry_backoff_max
+    ),
+    _backoff_options(
+        "broker", "OUTBOX_BROKER_BACKOFF", _RELAY.broker_backoff_base, _RELAY.broker_backoff_max
+    ),
+    _backoff_options("db", "OUTBOX_DB_BACKOFF", _RELAY.db_backoff_base, _RELAY.db_backoff_max),
+    click.option(
+        "--poll-interval",
+        type=click.FloatRange(min=0.01),
+        default=_RELAY.poll_interval,
+        show_default=True,
+        envvar="OUTBOX_POLL_INTERVAL",
+        help="Fallback poll, seconds (commits wake the relay at once) [OUTBOX_POLL_INTERVAL]",
+    ),
+    click.option(
+        "--leader-retry-interval",
+        type=click.FloatRange(min=0.01),
+        default=_RELAY.leader_retry_interval,
+        show_default=True,
+        envvar="OUTBOX_LEADER_RETRY_INTERVAL",
+        help="How often a standby relay tries to take over, seconds [OUTBOX_LEADER_RETRY_INTERVAL]",
+    ),
+    click.option(
+        "--delivery-timeout",
+        type=click.FloatRange(min=0.1),
+        default=_RELAY.delivery_timeout,
+        show_default=True,
+        envvar="OUTBOX_DELIVERY_TIMEOUT",
+        help="Seconds a message may wait for the broker's acknowledgement "
+        "[OUTBOX_DELIVERY_TIMEOUT]",
+    ),
+    click.option(
+        "--retain-sent",
+        is_flag=True,
+        envvar="OUTBOX_RETAIN_SENT",
+        help="Keep sent rows (status 'sent') instead of deleting them [OUTBOX_RETAIN_SENT]",
+    ),
+    _log_options,
+)
 
 
 def _relay(
@@ -318,6 +320,10 @@ def _relay(
     max_attempts: int,
     retry_backoff: float,
     retry_backoff_max: float,
+    broker_backoff: float,
+    broker_backoff_max: float,
+    db_backoff: float,
+    db_backoff_max: float,
     poll_interval: float,
     leader_retry_interval: float,
     delivery_timeout: float,
@@ -325,7 +331,7 @@ def _relay(
     log_level: str,
     log_format: str,
 ) -> None:
-    _setup_logging(log_level, log_format)
+    logs.setup(log_level, log_format)
     overrides = _parse_settings(kafka_settings)
     overrides.setdefault("message.timeout.ms", str(int(delivery_timeout * 1000)))
     try:
@@ -337,30 +343,30 @@ def _relay(
             max_attempts=max_attempts,
             retry_backoff_base=retry_backoff,
             retry_backoff_max=max(retry_backoff, retry_backoff_max),
+            broker_backoff_base=broker_backoff,
+            broker_backoff_max=max(broker_backoff, broker_backoff_max),
+            db_backoff_base=db_backoff,
+            db_backoff_max=max(db_backoff, db_backoff_max),
             poll_interval=poll_interval,
             leader_retry_interval=leader_retry_interval,
             delivery_timeout=delivery_timeout,
             retain_sent=retain_sent,
         )
-        # Build one client now so that a bad -X setting fails before anything starts.
-        first: list[KafkaTransport] = [KafkaTransport(bootstrap_servers, overrides)]
-
-        def factory() -> KafkaTransport:
-            return first.pop() if first else KafkaTransport(bootstrap_servers, overrides)
-
+        factory = _first_client(lambda: KafkaTransport(bootstrap_servers, overrides))
         relay = Relay(config, factory)
         relay.check()
         if once:
             stats = relay.run_once()
         else:
-            try:
-                first[0].check(5.0)
-            except TransportUnavailable as exc:
-                logger.warning(
-                    "broker unreachable at start, will keep trying", extra={"error": str(exc)}
-                )
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, lambda *_: relay.stop())
+            try:
+                factory().check(5.0)  # the same client: the relay's first call gets it back
+            except TransportUnavailable as exc:
+                logger.warning(
+                    "broker unreachable at start, will keep trying",
+                    extra={"event": "relay.broker_unreachable_at_start", "error": str(exc)},
+                )
             stats = relay.run()
     except OutboxError as exc:
         _fail(exc)
@@ -417,80 +423,92 @@ def purge(db_url: str, table: str, schema: str | None, inbox_table: str, batch_s
 
 
 @main.command()
-@_db_options
-@_inbox_option
-@click.option("--bootstrap-servers", envvar="OUTBOX_BOOTSTRAP_SERVERS", required=True)
-@click.option("--group", envvar="OUTBOX_GROUP", required=True, help="Kafka consumer group")
-@click.option(
-    "--topic",
-    "topics",
-    multiple=True,
-    required=True,
-    envvar="OUTBOX_TOPICS",
-    help="Topic to consume, repeatable [OUTBOX_TOPICS, space-separated]",
-)
-@click.option(
-    "--handler",
-    envvar="OUTBOX_HANDLER",
-    required=True,
-    help="package.module:function called as handler(session, message) [OUTBOX_HANDLER]",
-)
-@click.option(
-    "--key-extractor",
-    envvar="OUTBOX_KEY_EXTRACTOR",
-    default=None,
-    help="package.module:function(message) -> str | None giving the idempotency key "
-    "(default: the message-id header), for messages from other producers",
-)
-@click.option(
-    "--consumer-name",
-    envvar="OUTBOX_CONSUMER_NAME",
-    default=None,
-    help="Inbox consumer name (default: the group)",
-)
-@click.option(
-    "--dead-letter-topic",
-    envvar="OUTBOX_DEAD_LETTER_TOPIC",
-    default=None,
-    help="Where poison messages go (default: <topic>.dlq), through the outbox",
-)
-@click.option(
-    "--max-attempts",
-    type=click.IntRange(1),
-    default=5,
-    show_default=True,
-    envvar="OUTBOX_MAX_ATTEMPTS",
-)
-@click.option(
-    "--max-messages", type=click.IntRange(1), default=None, help="Stop after this many messages"
-)
-@click.option(
-    "--idle-timeout",
-    type=click.FloatRange(min=0.1),
-    default=None,
-    help="Stop after this many seconds without a message (counted once the group is joined)",
-)
-@click.option(
-    "-X",
-    "kafka_settings",
-    multiple=True,
-    envvar="OUTBOX_KAFKA_SETTINGS",
-    metavar="NAME=VALUE",
-    help="Any librdkafka consumer setting, repeatable",
-)
-@click.option(
-    "--log-level",
-    type=click.Choice(["debug", "info", "warning", "error"]),
-    default="info",
-    show_default=True,
-    envvar="OUTBOX_LOG_LEVEL",
-)
-@click.option(
-    "--log-format",
-    type=click.Choice(["text", "json"]),
-    default="text",
-    show_default=True,
-    envvar="OUTBOX_LOG_FORMAT",
+@_options(
+    _db_options,
+    _inbox_option,
+    _kafka_options,
+    click.option("--group", envvar="OUTBOX_GROUP", required=True, help="Kafka consumer group"),
+    click.option(
+        "--topic",
+        "topics",
+        multiple=True,
+        required=True,
+        envvar="OUTBOX_TOPICS",
+        help="Topic to consume, repeatable [OUTBOX_TOPICS, space-separated]",
+    ),
+    click.option(
+        "--handler",
+        envvar="OUTBOX_HANDLER",
+        required=True,
+        help="package.module:function called as handler(session, message) [OUTBOX_HANDLER]",
+    ),
+    click.option(
+        "--key-extractor",
+        envvar="OUTBOX_KEY_EXTRACTOR",
+        default=None,
+        help="package.module:function(message) -> str | None giving the idempotency key "
+        "(default: the message-id header), for messages from other producers "
+        "[OUTBOX_KEY_EXTRACTOR]",
+    ),
+    click.option(
+        "--consumer-name",
+        envvar="OUTBOX_CONSUMER_NAME",
+        default=None,
+        help="Inbox consumer name (default: the group) [OUTBOX_CONSUMER_NAME]",
+    ),
+    click.option(
+        "--dead-letter-topic",
+        envvar="OUTBOX_DEAD_LETTER_TOPIC",
+        default=None,
+        help="Where poison messages go (default: <topic>.dlq), through the outbox "
+        "[OUTBOX_DEAD_LETTER_TOPIC]",
+    ),
+    click.option(
+        "--max-attempts",
+        type=click.IntRange(1),
+        default=_CONSUMER.max_attempts,
+        show_default=True,
+        envvar="OUTBOX_CONSUMER_MAX_ATTEMPTS",
+        help="Handler attempts at one message before it is dead-lettered "
+        "[OUTBOX_CONSUMER_MAX_ATTEMPTS]",
+    ),
+    _backoff_options(
+        "retry",
+        "OUTBOX_CONSUMER_RETRY_BACKOFF",
+        _CONSUMER.retry_backoff_base,
+        _CONSUMER.retry_backoff_max,
+    ),
+    _backoff_options(
+        "db", "OUTBOX_DB_BACKOFF", _CONSUMER.db_backoff_base, _CONSUMER.db_backoff_max
+    ),
+    click.option(
+        "--retention-days",
+        type=click.FloatRange(min=0.001),
+        default=_CONSUMER.retention.total_seconds() / 86400,
+        show_default=True,
+        envvar="OUTBOX_INBOX_RETENTION_DAYS",
+        help="How long processed keys are remembered; must cover how long a message can be "
+        "redelivered [OUTBOX_INBOX_RETENTION_DAYS]",
+    ),
+    click.option(
+        "--redelivery-horizon-days",
+        type=click.FloatRange(min=0.0),
+        default=None,
+        envvar="OUTBOX_REDELIVERY_HORIZON_DAYS",
+        help="How long a message can come back (default: the topics' retention.ms, when the "
+        "broker tells); a longer horizon than --retention-days is warned about "
+        "[OUTBOX_REDELIVERY_HORIZON_DAYS]",
+    ),
+    click.option(
+        "--max-messages", type=click.IntRange(1), default=None, help="Stop after this many messages"
+    ),
+    click.option(
+        "--idle-timeout",
+        type=click.FloatRange(min=0.1),
+        default=None,
+        help="Stop after this many seconds without a message (counted once the group is joined)",
+    ),
+    _log_options,
 )
 def consume(
     db_url: str,
@@ -498,6 +516,7 @@ def consume(
     schema: str | None,
     inbox_table: str,
     bootstrap_servers: str,
+    kafka_settings: tuple[str, ...],
     group: str,
     topics: tuple[str, ...],
     handler: str,
@@ -505,37 +524,47 @@ def consume(
     consumer_name: str | None,
     dead_letter_topic: str | None,
     max_attempts: int,
+    retry_backoff: float,
+    retry_backoff_max: float,
+    db_backoff: float,
+    db_backoff_max: float,
+    retention_days: float,
+    redelivery_horizon_days: float | None,
     max_messages: int | None,
     idle_timeout: float | None,
-    kafka_settings: tuple[str, ...],
     log_level: str,
     log_format: str,
 ) -> None:
     """Consume topics through the inbox: each message's effects happen once."""
-    _setup_logging(log_level, log_format)
+    logs.setup(log_level, log_format)
     overrides = _parse_settings(kafka_settings)
     topic_list = [t for item in topics for t in item.split()]
     try:
         fn = load_handler(handler)
+        key: Any = load_handler(key_extractor) if key_extractor else message_id_key
+        source = _first_client(lambda: KafkaSource(bootstrap_servers, group, topic_list, overrides))
+        if redelivery_horizon_days is None:
+            horizon_s = topic_retention(bootstrap_servers, topic_list, overrides)
+        else:
+            horizon_s = redelivery_horizon_days * 86400
         config = ConsumerConfig(
             db_url=db_url,
             name=consumer_name or group,
             dead_letter_topic=dead_letter_topic,
             max_attempts=max_attempts,
+            retry_backoff_base=retry_backoff,
+            retry_backoff_max=max(retry_backoff, retry_backoff_max),
+            db_backoff_base=db_backoff,
+            db_backoff_max=max(db_backoff, db_backoff_max),
             table=table,
             schema=schema,
             inbox_table=inbox_table,
+            retention=datetime.timedelta(days=retention_days),
+            redelivery_horizon=None
+            if horizon_s is None or math.isinf(horizon_s)
+            else datetime.timedelta(seconds=horizon_s),
         )
-        key: Any = load_handler(key_extractor) if key_extractor else message_id_key
-        consumer = Consumer(
-            config,
-            fn,
-            lambda: KafkaSource(bootstrap_servers, group, topic_list, overrides),
-            key=key,
-        )
-        # Fail fast on a database without the tables or a bad -X setting.
-        consumer.check()
-        KafkaSource(bootstrap_servers, group, topic_list, overrides).close()
+        consumer = Consumer(config, fn, source, key=key)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: consumer.stop())
         stats = consumer.run(max_messages=max_messages, idle_timeout=idle_timeout)

@@ -248,6 +248,14 @@ class Consumer:
                 with Session(self._engine) as session, session.begin():
                     if not self._inbox.claim(session, self.config.name, key):
                         self.stats.duplicates += 1
+                        logger.debug(
+                            "duplicate skipped",
+                            extra={
+                                "event": "consumer.duplicate",
+                                "key": key,
+                                **message_fields(message),
+                            },
+                        )
                         return "duplicate"
                     self.handler(session, message)
                 self.stats.processed += 1

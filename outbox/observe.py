@@ -191,13 +191,6 @@ class LogConsumer(ConsumerObserver):
     def joined(self) -> None:
         _consumer_log.info("consumer joined its group", extra={"event": "consumer.joined"})
 
-    def message_finished(self, message: IncomingMessage, outcome: Outcome, seconds: float) -> None:
-        if outcome == "duplicate" and _consumer_log.isEnabledFor(logging.DEBUG):
-            _consumer_log.debug(
-                "duplicate skipped",
-                extra={"event": "consumer.duplicate", **message_fields(message)},
-            )
-
     def attempt_failed(
         self, message: IncomingMessage, attempts: int, error: str, retry_in: float
     ) -> None:
