@@ -414,7 +414,9 @@ def topic_retention(
         k: v for k, v in (overrides or {}).items() if not k.startswith(("group.", "enable.auto"))
     }
     try:
-        client = AdminClient({**conf, "bootstrap.servers": bootstrap_servers})
+        client = AdminClient(
+            {**conf, "bootstrap.servers": bootstrap_servers, "logger": librdkafka_logger}
+        )
         futures = client.describe_configs(
             [ConfigResource(ConfigResource.Type.TOPIC, t) for t in topics], request_timeout=5
         )
