@@ -92,7 +92,11 @@ class BrokerLink:
             try:
                 transport.close(0)
             except Exception:  # a broken client may fail to close; it is dropped either way
-                logger.debug("closing the broken client failed", exc_info=True)
+                logger.debug(
+                    "closing the broken client failed",
+                    exc_info=True,
+                    extra={"event": "relay.client_close_failed"},
+                )
 
     def close(self, timeout: float) -> None:
         """Wait up to ``timeout`` for queued messages, then release the client."""

@@ -182,6 +182,7 @@ class Consumer:
             logger.warning(
                 "inbox retention is shorter than the redelivery horizon",
                 extra={
+                    "event": "consumer.retention_short",
                     "retention_s": self.config.retention.total_seconds(),
                     "redelivery_horizon_s": horizon.total_seconds(),
                 },
@@ -274,7 +275,7 @@ class Consumer:
                 if attempts.failures + 1 >= self.config.max_attempts:
                     return self._dead_letter(message, key, reason, attempts.failures + 1)
                 delay = attempts.failed()
-                self._observe.attempt_failed(message, attempts.failures, reason, delay)
+                self._observe.attempt_failed(message, key, attempts.failures, reason, delay)
                 if self._stop.wait(delay):
                     return None
 

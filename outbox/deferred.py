@@ -196,5 +196,5 @@ def _log_dropped(n: int) -> None:
     logger.error(
         "published messages dropped: their transaction ended without a SQLAlchemy commit or "
         "rollback",
-        extra={"dropped": n},
+        extra={"event": "deferred.dropped", "dropped": n},
     )

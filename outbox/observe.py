@@ -86,9 +86,10 @@ class ConsumerObserver:
         dead-lettered; its offset may be committed. ``seconds`` includes retries."""
 
     def attempt_failed(
-        self, message: IncomingMessage, attempts: int, error: str, retry_in: float
+        self, message: IncomingMessage, key: str, attempts: int, error: str, retry_in: float
     ) -> None:
-        """The handler raised; the message is tried again in ``retry_in`` seconds."""
+        """The handler raised at the message with idempotency key ``key``; it is tried again
+        in ``retry_in`` seconds."""
 
     def database_unavailable(self, error: str, retry_in: float) -> None:
         """The database could not be reached; no attempt is counted."""
@@ -192,12 +193,13 @@ class LogConsumer(ConsumerObserver):
         _consumer_log.info("consumer joined its group", extra={"event": "consumer.joined"})
 
     def attempt_failed(
-        self, message: IncomingMessage, attempts: int, error: str, retry_in: float
+        self, message: IncomingMessage, key: str, attempts: int, error: str, retry_in: float
     ) -> None:
         _consumer_log.warning(
             "handler failed, retrying",
             extra={
                 "event": "consumer.retry",
+                "key": key,
                 "attempts": attempts,
                 "error": error,
                 "retry_in_s": round(retry_in, 2),

@@ -410,7 +410,7 @@ def topic_retention(
 
     AdminClient, ConfigResource = admin.AdminClient, admin.ConfigResource  # type: ignore[attr-defined]
 
-    conf = {
+    conf: dict[str, Any] = {
         k: v for k, v in (overrides or {}).items() if not k.startswith(("group.", "enable.auto"))
     }
     try:
