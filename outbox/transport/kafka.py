@@ -414,9 +414,10 @@ def topic_retention(
         k: v for k, v in (overrides or {}).items() if not k.startswith(("group.", "enable.auto"))
     }
     try:
-        client = AdminClient(
-            {**conf, "bootstrap.servers": bootstrap_servers, "logger": librdkafka_logger}
-        )
+        # The logger is passed like the producer's (the stubs type settings as scalars).
+        settings: Any = {**conf, "bootstrap.servers": bootstrap_servers}
+        settings["logger"] = librdkafka_logger
+        client = AdminClient(settings)
         futures = client.describe_configs(
             [ConfigResource(ConfigResource.Type.TOPIC, t) for t in topics], request_timeout=5
         )
