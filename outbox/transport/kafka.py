@@ -156,15 +156,7 @@ class KafkaTransport:
 
     def __init__(self, bootstrap_servers: str, overrides: Mapping[str, str] | None = None) -> None:
         self._config = producer_config(bootstrap_servers, overrides or {})
-        full: dict[str, Any] = {
-            **self._config,
-            "error_cb": self._on_error,
-            "logger": librdkafka_logger,
-        }
-        try:
-            self._producer = confluent_kafka.Producer(full)
-        except (KafkaException, ValueError, TypeError) as exc:
-            raise ConfigurationError(f"invalid Kafka setting: {_describe(exc)}") from exc
+        self._producer = _client(confluent_kafka.Producer, self._config, self._on_error)
         self._broken = False
         self._error_log = _Throttle()
 
@@ -317,13 +309,8 @@ class KafkaSource:
             **CONSUMER_REQUIRED,
             "bootstrap.servers": bootstrap_servers,
             "group.id": group_id,
-            "error_cb": self._on_error,
-            "logger": librdkafka_logger,
         }
-        try:
-            self._consumer = confluent_kafka.Consumer(conf)
-        except (KafkaException, ValueError, TypeError) as exc:
-            raise ConfigurationError(f"invalid Kafka setting: {_describe(exc)}") from exc
+        self._consumer = _client(confluent_kafka.Consumer, conf, self._on_error)
         #: True once this member has joined the group and got its assignment (even an empty
         #: one): until then no message can come, so the runner does not count it as idle.
         self.joined = False
@@ -414,10 +401,8 @@ def topic_retention(
         k: v for k, v in (overrides or {}).items() if not k.startswith(("group.", "enable.auto"))
     }
     try:
-        # The logger is passed like the producer's (the stubs type settings as scalars).
-        settings: Any = {**conf, "bootstrap.servers": bootstrap_servers}
-        settings["logger"] = librdkafka_logger
-        client = AdminClient(settings)
+        # Connection errors are the caller's to report (it only warns on an answer).
+        client = _client(AdminClient, {**conf, "bootstrap.servers": bootstrap_servers}, _ignore)
         futures = client.describe_configs(
             [ConfigResource(ConfigResource.Type.TOPIC, t) for t in topics], request_timeout=5
         )
@@ -435,6 +420,19 @@ def topic_retention(
             extra={"event": "kafka.retention_unknown", "error": str(exc)},
         )
         return None
+
+
+def _client(make: Any, settings: Mapping[str, Any], on_error: Any) -> Any:
+    """A librdkafka client with our error callback and logger; a setting it refuses is a
+    :class:`ConfigurationError` (the one place both clients fail fast on bad ``-X``)."""
+    try:
+        return make({**settings, "error_cb": on_error, "logger": librdkafka_logger})
+    except (KafkaException, ValueError, TypeError) as exc:
+        raise ConfigurationError(f"invalid Kafka setting: {_describe(exc)}") from exc
+
+
+def _ignore(_err: KafkaError) -> None:
+    pass
 
 
 def _headers(raw: Any) -> list[tuple[str, bytes]]:
