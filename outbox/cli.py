@@ -288,7 +288,8 @@ _relay_options = _options(
         default=_RELAY.leader_retry_interval,
         show_default=True,
         envvar="OUTBOX_LEADER_RETRY_INTERVAL",
-        help="How often a standby relay tries to take over, seconds [OUTBOX_LEADER_RETRY_INTERVAL]",
+        help="A standby waits for the leader lock in slices of this many seconds; it takes "
+        "over as soon as the leader's session ends [OUTBOX_LEADER_RETRY_INTERVAL]",
     ),
     click.option(
         "--delivery-timeout",

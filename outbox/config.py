@@ -64,8 +64,9 @@ class RelayConfig:
     db_backoff_max: float = 30.0
     #: Fallback poll when no notification arrives (notifications wake it at once).
     poll_interval: float = 10.0
-    #: How often a standby relay tries to become the leader.
-    leader_retry_interval: float = 5.0
+    #: A standby waits for the leader lock in slices of this many seconds (one statement
+    #: each); it takes over as soon as the leader's session ends, whatever the slice.
+    leader_retry_interval: float = 1.0
     #: How long one message may wait for the broker's acknowledgement.
     delivery_timeout: float = 30.0
     #: On SIGTERM: how long to wait for in-flight acknowledgements before giving up on them.

@@ -45,6 +45,8 @@ class LeaderSession:
         self._mark = sql(statements.mark_sent if retain_sent else statements.delete_sent)
         self._fail = sql(statements.record_failures)
         self._lock = statements.to_driver_sql(statements.try_leader_lock())
+        self._wait_lock = statements.to_driver_sql(statements.wait_leader_lock())
+        self._lock_timeout = statements.to_driver_sql(statements.local_lock_timeout())
 
     def connect(self) -> psycopg.Connection[Any]:
         """A new connection on which the tables were found (the caller owns it)."""
@@ -58,16 +60,27 @@ class LeaderSession:
             raise
         return conn
 
-    def try_lead(self) -> bool:
-        """Connect and LISTEN if needed, then try to take the leader lock."""
+    def try_lead(self, wait: float = 0.0) -> bool:
+        """Connect and LISTEN if needed, then take the leader lock: at once or not at all, or
+        waiting up to ``wait`` seconds for the leader's session to end."""
         if self.conn is None:
             conn = self.connect()
             with translate_db_errors("listen"):
                 conn.execute(self._listen)
             self.conn = conn
+        conn = self.conn
         with translate_db_errors("leader lock"):
-            row = self.conn.execute(self._lock, {"lock_id": self._lock_id}).fetchone()
-        return bool(row and row[0])
+            if wait <= 0:
+                row = conn.execute(self._lock, {"lock_id": self._lock_id}).fetchone()
+                return bool(row and row[0])
+            try:
+                # The timeout is local to this transaction: marks never inherit it.
+                with conn.transaction():
+                    conn.execute(self._lock_timeout, {"ms": str(max(1, int(wait * 1000)))})
+                    conn.execute(self._wait_lock, {"lock_id": self._lock_id})
+            except (psycopg.errors.LockNotAvailable, psycopg.errors.QueryCanceled):
+                return False  # lock_timeout (or a shorter statement_timeout) passed
+            return True
 
     def next_retry_in(self) -> float | None:
         """Seconds until the earliest scheduled retry (by any leader), if there is one."""

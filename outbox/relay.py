@@ -198,9 +198,9 @@ class Relay:
                 self._broker.transport().check(min(self.config.delivery_timeout, 5.0))
             while not self._stop.is_set():
                 try:
-                    if not self._ensure_leader():
-                        self._sleep(self.config.leader_retry_interval)
-                    elif not self._step():
+                    if not self._ensure_leader(wait=self.config.leader_retry_interval):
+                        continue  # it waited on the lock; stop is checked between waits
+                    if not self._step():
                         self._wait_for_work()
                 except (DatabaseUnavailableError, psycopg.OperationalError) as exc:
                     self._sleep(self._lost_database(exc))
@@ -417,10 +417,10 @@ class Relay:
 
     # -- database and leadership --------------------------------------------------------------
 
-    def _ensure_leader(self) -> bool:
+    def _ensure_leader(self, wait: float = 0.0) -> bool:
         if self._leader:
             return True
-        if not self._session.try_lead():
+        if not self._session.try_lead(wait):
             if not self._standby_logged:
                 logger.info(
                     "relay is a standby: another relay is the leader",

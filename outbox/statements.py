@@ -204,6 +204,18 @@ def try_leader_lock() -> sa.TextClause:
     return sa.text("SELECT pg_try_advisory_lock(:lock_id)")
 
 
+def wait_leader_lock() -> sa.TextClause:
+    """Wait for the leader lock (session-scoped even when taken inside a transaction), at
+    most ``lock_timeout`` (see :func:`local_lock_timeout`): a standby takes over as soon as
+    the leader's session ends instead of at its next poll."""
+    return sa.text("SELECT pg_advisory_lock(:lock_id)")
+
+
+def local_lock_timeout() -> sa.TextClause:
+    """``lock_timeout`` for the current transaction only, in milliseconds."""
+    return sa.text("SELECT set_config('lock_timeout', :ms, true)")
+
+
 def listen(tables: OutboxTables) -> sa.TextClause:
     return sa.text(f"LISTEN {_DIALECT.identifier_preparer.quote(tables.channel)}")
 
