@@ -18,7 +18,7 @@ import psycopg
 import sqlalchemy as sa
 
 from outbox import statements
-from outbox.exceptions import DatabaseUnavailableError, translate_db_errors
+from outbox.exceptions import ConfigurationError, DatabaseUnavailableError, translate_db_errors
 from outbox.schema import DEAD, OutboxTables
 
 
@@ -40,6 +40,10 @@ class LeaderSession:
             return statements.to_driver_sql(build(tables))
 
         self._probe = sql(statements.probe_tables)
+        self._privileges = sql(statements.missing_privileges)
+        # Marking sent deletes (or, retaining sent rows, updates); failures update.
+        self._needed = "{SELECT,UPDATE}" if retain_sent else "{SELECT,UPDATE,DELETE}"
+        self._table = tables.qualified_name
         self._listen = sql(statements.listen)
         self._next_retry = sql(statements.next_retry_in)
         self._mark = sql(statements.mark_sent if retain_sent else statements.delete_sent)
@@ -49,12 +53,22 @@ class LeaderSession:
         self._lock_timeout = statements.to_driver_sql(statements.local_lock_timeout())
 
     def connect(self) -> psycopg.Connection[Any]:
-        """A new connection on which the tables were found (the caller owns it)."""
+        """A new connection on which the tables were found and the role may do all the relay
+        does (the caller owns it). Checked before anything is sent: a missing privilege found
+        at the first mark would re-send a batch at every restart."""
         with translate_db_errors("connect"):
             conn = psycopg.connect(self._conninfo, autocommit=True)
         try:
             with translate_db_errors("check tables"):
                 conn.execute(self._probe)
+                row = conn.execute(self._privileges, {"needed": self._needed}).fetchone()
+            if row is not None and row[1]:
+                role, missing = row[0], ", ".join(row[1])
+                raise ConfigurationError(
+                    f"the relay's role {role!r} lacks {missing} on {self._table}: "
+                    f"GRANT {self._needed.strip('{}').replace(',', ', ')} ON {self._table} "
+                    f"TO {role}"
+                )
         except BaseException:
             conn.close()
             raise

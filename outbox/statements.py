@@ -199,6 +199,15 @@ def probe_tables(tables: OutboxTables) -> sa.TextClause:
     return sa.text(f"SELECT 1 FROM {_table(tables)} LIMIT 0")
 
 
+def missing_privileges(tables: OutboxTables) -> sa.TextClause:
+    """Which of ``:needed`` (e.g. ``{SELECT,UPDATE,DELETE}``) the current role lacks on the
+    outbox table, and the role's name: checked at start, before anything is sent."""
+    return sa.text(
+        "SELECT current_user, array(SELECT p FROM unnest(CAST(:needed AS text[])) AS p "
+        f"WHERE NOT has_table_privilege({_literal(_table(tables))}, p))"
+    )
+
+
 def try_leader_lock() -> sa.TextClause:
     """Session-scoped: held until released or the session ends (crash included)."""
     return sa.text("SELECT pg_try_advisory_lock(:lock_id)")
