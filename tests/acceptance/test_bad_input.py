@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 
 from outbox import Outbox
 from tests.support.broker import Broker, free_port
-from tests.support.relayproc import run_relay
+from tests.support.cli import run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -47,21 +47,25 @@ def _untouched(engine: sa.Engine) -> None:
     ids=["unparseable", "unsupported", "no-database"],
 )
 def test_bad_database_url_is_a_usage_error(db_url: str, expect: str, broker: Broker) -> None:
-    result = run_relay(["--db-url", db_url, "--bootstrap-servers", broker.bootstrap])
+    result = run_cli("outbox-relay", ["--db-url", db_url, "--bootstrap-servers", broker.bootstrap])
     assert result.returncode == USAGE, result.stderr
     assert re.search(expect, _error_line(result.stderr)), result.stderr
 
 
 def test_unreachable_database_fails_with_status_1(broker: Broker) -> None:
     url = f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/app"
-    result = run_relay(["--db-url", url, "--bootstrap-servers", broker.bootstrap], timeout=30)
+    result = run_cli(
+        "outbox-relay", ["--db-url", url, "--bootstrap-servers", broker.bootstrap], timeout=30
+    )
     assert result.returncode == FAILURE, result.stderr
     line = _error_line(result.stderr)
     assert "cannot reach the database" in line and "check the URL" in line, line
 
 
 def test_missing_tables_tell_to_run_the_migration(empty_db_url: str, broker: Broker) -> None:
-    result = run_relay(["--db-url", empty_db_url, "--bootstrap-servers", broker.bootstrap])
+    result = run_cli(
+        "outbox-relay", ["--db-url", empty_db_url, "--bootstrap-servers", broker.bootstrap]
+    )
     assert result.returncode == USAGE, result.stderr
     assert "outbox db upgrade" in _error_line(result.stderr)
     with sa.create_engine(empty_db_url).connect() as conn:  # the relay created nothing
@@ -89,7 +93,9 @@ def test_bad_option_is_a_usage_error_and_touches_nothing(
     topic: str,
 ) -> None:
     _seed_rows(engine, topic)
-    result = run_relay(["--db-url", db_url, "--bootstrap-servers", broker.bootstrap, *args])
+    result = run_cli(
+        "outbox-relay", ["--db-url", db_url, "--bootstrap-servers", broker.bootstrap, *args]
+    )
     assert result.returncode == USAGE, result.stderr
     assert re.search(expect, _error_line(result.stderr)), result.stderr
     _untouched(engine)

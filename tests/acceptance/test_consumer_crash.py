@@ -3,7 +3,7 @@ and broker: SIGKILL between the database commit and the offset commit, a rebalan
 processing, SIGTERM mid-stream, and retries that keep a partition's order.
 
 Every message carries a unique ``message-id`` header and the body ``{"n": i}``; the handlers
-(tests/acceptance/handlers.py) insert one row per message into ``effects`` with the pid of the
+(tests/support/handlers.py) insert one row per message into ``effects`` with the pid of the
 process that committed it. ``effects`` has no unique constraint on purpose: a duplicate effect
 would show up as a second row.
 
@@ -31,9 +31,10 @@ import pytest
 import sqlalchemy as sa
 from confluent_kafka import Producer
 
-from tests.acceptance.handlers import FLAKY_EVERY
 from tests.support.broker import Broker
 from tests.support.consumerproc import ConsumerProcess, Summary
+from tests.support.handlers import FLAKY_EVERY, create_effects_table
+from tests.support.waits import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -45,12 +46,13 @@ KAFKA = (
     # committed-in-the-database work's offsets, which is the window under test.
     *("-X", "auto.commit.interval.ms=500"),
 )
-#: Slept after the handler's database work, inside its transaction (see handlers.py).
+#: Slept after the handler's database work, inside its transaction (see
+#: tests/support/handlers.py).
 SLEEP_MS = "5"
 #: A drain run stops after this long without a message, counted from its group join (which
 #: took 1 to 4 s here after a SIGKILL).
 DRAIN_IDLE = "2"
-DUPLICATE_KEY = re.compile(r"duplicate skipped key=(\S+)")
+DUPLICATE_KEY = re.compile(r"duplicate skipped .*\bkey=(\S+)")
 
 ConsumerFactory = Callable[..., ConsumerProcess]
 
@@ -117,24 +119,6 @@ def check_exactly_once(engine: sa.Engine, sent: dict[str, int]) -> list[Effect]:
     return effects
 
 
-def wait_while_running(
-    condition: Callable[[], bool],
-    *procs: ConsumerProcess,
-    what: str,
-    timeout: float = 30.0,
-    interval: float = 0.05,
-) -> None:
-    """Poll ``condition``; fail at once (with their log) if one of ``procs`` exits first."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        for proc in procs:
-            assert proc.running, f"{proc.name} exited while waiting for {what}\n{proc.tail()}"
-        if time.monotonic() > deadline:
-            tails = "\n".join(proc.tail(15) for proc in procs)
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}\n{tails}")
-        time.sleep(interval)
-
-
 def args(db_url: str, broker: Broker, topic: str, group: str, *extra: str) -> list[str]:
     return [
         *("--db-url", db_url),
@@ -142,7 +126,7 @@ def args(db_url: str, broker: Broker, topic: str, group: str, *extra: str) -> li
         *("--group", group),
         *("--consumer-name", NAME),
         *("--topic", topic),
-        *("--handler", "tests.acceptance.handlers:record_effect"),
+        *("--handler", "tests.support.handlers:record_effect"),
         *("--log-level", "debug"),
         *KAFKA,
         *extra,
@@ -154,15 +138,7 @@ def args(db_url: str, broker: Broker, topic: str, group: str, *extra: str) -> li
 
 @pytest.fixture
 def effects(engine: sa.Engine) -> sa.Engine:
-    with engine.begin() as conn:
-        conn.execute(
-            sa.text(
-                "CREATE TABLE effects (seq bigserial PRIMARY KEY, message_id text NOT NULL, "
-                "n int NOT NULL, pid int NOT NULL, "
-                "at timestamptz NOT NULL DEFAULT clock_timestamp())"
-            )
-        )
-    return engine
+    return create_effects_table(engine)
 
 
 @pytest.fixture
@@ -224,11 +200,12 @@ def test_sigkill_between_db_commit_and_offset_commit_leaves_one_effect_per_messa
         proc = consumers(*argv, name=f"kill-{seed}-{i}")
         runs.append(proc)
         # Kill it while it is committing effects of its own (past any redeliveries).
-        wait_while_running(
-            lambda p=proc: count(effects, p.pid) > 0 or count(effects) == n,
-            proc,
-            what=f"{proc.name} to process",
+        wait_until(
+            lambda: count(effects, proc.pid) > 0 or count(effects) == n,
+            30,
+            f"{proc.name} to process",
             interval=0.02,
+            processes=[proc],
         )
         if count(effects) == n:
             assert proc.stop() == 0, proc.tail()
@@ -282,18 +259,18 @@ def test_rebalance_while_processing_moves_partitions_without_double_effects(
     # record batches), and B's join takes about 4-5 s: at 10 ms a message, A is still in the
     # middle of its second partition when B gets one.
     a = consumers(*argv, name="consumer-a", sleep_ms="10")
-    wait_while_running(lambda: count(effects, a.pid) >= 20, a, what="A working")
+    wait_until(lambda: count(effects, a.pid) >= 20, 30, "A working", interval=0.05, processes=[a])
     b = consumers(*argv, name="consumer-b", sleep_ms="10")
     # The group rebalanced: B got a partition and commits effects of its own, while A goes on
     # with the ones it kept (an effect of A after B's first one).
-    wait_while_running(lambda: count(effects, b.pid) > 0, a, b, what="B working")
+    wait_until(lambda: count(effects, b.pid) > 0, 30, "B working", interval=0.05, processes=[a, b])
     b_first = min(e.seq for e in effects_of(effects) if e.pid == b.pid)
-    wait_while_running(
+    wait_until(
         lambda: any(e.seq > b_first and e.pid == a.pid for e in effects_of(effects)),
-        a,
-        b,
-        what="A and B working at once",
-        timeout=15,
+        15,
+        "A and B working at once",
+        interval=0.05,
+        processes=[a, b],
     )
     # A is in the middle of a partition that B has not touched (at least 50 messages, 0.5 s,
     # left): the one that must move to B when A stops.
@@ -313,7 +290,7 @@ def test_rebalance_while_processing_moves_partitions_without_double_effects(
     assert a.summary().processed == len(a_rows)
 
     # B takes A's partitions and finishes the topic.
-    wait_while_running(lambda: count(effects) >= n, b, what="B to finish", timeout=60)
+    wait_until(lambda: count(effects) >= n, 60, "B to finish", interval=0.05, processes=[b])
     b.send_signal(signal.SIGTERM)
     assert b.wait(15) == 0, b.tail()
     result = check_exactly_once(effects, sent)
@@ -346,7 +323,9 @@ def test_sigterm_mid_stream_exits_0_and_commits_its_offsets(
     argv = args(db_url, broker, topic, f"g-{uuid.uuid4().hex[:8]}")
 
     first = consumers(*argv, name="first")
-    wait_while_running(lambda: count(effects, first.pid) >= 50, first, what="work", interval=0.02)
+    wait_until(
+        lambda: count(effects, first.pid) >= 50, 30, "work", interval=0.02, processes=[first]
+    )
     started = time.monotonic()
     first.send_signal(signal.SIGTERM)
     rc = first.wait(15)
@@ -379,7 +358,7 @@ def test_failing_handler_is_retried_in_place_keeping_partition_order(
     argv = args(db_url, broker, topic, f"g-{uuid.uuid4().hex[:8]}")
 
     proc = consumers(
-        *argv, "--idle-timeout", DRAIN_IDLE, handler="tests.acceptance.handlers:flaky_effect"
+        *argv, "--idle-timeout", DRAIN_IDLE, handler="tests.support.handlers:flaky_effect"
     )
     assert proc.wait(60) == 0, proc.tail()
 

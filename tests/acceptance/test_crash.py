@@ -25,10 +25,11 @@ from tests.acceptance.conftest import (
     check_delivery,
     table_count,
     wait_drained,
-    wait_until,
 )
 from tests.support.broker import Broker
-from tests.support.relayproc import RelayProcess, run_relay
+from tests.support.cli import run_cli
+from tests.support.relayproc import RelayProcess
+from tests.support.waits import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -58,7 +59,10 @@ def test_sigkill_at_random_moments_loses_nothing_and_keeps_key_order(
     assert len(committed) > 500, "the writers should have kept the relay busy"
 
     # Whatever the crashes left behind is sent by one last relay.
-    done = run_relay(["--db-url", db_url, "--bootstrap-servers", broker.bootstrap, *ARGS, "--once"])
+    done = run_cli(
+        "outbox-relay",
+        ["--db-url", db_url, "--bootstrap-servers", broker.bootstrap, *ARGS, "--once"],
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert table_count(engine) == 0
 
@@ -80,9 +84,7 @@ def test_two_relays_fail_over_without_loss_or_inversion(
     def leader() -> RelayProcess | None:
         return next((r for r in (a, b) if r.count(LEADER)), None)
 
-    wait_until(lambda: leader() is not None, timeout=30, what="a leader")
-    first = leader()
-    assert first is not None
+    first = wait_until(leader, 30, "a leader", interval=0.1)
     standby = b if first is a else a
     standby.wait_for(STANDBY, timeout=30)
     assert first.count(LEADER) == 1 and standby.count(LEADER) == 0

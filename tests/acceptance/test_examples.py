@@ -2,37 +2,26 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 import uuid
-from pathlib import Path
 
 import pytest
 
 from tests.conftest import PG_HOST, PG_PORT
 from tests.support.broker import Broker
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.support.cli import ROOT, run_cli
 
 
 @pytest.mark.slow
 def test_demo_runs_the_full_flow(broker: Broker) -> None:
     env = {
-        **os.environ,
         "OUTBOX_DEMO_PG": f"{PG_HOST}:{PG_PORT}",
         "OUTBOX_DEMO_KAFKA": broker.bootstrap,
         "OUTBOX_DEMO_ORDERS": "100",
         # An external Kafka may hold "orders" from an earlier run.
         "OUTBOX_DEMO_TOPIC_SUFFIX": f"-{uuid.uuid4().hex[:8]}",
     }
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "demo.py")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
+    proc = run_cli(sys.executable, [str(ROOT / "examples" / "demo.py")], env=env, timeout=180)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "demo: OK" in proc.stdout
     assert "order per customer ok" in proc.stdout

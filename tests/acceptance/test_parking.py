@@ -7,8 +7,9 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from outbox import Outbox
-from tests.acceptance.conftest import RelayFactory, wait_until
+from tests.acceptance.conftest import RelayFactory
 from tests.support.broker import Broker
+from tests.support.waits import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -54,7 +55,7 @@ def test_too_large_message_is_parked_and_holds_back_only_its_key(
             ).one()
         return row.status, row.attempts, row.last_error
 
-    wait_until(lambda: status(big)[0] == "dead", timeout=10, what="the big message parked")
+    wait_until(lambda: status(big)[0] == "dead", 10, "the big message parked", interval=0.1)
     # The others must have been sent already; give a wrongly released key time to show up.
     got = broker.read_all(topic, expect=len(others), idle=1.0)
     assert relay.count("send failed") == 3

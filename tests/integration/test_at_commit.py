@@ -23,8 +23,9 @@ from outbox import (
     Outbox,
     PayloadError,
 )
-from tests.integration.test_publish import rows
-from tests.support.waits import wait_for
+from tests.support.db import rows
+from tests.support.models import Base, DataBase, Order
+from tests.support.waits import wait_until
 
 
 @pytest.fixture
@@ -238,7 +239,7 @@ def test_the_lock_is_held_only_while_committing(db_url: str, outbox: Outbox) -> 
 
             t = threading.Thread(target=other)
             t.start()
-            wait_for(done.is_set, 10, "the other writer committed")
+            wait_until(done.is_set, 10, "the other writer committed")
             t.join()
             slow.commit()
         assert [r.payload for r in rows(engine)] == [b"fast", b"slow"]
@@ -295,7 +296,6 @@ def test_domain_events_with_at_commit(engine: sa.Engine) -> None:
     from sqlalchemy.orm import sessionmaker
 
     from outbox import collect_events
-    from tests.integration.test_domain_events import Base, DataBase, Order
 
     Base.metadata.create_all(engine)
     DataBase.metadata.create_all(engine)

@@ -13,54 +13,10 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
-from sqlalchemy.orm import (
-    DeclarativeBase,
-    Mapped,
-    MappedAsDataclass,
-    Session,
-    mapped_column,
-    sessionmaker,
-)
+from sqlalchemy.orm import Session, sessionmaker
 
-from outbox import EventSource, Message, Outbox, PayloadError, collect_events
-
-
-class Base(DeclarativeBase):
-    pass
-
-
-class Order(EventSource, Base):
-    __tablename__ = "de_orders"
-    id: Mapped[int] = mapped_column(primary_key=True)
-    status: Mapped[str] = mapped_column(default="new")
-
-    def cancel(self) -> None:
-        self.status = "cancelled"
-        self.record_event("orders", {"type": "OrderCancelled", "id": self.id}, key=str(self.id))
-
-
-class Invoice(EventSource, Base):
-    """Records an event from a mapper event, that is during the flush."""
-
-    __tablename__ = "de_invoices"
-    id: Mapped[int] = mapped_column(primary_key=True)
-    status: Mapped[str] = mapped_column(default="open")
-
-
-@sa.event.listens_for(Invoice, "before_update")
-def _invoice_updated(mapper: Any, connection: Any, invoice: Invoice) -> None:
-    invoice.record_event("invoices", {"status": invoice.status})
-
-
-class DataBase(MappedAsDataclass, DeclarativeBase):
-    pass
-
-
-class Shipment(EventSource, DataBase):
-    """Dataclass-mapped: defines __eq__, so its instances are not hashable."""
-
-    __tablename__ = "de_shipments"
-    id: Mapped[int] = mapped_column(primary_key=True)
+from outbox import Message, Outbox, PayloadError, collect_events
+from tests.support.models import Base, DataBase, Invoice, Order, Shipment
 
 
 class EventSession(Session):
@@ -437,9 +393,9 @@ def test_session_class_and_instance_targets(
         o = Order(id=2)
         one.add(o)
         o.record_event("orders", {"n": 2})
-    with Session(engine) as s, s.begin():  # neither this session nor its class is hooked
+    with Session(engine) as plain, plain.begin():  # neither it nor its class is hooked
         o = Order(id=3)
-        s.add(o)
+        plain.add(o)
         o.record_event("orders", {"n": 3})
     assert written(engine) == [{"n": 1}, {"n": 2}]
     assert o.pending_events != ()

@@ -7,7 +7,6 @@ import asyncio
 import json
 import threading
 import uuid
-from typing import Any
 
 import psycopg
 import pytest
@@ -26,21 +25,10 @@ from outbox import (
     migrate,
 )
 from outbox.schema import OutboxTables
-from tests.support.waits import wait_for
+from tests.support.db import rows
+from tests.support.waits import wait_until
 
 DEFAULT = define_tables()
-
-
-def rows(engine: sa.Engine, table: str = "outbox_messages") -> list[Any]:
-    with engine.connect() as conn:
-        return list(
-            conn.execute(
-                sa.text(
-                    "SELECT id, message_id, topic, key, payload, headers, status, attempts "
-                    f"FROM {table} ORDER BY id"
-                )
-            )
-        )
 
 
 def split_lock_id(lock_id: int) -> tuple[int, int]:
@@ -327,7 +315,7 @@ def test_same_key_writer_waits_for_the_earlier_commit(
     b = Writer(engine, outbox, [Message("orders", {"n": "b1"}, key="K")])
     b.start()
     # B blocks on A's advisory lock for (orders, K) before its row gets an id.
-    wait_for(
+    wait_until(
         lambda: (
             b.pid is not None and b.pid in advisory_waiters(engine, lock_of(DEFAULT, "orders", "K"))
         ),
@@ -369,7 +357,7 @@ def test_rollback_releases_the_key_lock(
     assert advisory_locks_held(engine) == 1
     b = Writer(engine, outbox, [Message("orders", {"n": "b"}, key="K")])
     b.start()
-    wait_for(
+    wait_until(
         lambda: (
             b.pid is not None and b.pid in advisory_waiters(engine, lock_of(DEFAULT, "orders", "K"))
         ),

@@ -1,29 +1,28 @@
 """``outbox db upgrade|downgrade|sql|versions-dir`` and ``outbox status``: the outbox table
-(revision ``outbox_0001``) and the inbox (``outbox_0002``)."""
+(revision ``outbox_0001``), the inbox (``outbox_0002``) and their autovacuum settings
+(``outbox_0003``)."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import uuid
 from pathlib import Path
 
+import pytest
 import sqlalchemy as sa
-from click.testing import CliRunner
 
 from outbox import migrate
-from outbox.cli import main
 from outbox.schema import DEFAULT_INBOX_TABLE, DEFAULT_TABLE, define_tables
-from tests.migration.support import drift, engine, scalars, tables_in
+from tests.support.cli import run_cli
+from tests.support.migration import drift, engine, scalars, tables_in
 
 FIRST = "outbox_0001"
-HEAD = "outbox_0002"
+INBOX = "outbox_0002"
+HEAD = "outbox_0003"
 
 
 def _run(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
-    result = CliRunner().invoke(main, list(args), env=env, catch_exceptions=False)
-    return result.exit_code, result.stdout, result.stderr
+    result = run_cli("outbox", args, env=env, in_process=True)
+    return result.returncode, result.stdout, result.stderr
 
 
 def _insert(url: str, n: int, table: str = DEFAULT_TABLE, status: str = "pending") -> None:
@@ -106,7 +105,7 @@ def test_custom_names_from_environment(empty_db_url: str) -> None:
 
 
 def test_inbox_table_option(empty_db_url: str) -> None:
-    """``--inbox-table`` names the inbox; ``--revision`` steps through the two revisions."""
+    """``--inbox-table`` names the inbox; ``--revision`` steps through the revisions."""
     url = empty_db_url
     code, out, _ = _run("db", "upgrade", "--db-url", url, "--revision", FIRST)
     assert (code, out) == (0, f"outbox tables at revision {FIRST}\n")
@@ -139,7 +138,12 @@ def test_inbox_table_option(empty_db_url: str) -> None:
     assert code == 2
     assert "name of its own" in err
 
-    # -1 from head removes only the inbox.
+    # -1 from head only resets the autovacuum settings; -1 again removes only the inbox.
+    code, out, _ = _run(
+        "db", "downgrade", "--db-url", url, "--inbox-table", "dedup", "--revision", "-1"
+    )
+    assert (code, out) == (0, f"outbox tables at revision {INBOX}\n")
+    assert "public.dedup" in tables_in(url)
     code, out, _ = _run(
         "db", "downgrade", "--db-url", url, "--inbox-table", "dedup", "--revision", "-1"
     )
@@ -153,6 +157,72 @@ def test_inbox_table_option(empty_db_url: str) -> None:
     )
     assert (code, out) == (0, "outbox tables removed\n")
     assert tables_in(url) == {f"public.{migrate.VERSION_TABLE}"}
+
+
+#: What revision outbox_0003 sets (``pg_class.reloptions``): vacuum and analyze the outbox table
+#: after 1000 dead (or new, or changed) rows whatever its size; the inbox at 1 % of its rows.
+MESSAGES_RELOPTIONS = [
+    "autovacuum_vacuum_scale_factor=0",
+    "autovacuum_vacuum_threshold=1000",
+    "autovacuum_vacuum_insert_scale_factor=0",
+    "autovacuum_vacuum_insert_threshold=1000",
+    "autovacuum_analyze_scale_factor=0",
+    "autovacuum_analyze_threshold=1000",
+]
+INBOX_RELOPTIONS = [
+    "autovacuum_vacuum_scale_factor=0.01",
+    "autovacuum_vacuum_threshold=1000",
+    "autovacuum_vacuum_insert_scale_factor=0.01",
+    "autovacuum_vacuum_insert_threshold=1000",
+]
+
+
+def _reloptions(url: str, rel: str) -> list[str]:
+    (options,) = scalars(
+        url, f"SELECT coalesce(reloptions, '{{}}') FROM pg_class WHERE oid = '{rel}'::regclass"
+    )
+    assert isinstance(options, list)
+    return options
+
+
+@pytest.mark.parametrize(
+    ("names", "messages", "inbox"),
+    [
+        pytest.param((), DEFAULT_TABLE, DEFAULT_INBOX_TABLE, id="default"),
+        pytest.param(
+            ("--table", "events_out", "--schema", "msg", "--inbox-table", "events_in"),
+            "msg.events_out",
+            "msg.events_in",
+            id="custom",
+        ),
+    ],
+)
+def test_autovacuum_settings(
+    empty_db_url: str, names: tuple[str, ...], messages: str, inbox: str
+) -> None:
+    """``outbox db upgrade`` gives both tables their autovacuum settings; a downgrade to
+    ``outbox_0002`` resets them, and only them (an operator's own parameter stays)."""
+    url = empty_db_url
+    code, out, _ = _run("db", "upgrade", "--db-url", url, *names)
+    assert (code, out) == (0, f"outbox tables at revision {HEAD}\n")
+    assert _reloptions(url, messages) == MESSAGES_RELOPTIONS
+    assert _reloptions(url, inbox) == INBOX_RELOPTIONS
+
+    eng = engine(url)
+    try:
+        with eng.begin() as conn:
+            conn.execute(sa.text(f"ALTER TABLE {messages} SET (fillfactor = 90)"))
+    finally:
+        eng.dispose()
+    code, out, _ = _run("db", "downgrade", "--db-url", url, "--revision", INBOX, *names)
+    assert (code, out) == (0, f"outbox tables at revision {INBOX}\n")
+    assert _reloptions(url, messages) == ["fillfactor=90"]
+    assert _reloptions(url, inbox) == []
+
+    code, out, _ = _run("db", "upgrade", "--db-url", url, *names)
+    assert (code, out) == (0, f"outbox tables at revision {HEAD}\n")
+    assert _reloptions(url, messages) == ["fillfactor=90", *MESSAGES_RELOPTIONS]
+    assert _reloptions(url, inbox) == INBOX_RELOPTIONS
 
 
 def test_second_table_in_same_schema_fails_cleanly(db_url: str) -> None:
@@ -198,11 +268,28 @@ def test_sql_prints_ddl() -> None:
         f"CREATE INDEX ix_{DEFAULT_INBOX_TABLE}_expires_at ON {DEFAULT_INBOX_TABLE} "
         "USING brin (expires_at);" in out
     )
-    # In revision order: the outbox table, then the inbox, each recorded as it is made.
+    # The autovacuum settings of both tables, in full.
+    messages_settings = (
+        f"ALTER TABLE {DEFAULT_TABLE} SET (autovacuum_vacuum_scale_factor = 0, "
+        "autovacuum_vacuum_threshold = 1000, autovacuum_vacuum_insert_scale_factor = 0, "
+        "autovacuum_vacuum_insert_threshold = 1000, autovacuum_analyze_scale_factor = 0, "
+        "autovacuum_analyze_threshold = 1000);"
+    )
+    inbox_settings = (
+        f"ALTER TABLE {DEFAULT_INBOX_TABLE} SET (autovacuum_vacuum_scale_factor = 0.01, "
+        "autovacuum_vacuum_threshold = 1000, autovacuum_vacuum_insert_scale_factor = 0.01, "
+        "autovacuum_vacuum_insert_threshold = 1000);"
+    )
+    assert messages_settings in out
+    assert inbox_settings in out
+    # In revision order: the outbox table, the inbox, the settings, each recorded as it is made.
     assert (
         out.index(f"CREATE TABLE {DEFAULT_TABLE} (")
         < out.index(f"VALUES ('{FIRST}')")
         < out.index(f"CREATE TABLE {DEFAULT_INBOX_TABLE} (")
+        < out.index(f"SET version_num='{INBOX}'")
+        < out.index(messages_settings)
+        < out.index(inbox_settings)
         < out.index(f"SET version_num='{HEAD}'")
     )
     assert out.startswith("BEGIN;")
@@ -217,19 +304,28 @@ def test_sql_prints_ddl() -> None:
     assert "CREATE INDEX ix_events_out_unsent ON msg.events_out (id)" in out
     assert "CREATE TABLE msg.events_in (" in out
     assert "CREATE INDEX ix_events_in_expires_at ON msg.events_in USING brin (expires_at);" in out
+    assert "ALTER TABLE msg.events_out SET (autovacuum_vacuum_scale_factor = 0," in out
+    assert "ALTER TABLE msg.events_in SET (autovacuum_vacuum_scale_factor = 0.01," in out
     assert DEFAULT_INBOX_TABLE not in out
     # The schema comes first: the version table lives in it.
     assert out.index("CREATE SCHEMA IF NOT EXISTS msg;") < out.index(
         f"CREATE TABLE msg.{migrate.VERSION_TABLE}"
     )
 
-    # Only the inbox's revision, for an outbox installed before it existed.
+    # Only the later revisions, for an outbox installed before the inbox existed.
     code, out, _ = _run("db", "sql", "--revision", f"{FIRST}:{HEAD}")
     assert code == 0
     assert f"CREATE TABLE {DEFAULT_INBOX_TABLE} (" in out
+    assert messages_settings in out
     assert f"CREATE TABLE {DEFAULT_TABLE} (" not in out
     assert f"CREATE TABLE {migrate.VERSION_TABLE}" not in out
     assert f"SET version_num='{HEAD}'" in out
+
+    # Only the settings, for tables installed at the inbox's revision.
+    code, out, _ = _run("db", "sql", "--revision", f"{INBOX}:{HEAD}")
+    assert code == 0
+    assert messages_settings in out and inbox_settings in out
+    assert "CREATE TABLE" not in out
 
 
 def test_sql_output_installs_the_same_table(empty_db_url: str) -> None:
@@ -260,21 +356,13 @@ def test_versions_dir() -> None:
     assert path.is_absolute()
     assert (path / "outbox_0001_messages.py").is_file()
     assert (path / "outbox_0002_inbox.py").is_file()
+    assert (path / "outbox_0003_autovacuum.py").is_file()
     assert (path.parent / "env.py").is_file()
 
 
 def test_console_script(empty_db_url: str) -> None:
-    """The installed ``outbox`` entry point (a real process, not CliRunner)."""
-    exe = Path(sys.executable).with_name("outbox")
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    proc = subprocess.run(
-        [str(exe), "db", "upgrade", "--db-url", empty_db_url],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env,
-    )
+    """The installed ``outbox`` entry point (a real process, not in-process)."""
+    proc = run_cli("outbox", ["db", "upgrade", "--db-url", empty_db_url])
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == f"outbox tables at revision {HEAD}\n"
     assert scalars(empty_db_url, f"SELECT count(*) FROM {DEFAULT_TABLE}") == [0]

@@ -6,9 +6,10 @@ indexes by name and columns, unique constraints, but neither check constraints n
 predicates of partial indexes:
 
 * ``alembic.autogenerate.compare_metadata`` against the migrated database;
-* the catalog (columns, identity sequence, constraint definitions, full index definitions) of
-  each migrated table against the one ``metadata.create_all`` builds (in a rolled-back
-  savepoint on the same database).
+* the catalog (storage parameters, columns, identity sequence, constraint definitions, full
+  index definitions) of each migrated table against the one ``metadata.create_all`` builds (in
+  a rolled-back savepoint on the same database). Autogenerate ignores storage parameters (the
+  autovacuum settings of revision ``outbox_0003``): only this half compares them.
 
 ``test_drift_is_detected`` proves both checks fail when the declaration changes.
 """
@@ -21,8 +22,14 @@ import pytest
 import sqlalchemy as sa
 
 from outbox import migrate
-from outbox.schema import DEFAULT_INBOX_TABLE, DEFAULT_TABLE, OutboxTables, define_tables
-from tests.migration.support import autogenerate_diff, catalog, drift, engine
+from outbox.schema import (
+    DEFAULT_INBOX_TABLE,
+    DEFAULT_TABLE,
+    STORAGE_PARAMETERS,
+    OutboxTables,
+    define_tables,
+)
+from tests.support.migration import autogenerate_diff, catalog, drift, engine
 
 
 @pytest.mark.parametrize(
@@ -72,6 +79,24 @@ def test_migrations_match_declared_tables(
         "sent_at",
     ]
     assert [row[0] for row in snap["identity"]] == ["id"]
+    # The autovacuum settings are part of what was compared.
+    assert snap["table"] == [
+        (
+            "r",
+            "p",
+            "{autovacuum_vacuum_scale_factor=0,autovacuum_vacuum_threshold=1000,"
+            "autovacuum_vacuum_insert_scale_factor=0,autovacuum_vacuum_insert_threshold=1000,"
+            "autovacuum_analyze_scale_factor=0,autovacuum_analyze_threshold=1000}",
+        )
+    ]
+    assert inbox["table"] == [
+        (
+            "r",
+            "p",
+            "{autovacuum_vacuum_scale_factor=0.01,autovacuum_vacuum_threshold=1000,"
+            "autovacuum_vacuum_insert_scale_factor=0.01,autovacuum_vacuum_insert_threshold=1000}",
+        )
+    ]
 
     inbox_constraints = {name: definition for name, _, definition, *_ in inbox["constraints"]}
     assert inbox_constraints == {
@@ -190,6 +215,14 @@ def _inbox_server_default(t: sa.Table) -> None:
     default.arg = sa.text("clock_timestamp()")
 
 
+def _storage_parameter(t: sa.Table) -> None:
+    t.info[STORAGE_PARAMETERS]["autovacuum_vacuum_threshold"] = "5000"
+
+
+def _no_storage_parameters(t: sa.Table) -> None:
+    t.info[STORAGE_PARAMETERS] = {}
+
+
 #: mutation -> (the table it changes, what it changes, the catalog part that must show it)
 MUTATIONS: dict[str, tuple[str, Callable[[sa.Table], None], str]] = {
     "extra column": ("messages", _extra_column, "columns"),
@@ -202,12 +235,17 @@ MUTATIONS: dict[str, tuple[str, Callable[[sa.Table], None], str]] = {
     "column type": ("messages", _column_type, "columns"),
     "server default": ("messages", _server_default, "columns"),
     "unique constraint dropped": ("messages", _unique_dropped, "constraints"),
+    # Storage parameters (autovacuum settings): the catalog comparison only.
+    "storage parameter": ("messages", _storage_parameter, "table"),
+    "no storage parameters": ("messages", _no_storage_parameters, "table"),
     "inbox extra column": ("inbox", _extra_column, "columns"),
     "inbox missing index": ("inbox", _inbox_missing_index, "indexes"),
     "inbox check constraint": ("inbox", _inbox_check_constraint, "constraints"),
     "inbox nullable": ("inbox", _inbox_nullable, "columns"),
     "inbox column type": ("inbox", _inbox_column_type, "columns"),
     "inbox server default": ("inbox", _inbox_server_default, "columns"),
+    "inbox storage parameter": ("inbox", _storage_parameter, "table"),
+    "inbox no storage parameters": ("inbox", _no_storage_parameters, "table"),
 }
 
 

@@ -1,6 +1,7 @@
 """``outbox.migrate``: upgrade, downgrade to base, upgrade again, on an empty database, with the
-default names and with a custom table, inbox table and schema; the two revisions one at a time
-(``outbox_0001`` the outbox table, ``outbox_0002`` the inbox)."""
+default names and with a custom table, inbox table and schema; the revisions one at a time
+(``outbox_0001`` the outbox table, ``outbox_0002`` the inbox, ``outbox_0003`` their autovacuum
+settings)."""
 
 from __future__ import annotations
 
@@ -13,10 +14,11 @@ import sqlalchemy as sa
 from outbox import migrate
 from outbox.exceptions import ConfigurationError
 from outbox.schema import DEFAULT_INBOX_TABLE, DEFAULT_TABLE
-from tests.migration.support import engine, qualified, scalars, schemas_in, tables_in
+from tests.support.migration import engine, qualified, scalars, schemas_in, tables_in
 
 FIRST = "outbox_0001"
-HEAD = "outbox_0002"
+INBOX = "outbox_0002"
+HEAD = "outbox_0003"
 
 NAMES = [
     pytest.param(DEFAULT_TABLE, None, DEFAULT_INBOX_TABLE, id="default"),
@@ -116,7 +118,8 @@ def test_one_revision_at_a_time(
     empty_db_url: str, table: str, schema: str | None, inbox: str
 ) -> None:
     """An outbox installed before the inbox existed (``outbox_0001``) gets the inbox from the
-    second revision, keeping its messages; ``-1`` from head removes only the inbox."""
+    second revision, keeping its messages; ``-1`` from head only resets the autovacuum settings,
+    ``-1`` again removes only the inbox."""
     url = empty_db_url
     names: dict[str, Any] = {"table": table, "schema": schema, "inbox_table": inbox}
     where = schema or "public"
@@ -138,12 +141,19 @@ def test_one_revision_at_a_time(
     _insert_inbox(url, inbox, schema)
 
     migrate.downgrade(url, **names, revision="-1")
+    assert migrate.current(url, schema=schema) == INBOX
+    assert tables_in(url) == {outbox_table, inbox_table, version_table}
+    assert scalars(url, f"SELECT count(*) FROM {inbox_table}") == [1]
+
+    migrate.downgrade(url, **names, revision="-1")
     assert migrate.current(url, schema=schema) == FIRST
     assert tables_in(url) == {outbox_table, version_table}
     assert _oid(url, table, schema) == oid
     assert scalars(url, f"SELECT count(*) FROM {outbox_table}") == [1]
 
     # Relative steps up work too, and `head` afterwards is a no-op.
+    migrate.upgrade(url, **names, revision="+1")
+    assert migrate.current(url, schema=schema) == INBOX
     migrate.upgrade(url, **names, revision="+1")
     assert migrate.current(url, schema=schema) == HEAD
     assert tables_in(url) == {outbox_table, inbox_table, version_table}
@@ -212,7 +222,7 @@ def test_second_table_in_same_schema_is_refused(empty_db_url: str) -> None:
 
 
 def test_inbox_under_another_name_is_refused(empty_db_url: str) -> None:
-    """Same for the inbox: at ``outbox_0002`` with the inbox installed as ``outbox_inbox``, an
+    """Same for the inbox: at head with the inbox installed as ``outbox_inbox``, an
     upgrade naming another inbox would report success while that table does not exist."""
     url = empty_db_url
     migrate.upgrade(url)
@@ -239,6 +249,8 @@ def test_upgrade_step_by_step(empty_db_url: str) -> None:
     """Explicit revisions work (and ``head`` after the last revision is a no-op)."""
     migrate.upgrade(empty_db_url, revision=FIRST)
     assert migrate.current(empty_db_url) == FIRST
+    migrate.upgrade(empty_db_url, revision=INBOX)
+    assert migrate.current(empty_db_url) == INBOX
     migrate.upgrade(empty_db_url, revision=HEAD)
     assert migrate.current(empty_db_url) == HEAD
     migrate.upgrade(empty_db_url, revision="outbox@head")

@@ -1,8 +1,13 @@
 """The outbox revisions run from the user's own Alembic project: ``version_locations`` lists
 the project's versions folder and :func:`outbox.migrate.versions_dir`; the outbox branch is
-recorded in the project's own ``alembic_version`` table (both revisions, ``outbox_0001`` the
-outbox table and ``outbox_0002`` the inbox, are on it); ``outbox_table`` / ``outbox_schema`` /
-``outbox_inbox_table`` in the ``[alembic]`` section choose the names.
+recorded in the project's own ``alembic_version`` table (all its revisions, ``outbox_0001`` the
+outbox table, ``outbox_0002`` the inbox, ``outbox_0003`` their autovacuum settings, are on it);
+``outbox_table`` / ``outbox_schema`` / ``outbox_inbox_table`` in the ``[alembic]`` section choose
+the names.
+
+The user's own revisions (``alembic revision --autogenerate``) go to the user's folder and
+branch, never into the package: the set-up of the how-to, with
+:func:`outbox.migrate.process_revision_directives` in env.py.
 
 (The ``outbox:_migrations/versions`` package-resource form only resolves in an installed
 wheel: see ``test_wheel.py``.)
@@ -10,11 +15,14 @@ wheel: see ``test_wheel.py``.)
 
 from __future__ import annotations
 
-import os
+import re
+import runpy
+import shutil
 import subprocess
-import sys
+from collections.abc import Iterator
 from pathlib import Path
 
+import alembic
 import pytest
 from alembic import command
 from alembic.config import Config
@@ -22,11 +30,12 @@ from alembic.util import CommandError
 
 from outbox import migrate
 from outbox.schema import DEFAULT_INBOX_TABLE, DEFAULT_TABLE
-from tests.migration.support import scalars, tables_in, user_project
+from tests.support.cli import run_cli
+from tests.support.migration import scalars, tables_in, user_project
 
-ALEMBIC = Path(sys.executable).with_name("alembic")
 FIRST = "outbox_0001"
-HEAD = "outbox_0002"
+INBOX = "outbox_0002"
+HEAD = "outbox_0003"
 OUTBOX = {f"public.{DEFAULT_TABLE}", f"public.{DEFAULT_INBOX_TABLE}"}
 
 
@@ -35,15 +44,7 @@ def _versions(url: str) -> set[str]:
 
 
 def _alembic(ini: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(ALEMBIC), "-c", str(ini), *args],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=ini.parent,
-        env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
-    )
+    return run_cli("alembic", ["-c", str(ini), *args], cwd=ini.parent)
 
 
 def test_outbox_branch_in_user_project(tmp_path: Path, empty_db_url: str) -> None:
@@ -70,7 +71,11 @@ def test_outbox_branch_in_user_project(tmp_path: Path, empty_db_url: str) -> Non
     # no difference between them and what the revisions built.
     command.check(cfg)
 
-    # One step down the outbox branch removes only the inbox.
+    # One step down the outbox branch resets the autovacuum settings; the next removes only the
+    # inbox.
+    command.downgrade(cfg, "outbox@-1")
+    assert tables_in(url) == {*OUTBOX, "public.alembic_version", "public.users"}
+    assert _versions(url) == {INBOX, "app_0001"}
     command.downgrade(cfg, "outbox@-1")
     assert tables_in(url) == {f"public.{DEFAULT_TABLE}", "public.alembic_version", "public.users"}
     assert _versions(url) == {FIRST, "app_0001"}
@@ -91,7 +96,8 @@ def test_outbox_branch_in_user_project(tmp_path: Path, empty_db_url: str) -> Non
     assert "app_0001 (app) (head)" in proc.stdout
     proc = _alembic(ini, "history")
     assert proc.returncode == 0, proc.stderr
-    assert f"{FIRST} -> {HEAD} (outbox) (head)" in proc.stdout
+    assert f"{INBOX} -> {HEAD} (outbox) (head)" in proc.stdout
+    assert f"{FIRST} -> {INBOX} (outbox)," in proc.stdout
     assert f"<base> -> {FIRST} (outbox)," in proc.stdout
 
 
@@ -142,7 +148,7 @@ def test_names_from_alembic_ini(tmp_path: Path, empty_db_url: str) -> None:
     assert _versions(url) == {HEAD, "app_0001"}
     command.check(Config(str(ini)))
 
-    command.downgrade(Config(str(ini)), "outbox@-1")
+    command.downgrade(Config(str(ini)), "outbox@-2")
     assert tables_in(url) == {"messaging.events_out", "public.alembic_version", "public.users"}
     command.downgrade(Config(str(ini)), "outbox@base")
     assert tables_in(url) == {"public.alembic_version", "public.users"}
@@ -177,3 +183,208 @@ def test_missing_location_is_silently_skipped(tmp_path: Path, empty_db_url: str)
     command.upgrade(cfg, "heads")
     assert _versions(empty_db_url) == {"app_0001"}
     assert tables_in(empty_db_url) == {"public.alembic_version", "public.users"}
+
+
+# --- the user's own revisions -----------------------------------------------------------------
+
+#: The set-up of the how-to: the user's folder first, then the package's; env.py runs for every
+#: `alembic revision` (so that the outbox's hook sees plain ones too); the models are imported
+#: from the project folder.
+APP_INI = """\
+[alembic]
+script_location = %(here)s/migrations
+prepend_sys_path = .
+path_separator = space
+version_locations = %(here)s/migrations/versions {package}
+revision_environment = true
+sqlalchemy.url = {url}
+"""
+
+APP_ENV_PY = """\
+import sqlalchemy as sa
+from alembic import context
+
+from app_models import metadata
+from outbox.migrate import process_revision_directives
+
+config = context.config
+engine = sa.create_engine(config.get_main_option("sqlalchemy.url"), poolclass=sa.pool.NullPool)
+with engine.connect() as connection:
+    context.configure(
+        connection=connection,
+        target_metadata=metadata,
+        process_revision_directives=process_revision_directives,
+    )
+    with context.begin_transaction():
+        context.run_migrations()
+engine.dispose()
+"""
+
+APP_MODELS = """\
+import sqlalchemy as sa
+
+from outbox.schema import define_tables
+
+metadata = sa.MetaData()
+sa.Table(
+    "orders",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("customer", sa.Text, nullable=False),
+)
+# The outbox's tables, declared so that autogenerate neither drops nor re-creates them.
+define_tables(metadata)
+"""
+
+CUSTOMERS = """
+sa.Table("customers", metadata, sa.Column("id", sa.Integer, primary_key=True))
+"""
+
+
+def _app_project(root: Path, url: str) -> Path:
+    """A user's Alembic project as ``alembic init`` and the how-to make it, with no revision
+    of its own yet; returns its alembic.ini."""
+    (root / "migrations" / "versions").mkdir(parents=True)
+    template = Path(alembic.__file__).parent / "templates" / "generic" / "script.py.mako"
+    shutil.copy(template, root / "migrations" / "script.py.mako")
+    (root / "migrations" / "env.py").write_text(APP_ENV_PY)
+    (root / "app_models.py").write_text(APP_MODELS)
+    ini = root / "alembic.ini"
+    ini.write_text(APP_INI.format(package=migrate.versions_dir(), url=url))
+    return ini
+
+
+@pytest.fixture
+def package_untouched() -> Iterator[None]:
+    """The package's versions folder has the same revisions after the test (one that a failing
+    test writes there is removed, and fails the test)."""
+    folder = migrate.versions_dir()
+    before = set(folder.glob("*.py"))
+    yield
+    added = set(folder.glob("*.py")) - before
+    for path in added:
+        path.unlink()
+    assert not added, f"written into the package's versions folder: {sorted(added)}"
+
+
+def _new_files(folder: Path, known: set[Path]) -> list[Path]:
+    return sorted(p for p in folder.glob("*.py") if p not in known)
+
+
+def _ops(source: str) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(operation, table) of every ``op.`` call in upgrade() and in downgrade()."""
+    upgrade, _, downgrade = source.partition("def downgrade(")
+    call = re.compile(r"op\.(\w+)\(\s*['\"](\w+)['\"]")
+    return call.findall(upgrade.partition("def upgrade(")[2]), call.findall(downgrade)
+
+
+@pytest.mark.usefixtures("package_untouched")
+def test_autogenerate_writes_to_the_users_branch(tmp_path: Path, empty_db_url: str) -> None:
+    """``alembic revision --autogenerate -m orders`` in a project set up as the how-to says: the
+    revision is the user's (folder, branch), holds only the user's table, and ``alembic upgrade
+    heads`` applies it with the outbox's revisions."""
+    url = empty_db_url
+    ini = _app_project(tmp_path, url)
+    mine = tmp_path / "migrations" / "versions"
+    package = migrate.versions_dir()
+    shipped = set(package.glob("*.py"))
+
+    proc = _alembic(ini, "upgrade", "heads")
+    assert proc.returncode == 0, proc.stderr
+    assert _versions(url) == {HEAD}
+
+    # The command of the issue. The only head is the outbox's: Alembic would base the revision
+    # on it and write it next to it, into the package. The outbox's hook refuses, and says what
+    # to do; nothing is written anywhere. Same for a plain (not autogenerated) revision.
+    for args in (["--autogenerate", "-m", "orders"], ["-m", "orders"]):
+        proc = _alembic(ini, "revision", *args)
+        assert proc.returncode != 0, args
+        said = " ".join((proc.stdout + proc.stderr).split())  # as Alembic prints it: FAILED: ...
+        assert f"based on {HEAD}, on the 'outbox' branch" in said, said
+        assert str(package) in said
+        assert "--head base --branch-label app" in said
+        assert _new_files(mine, set()) == []
+        assert set(package.glob("*.py")) == shipped
+
+    # The user's first revision starts the user's branch, in the user's folder (the first of
+    # version_locations), and holds only the user's table: the declared outbox tables are
+    # neither dropped nor re-created.
+    proc = _alembic(
+        ini, "revision", "--autogenerate", "-m", "orders", "--head", "base", "--branch-label", "app"
+    )
+    assert proc.returncode == 0, proc.stderr
+    (orders,) = _new_files(mine, set())
+    assert set(package.glob("*.py")) == shipped
+    first = runpy.run_path(str(orders))
+    assert first["down_revision"] is None
+    assert first["branch_labels"] == ("app",)
+    assert _ops(orders.read_text()) == ([("create_table", "orders")], [("drop_table", "orders")])
+
+    # Both branches apply.
+    proc = _alembic(ini, "upgrade", "heads")
+    assert proc.returncode == 0, proc.stderr
+    assert _versions(url) == {HEAD, first["revision"]}
+    assert tables_in(url) == {*OUTBOX, "public.alembic_version", "public.orders"}
+
+    # The next revisions go on the user's branch (`--head app@head`: with two heads, Alembic
+    # wants to be told which), in the user's folder.
+    (tmp_path / "app_models.py").write_text(APP_MODELS + CUSTOMERS)
+    proc = _alembic(ini, "revision", "--autogenerate", "-m", "customers", "--head", "app@head")
+    assert proc.returncode == 0, proc.stderr
+    (customers,) = _new_files(mine, {orders})
+    assert set(package.glob("*.py")) == shipped
+    second = runpy.run_path(str(customers))
+    assert second["down_revision"] == first["revision"]
+    assert second["branch_labels"] is None
+    assert _ops(customers.read_text()) == (
+        [("create_table", "customers")],
+        [("drop_table", "customers")],
+    )
+
+    proc = _alembic(ini, "upgrade", "heads")
+    assert proc.returncode == 0, proc.stderr
+    assert _versions(url) == {HEAD, second["revision"]}
+    assert tables_in(url) == {
+        *OUTBOX,
+        "public.alembic_version",
+        "public.orders",
+        "public.customers",
+    }
+    proc = _alembic(ini, "check")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.usefixtures("package_untouched")
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        # Based on the outbox's branch, even when written into the user's folder.
+        ({"head": "outbox@head", "version_path": "USER"}, f"based on {HEAD}, on the 'outbox'"),
+        ({"head": f"{INBOX}", "splice": True, "version_path": "USER"}, "on the 'outbox' branch"),
+        # Written into the package's folder, even as a branch of its own.
+        ({"head": "base", "branch_label": "x", "version_path": "PACKAGE"}, "lost when the"),
+    ],
+    ids=["outbox-head", "outbox-revision", "package-folder"],
+)
+def test_revision_guard_refuses(
+    tmp_path: Path, empty_db_url: str, options: dict[str, object], message: str
+) -> None:
+    """Any revision based on the outbox's branch, or written into the package, is refused."""
+    ini = user_project(
+        tmp_path,
+        empty_db_url,
+        version_locations=f"%(here)s/migrations/versions {migrate.versions_dir()}",
+        extra="revision_environment = true\n",
+    )
+    mine = tmp_path / "migrations" / "versions"
+    before = set(mine.iterdir())
+    where = {"USER": str(mine), "PACKAGE": str(migrate.versions_dir())}
+    kwargs = {k: where.get(v, v) if isinstance(v, str) else v for k, v in options.items()}
+    with pytest.raises(CommandError, match=message):
+        command.revision(
+            Config(str(ini)),
+            message="mine",
+            process_revision_directives=migrate.process_revision_directives,
+            **kwargs,  # type: ignore[arg-type]
+        )
+    assert set(mine.iterdir()) == before

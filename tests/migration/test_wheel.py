@@ -9,7 +9,6 @@ into a fresh venv that sees the project venv's dependencies through a ``.pth`` f
 from __future__ import annotations
 
 import importlib.util
-import os
 import subprocess
 import sys
 import sysconfig
@@ -21,13 +20,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.migration.support import scalars, tables_in, user_project
+from tests.support.cli import run_cli
+from tests.support.migration import scalars, tables_in, user_project
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
-HEAD = "outbox_0002"
-REVISIONS = ("outbox_0001_messages.py", "outbox_0002_inbox.py")
+HEAD = "outbox_0003"
+REVISIONS = ("outbox_0001_messages.py", "outbox_0002_inbox.py", "outbox_0003_autovacuum.py")
 CUSTOM = ("--table", "events_out", "--schema", "msg", "--inbox-table", "events_in")
 
 
@@ -35,22 +35,10 @@ def _artifacts() -> set[Path]:
     return {p for name in ("build", "dist", "*.egg-info") for p in REPO.glob(name)}
 
 
-def _clean_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    env["PYTHONNOUSERSITE"] = "1"
-    return env
-
-
 def _run(args: list[str], cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        args,
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=cwd,
-        env=_clean_env(),
-    )
+    """``args[0]`` (a path) with the other arguments; without PYTHONPATH, VIRTUAL_ENV or the
+    user's site-packages (see tests.support.cli)."""
+    return run_cli(args[0], args[1:], cwd=cwd, timeout=timeout)
 
 
 @dataclass(frozen=True)
@@ -86,7 +74,8 @@ def wheel_venv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WheelVenv]:
     assert _artifacts() <= before, "the build left artifacts in the repository"
 
     root = tmp / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(root)], check=True)
+    proc = _run([sys.executable, "-m", "venv", "--without-pip", str(root)], tmp)
+    assert proc.returncode == 0, proc.stderr
     venv = WheelVenv(wheel=wheel, root=root)
     proc = _run(
         [

@@ -10,8 +10,12 @@ import time
 import uuid
 from pathlib import Path
 
+import confluent_kafka
 from confluent_kafka import Consumer, KafkaException, TopicPartition
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient
+from confluent_kafka.cimpl import NewTopic
+
+from tests.support.waits import wait_until
 
 
 def free_port() -> int:
@@ -42,6 +46,7 @@ class Broker:
         self.bootstrap = bootstrap or f"127.0.0.1:{self.advertised_port}"
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = log
+        self._admin: AdminClient | None = None
 
     def start(self) -> Broker:
         if self.external:
@@ -59,14 +64,15 @@ class Broker:
             stdout=out,
             stderr=out,
         )
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return self
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("tansu broker did not start")
+        wait_until(self._accepts, 15, "the tansu broker to accept connections", interval=0.05)
+        return self
+
+    def _accepts(self) -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+        except OSError:
+            return False
+        return True
 
     def stop(self) -> None:
         self._admin = None
@@ -77,7 +83,7 @@ class Broker:
 
     def admin(self) -> AdminClient:
         # Kept: futures fail with _DESTROY when their client is garbage-collected.
-        if getattr(self, "_admin", None) is None:
+        if self._admin is None:
             self._admin = AdminClient({"bootstrap.servers": self.bootstrap})
         return self._admin
 
@@ -86,15 +92,13 @@ class Broker:
         futures = self.admin().create_topics([NewTopic(name, partitions, 1)], request_timeout=15)
         for f in futures.values():
             f.result(timeout=20)
-        # Wait until the metadata shows every partition.
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            md = self.admin().list_topics(name, timeout=5)
-            t = md.topics.get(name)
-            if t is not None and t.error is None and len(t.partitions) == partitions:
-                return name
-            time.sleep(0.1)
-        raise RuntimeError(f"topic {name} not ready")
+
+        def ready() -> bool:
+            t = self.admin().list_topics(name, timeout=5).topics.get(name)
+            return t is not None and t.error is None and len(t.partitions) == partitions
+
+        wait_until(ready, 15, f"topic {name} to show all its partitions", interval=0.1)
+        return name
 
     def partitions(self, topic: str) -> int:
         return len(self.admin().list_topics(topic, timeout=10).topics[topic].partitions)
@@ -123,16 +127,7 @@ class Broker:
                 for m in msgs:
                     if m.error():
                         raise KafkaException(m.error())
-                    out.append(
-                        Message(
-                            topic=m.topic(),
-                            partition=m.partition(),
-                            offset=m.offset(),
-                            key=m.key(),
-                            value=m.value(),
-                            headers={k: v for k, v in (m.headers() or [])},
-                        )
-                    )
+                    out.append(Message.of(m))
                 if msgs:
                     last = time.monotonic()
                 elif time.monotonic() - last > idle and (expect is None or len(out) >= expect):
@@ -152,14 +147,27 @@ class Message:
         offset: int,
         key: bytes | None,
         value: bytes | None,
-        headers: dict[str, bytes],
+        headers: dict[str, bytes | None],
     ) -> None:
         self.topic, self.partition, self.offset = topic, partition, offset
         self.key, self.value, self.headers = key, value, headers
 
+    @classmethod
+    def of(cls, m: confluent_kafka.Message) -> Message:
+        """A consumed message (which has a topic, partition and offset; its header values are
+        bytes or None)."""
+        topic, partition, offset = m.topic(), m.partition(), m.offset()
+        assert topic is not None and partition is not None and offset is not None
+        raw = m.headers() or []
+        pairs = raw.items() if isinstance(raw, dict) else raw
+        headers = {k: v.encode() if isinstance(v, str) else v for k, v in pairs}
+        return cls(topic, partition, offset, m.key(), m.value(), headers)
+
     @property
     def message_id(self) -> str:
-        return self.headers["message-id"].decode()
+        value = self.headers["message-id"]
+        assert value is not None, "a message-id header without a value"
+        return value.decode()
 
     def __repr__(self) -> str:
         return f"Message({self.topic}[{self.partition}]@{self.offset} key={self.key!r})"

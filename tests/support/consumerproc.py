@@ -1,43 +1,19 @@
-"""Run the real ``outbox consume`` command as a subprocess (see :mod:`tests.support.relayproc`
-for the log-reading machinery it shares), and read its summary line."""
+"""The real ``outbox consume`` command as a long-running subprocess (see
+:class:`tests.support.cli.CliProcess`), and its summary line."""
 
 from __future__ import annotations
 
 import dataclasses
 import re
-import shutil
-import subprocess
-import sys
-import threading
 from collections.abc import Sequence
 from pathlib import Path
 
-from tests.support.relayproc import RelayProcess, relay_env
-
-#: The repository root, so that ``tests.acceptance.handlers:...`` imports in the subprocess.
-ROOT = Path(__file__).resolve().parents[2]
+from tests.support.cli import ROOT, CliProcess
 
 #: The consumer's last line on a clean exit.
 SUMMARY = r"^processed (\d+), duplicates (\d+), dead-lettered (\d+)$"
 #: Debug line for each redelivered message the inbox skipped.
 DUPLICATE = r"outbox\.consumer: duplicate skipped"
-
-
-def consume_command() -> list[str]:
-    """``outbox consume`` of the running interpreter's environment (the installed script)."""
-    beside = Path(sys.executable).with_name("outbox")
-    if beside.exists():
-        return [str(beside), "consume"]
-    found = shutil.which("outbox")
-    if found is None:
-        raise RuntimeError("the outbox command is not installed in this environment")
-    return [found, "consume"]
-
-
-def consumer_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    env = relay_env(extra)
-    env["PYTHONPATH"] = str(ROOT)
-    return env
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,8 +23,9 @@ class Summary:
     dead_lettered: int
 
 
-class ConsumerProcess(RelayProcess):
-    """One ``outbox consume ARGS`` subprocess; its stderr (the log) is read as it comes."""
+class ConsumerProcess(CliProcess):
+    """One ``outbox consume ARGS`` subprocess; its log is read as it comes. It can import
+    ``tests.support.handlers:...``."""
 
     def __init__(
         self,
@@ -58,23 +35,18 @@ class ConsumerProcess(RelayProcess):
         log_path: Path | None = None,
         env: dict[str, str] | None = None,
     ) -> None:
-        super().__init__(args, name=name, log_path=log_path, env=env)
-
-    def start(self) -> ConsumerProcess:
-        self.proc = subprocess.Popen(
-            [*consume_command(), *self.args],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            bufsize=1,
-            env=consumer_env(self.env),
+        super().__init__(
+            "outbox",
+            ["consume", *args],
+            name=name,
+            log_path=log_path,
+            env=env,
+            import_tests=True,
             cwd=ROOT,
         )
-        self._reader = threading.Thread(
-            target=self._read, args=(self.proc.stdout,), name=f"{self.name}-log", daemon=True
-        )
-        self._reader.start()
+
+    def start(self) -> ConsumerProcess:
+        super().start()
         return self
 
     def summary(self) -> Summary:

@@ -1,60 +1,17 @@
-"""Run the real ``outbox-relay`` command as a subprocess: start it, read its log lines as they
-come, wait for a line, send it signals, measure its CPU time."""
+"""The real ``outbox-relay`` command as a long-running subprocess (see
+:class:`tests.support.cli.CliProcess`); for a run to completion, use
+``run_cli("outbox-relay", ARGS)``."""
 
 from __future__ import annotations
 
-import os
-import re
-import shutil
-import signal
-import subprocess
-import sys
-import threading
-import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import IO
+
+from tests.support.cli import CliProcess
 
 
-def relay_command() -> list[str]:
-    """The installed ``outbox-relay`` script of the running interpreter's environment."""
-    beside = Path(sys.executable).with_name("outbox-relay")
-    if beside.exists():
-        return [str(beside)]
-    found = shutil.which("outbox-relay")
-    if found is None:
-        raise RuntimeError("outbox-relay is not installed in this environment")
-    return [found]
-
-
-def relay_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """The test's environment without any OUTBOX_* setting (only the arguments count)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OUTBOX_")}
-    env["PYTHONUNBUFFERED"] = "1"
-    env.update(extra or {})
-    return env
-
-
-def run_relay(
-    args: Sequence[str], *, timeout: float = 60.0, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
-    """Run ``outbox-relay ARGS`` to completion (``--once``, or a command that must fail)."""
-    return subprocess.run(
-        [*relay_command(), *args],
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=relay_env(env),
-        check=False,
-    )
-
-
-class RelayProcess:
-    """One ``outbox-relay`` subprocess. Its stderr (the log) is collected line by line; every
-    line is also appended to ``log_path`` when given."""
-
-    _CLK_TCK = os.sysconf("SC_CLK_TCK")
+class RelayProcess(CliProcess):
+    """One ``outbox-relay ARGS`` subprocess; its log is read as it comes."""
 
     def __init__(
         self,
@@ -64,150 +21,8 @@ class RelayProcess:
         log_path: Path | None = None,
         env: dict[str, str] | None = None,
     ) -> None:
-        self.args = list(args)
-        self.name = name
-        self.log_path = log_path
-        self.env = env
-        self.lines: list[str] = []
-        self.proc: subprocess.Popen[str] | None = None
-        self._cond = threading.Condition()
-        self._reader: threading.Thread | None = None
-        self._closed = False
-
-    # -- lifecycle ------------------------------------------------------------------------------
+        super().__init__("outbox-relay", args, name=name, log_path=log_path, env=env)
 
     def start(self) -> RelayProcess:
-        self.proc = subprocess.Popen(
-            [*relay_command(), *self.args],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            bufsize=1,
-            env=relay_env(self.env),
-        )
-        self._reader = threading.Thread(
-            target=self._read, args=(self.proc.stdout,), name=f"{self.name}-log", daemon=True
-        )
-        self._reader.start()
+        super().start()
         return self
-
-    def _read(self, stream: IO[str]) -> None:
-        log = open(self.log_path, "a") if self.log_path else None  # noqa: SIM115
-        try:
-            for raw in stream:
-                line = raw.rstrip("\n")
-                if log is not None:
-                    log.write(f"[{self.name}] {line}\n")
-                    log.flush()
-                with self._cond:
-                    self.lines.append(line)
-                    self._cond.notify_all()
-        finally:
-            if log is not None:
-                log.close()
-            with self._cond:
-                self._closed = True
-                self._cond.notify_all()
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def send_signal(self, sig: int) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(sig)
-
-    def kill(self) -> int:
-        """SIGKILL and reap it; returns the exit status."""
-        assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-        return self.wait(10)
-
-    def wait(self, timeout: float) -> int:
-        """Wait for the process to exit and its log to be read to the end."""
-        assert self.proc is not None
-        try:
-            rc = self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(
-                f"{self.name} did not exit within {timeout}s\n{self.tail()}"
-            ) from None
-        if self._reader is not None:
-            self._reader.join(10)
-        return rc
-
-    def stop(self, timeout: float = 20.0) -> int | None:
-        """SIGTERM, then SIGKILL if it does not exit in time. For teardown."""
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        return self.wait(10)
-
-    # -- log ------------------------------------------------------------------------------------
-
-    def mark(self) -> int:
-        """The number of lines seen so far: pass it as ``after`` to look only at newer ones."""
-        with self._cond:
-            return len(self.lines)
-
-    def matches(self, pattern: str, *, after: int = 0) -> list[str]:
-        rx = re.compile(pattern)
-        with self._cond:
-            return [line for line in self.lines[after:] if rx.search(line)]
-
-    def count(self, pattern: str, *, after: int = 0) -> int:
-        return len(self.matches(pattern, after=after))
-
-    def wait_for(self, pattern: str, *, timeout: float = 30.0, after: int = 0) -> int:
-        """Wait for a log line matching ``pattern`` (a regex) among the lines from ``after``
-        on; return the index just past it. Fails early when the process exits."""
-        rx = re.compile(pattern)
-        deadline = time.monotonic() + timeout
-        pos = after
-        with self._cond:
-            while True:
-                while pos < len(self.lines):
-                    pos += 1
-                    if rx.search(self.lines[pos - 1]):
-                        return pos
-                if self._closed:
-                    raise AssertionError(
-                        f"{self.name} exited (status {self.proc and self.proc.poll()}) before "
-                        f"logging {pattern!r}\n{self._tail_locked()}"
-                    )
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise AssertionError(
-                        f"{self.name} did not log {pattern!r} within {timeout}s\n"
-                        f"{self._tail_locked()}"
-                    )
-                self._cond.wait(min(remaining, 0.5))
-
-    def tail(self, n: int = 40) -> str:
-        with self._cond:
-            return self._tail_locked(n)
-
-    def _tail_locked(self, n: int = 40) -> str:
-        return "\n".join(f"  [{self.name}] {line}" for line in self.lines[-n:])
-
-    # -- resources ------------------------------------------------------------------------------
-
-    def cpu_seconds(self) -> float:
-        """User + system CPU time the process has used so far (from /proc/PID/stat)."""
-        stat = Path(f"/proc/{self.pid}/stat").read_text()
-        # The command name (field 2) may contain spaces; fields after it are space-separated.
-        fields = stat[stat.rindex(")") + 2 :].split()
-        utime, stime = int(fields[11]), int(fields[12])
-        return (utime + stime) / self._CLK_TCK

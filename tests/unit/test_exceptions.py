@@ -5,12 +5,19 @@ from __future__ import annotations
 import pytest
 
 import outbox
-from outbox.consumer import PoisonMessage
+import outbox.consumer
 from outbox.exceptions import OutboxError
 
-CLASSES = [
-    obj for obj in vars(outbox).values() if isinstance(obj, type) and issubclass(obj, OutboxError)
-] + [PoisonMessage]
+#: The public exceptions, and the consumer's (PoisonMessage).
+CLASSES = sorted(
+    {
+        obj
+        for module in (outbox, outbox.consumer)
+        for obj in vars(module).values()
+        if isinstance(obj, type) and issubclass(obj, OutboxError)
+    },
+    key=lambda cls: cls.__name__,
+)
 
 
 @pytest.mark.parametrize("cls", CLASSES, ids=lambda c: c.__name__)

@@ -1,0 +1,99 @@
+"""Consumer handlers for the tests, importable as ``tests.support.handlers:NAME`` (by the real
+``outbox consume`` command too: see :class:`tests.support.consumerproc.ConsumerProcess`).
+
+They write to the ``effects`` table (:func:`create_effects_table`), one row per time a
+message's effect happened, with the pid of the process that committed it. ``effects`` has no
+unique constraint on purpose: a duplicate effect shows up as a second row.
+
+Tuning comes from the environment, since the command runs in its own process:
+``CONSUMER_TEST_SLEEP_MS`` (float) is slept after the handler's database work, inside its
+transaction, so that processing takes long enough for a test to interrupt it.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import time
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from outbox.consumer import json_value
+from outbox.transport.base import IncomingMessage
+
+#: Messages whose ``n`` is a multiple of this fail twice in :func:`flaky_effect`.
+FLAKY_EVERY = 7
+
+#: Not a handler: ``--handler tests.support.handlers:NOT_CALLABLE`` is refused.
+NOT_CALLABLE = 42
+
+_attempts: collections.Counter[str] = collections.Counter()
+
+
+def create_effects_table(engine: sa.Engine) -> sa.Engine:
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                "CREATE TABLE effects (seq bigserial PRIMARY KEY, message_id text NOT NULL, "
+                "n int NOT NULL, pid int NOT NULL, "
+                "at timestamptz NOT NULL DEFAULT clock_timestamp())"
+            )
+        )
+    return engine
+
+
+def _sleep() -> None:
+    ms = float(os.environ.get("CONSUMER_TEST_SLEEP_MS") or 0)
+    if ms > 0:
+        time.sleep(ms / 1000)
+
+
+def _insert(session: Session, message_id: str, n: int) -> None:
+    session.execute(
+        sa.text("INSERT INTO effects (message_id, n, pid) VALUES (:m, :n, :pid)"),
+        {"m": message_id, "n": n, "pid": os.getpid()},
+    )
+
+
+def _message_id(message: IncomingMessage) -> str:
+    return (message.header("message-id") or b"").decode()
+
+
+def record_effect(session: Session, message: IncomingMessage) -> None:
+    """One effect row per message (its body is ``{"n": N}``), then the sleep."""
+    _insert(session, _message_id(message), int(json_value(message)["n"]))
+    _sleep()
+
+
+def flaky_effect(session: Session, message: IncomingMessage) -> None:
+    """Like :func:`record_effect`, but every message whose ``n`` is a multiple of
+    :data:`FLAKY_EVERY` raises on its first two attempts (after writing its row, which the
+    rollback removes), so the consumer must retry it before moving on."""
+    n = int(json_value(message)["n"])
+    key = _message_id(message)
+    _insert(session, key, n)
+    _attempts[key] += 1
+    if n % FLAKY_EVERY == 0 and _attempts[key] <= 2:
+        raise TimeoutError(f"flaky dependency (n={n}, attempt {_attempts[key]})")
+    _sleep()
+
+
+def order_id_key(message: IncomingMessage) -> str | None:
+    """A foreign producer's idempotency key: the order id in the payload."""
+    body = json_value(message)
+    return str(body["order_id"]) if "order_id" in body else None
+
+
+def record_order(session: Session, message: IncomingMessage) -> None:
+    """The effect of a foreign producer's ``{"order_id": ID, "n": N}``, recorded as ``ID``."""
+    body = json_value(message)
+    _insert(session, str(body["order_id"]), int(body["n"]))
+
+
+class Payments:
+    """A handler reached through a nested name: ``tests.support.handlers:Payments.capture``."""
+
+    @staticmethod
+    def capture(session: Session, message: IncomingMessage) -> None:
+        record_effect(session, message)
