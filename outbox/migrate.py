@@ -3,7 +3,9 @@
 The only module of the package that imports Alembic. The revisions live in the top-level
 ``migrations/`` folder of the source tree and in ``outbox/_migrations`` inside the wheel.
 They carry the branch label ``outbox`` so that they can also run from your own Alembic
-project (add :func:`versions_dir` to ``version_locations``, then ``alembic upgrade outbox@head``).
+project (add :func:`versions_dir` to ``version_locations``, after your own folder, then
+``alembic upgrade outbox@head``); :func:`process_revision_directives` in your env.py keeps your
+own new revisions off that branch and out of the installed package.
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ from typing import Any
 import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
+from alembic.operations.ops import MigrationScript
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from alembic.util import CommandError, coerce_resource_to_filename
 
 from outbox.config import parse_db_url
 from outbox.exceptions import ConfigurationError, translate_db_errors
@@ -24,6 +28,9 @@ from outbox.schema import DEFAULT_INBOX_TABLE, DEFAULT_TABLE, validate_identifie
 
 #: The version table that ``outbox db upgrade`` keeps (in the outbox's schema).
 VERSION_TABLE = "outbox_alembic_version"
+
+#: The branch label of the shipped revisions.
+BRANCH = "outbox"
 
 #: The revision that creates the inbox table.
 _INBOX_REVISION = "outbox_0002"
@@ -42,6 +49,70 @@ def script_dir() -> pathlib.Path:
 def versions_dir() -> pathlib.Path:
     """Add this to ``version_locations`` in your own ``alembic.ini``."""
     return script_dir() / "versions"
+
+
+def process_revision_directives(
+    context: MigrationContext, revision: object, directives: list[MigrationScript]
+) -> None:
+    """Keep your own new revisions off the ``outbox`` branch and out of the installed package.
+
+    Pass it to ``context.configure(process_revision_directives=...)`` in your env.py (or call it
+    from your own hook), and set ``revision_environment = true`` in alembic.ini so that Alembic
+    runs env.py for a plain ``alembic revision`` too, not only for ``--autogenerate``.
+
+    Without ``--head``, Alembic bases a new revision on the only head there is, which in a
+    project without revisions of its own is the outbox's, and writes the file next to that
+    head's file: into the installed package, where reinstalling or upgrading the package loses
+    it, and where it would make ``outbox@head`` your revision. This hook refuses such a
+    revision (``alembic revision`` fails, and writes nothing), and any revision based on the
+    ``outbox`` branch or written into the package's folder. Base yours on a branch of your own:
+    ``--head app@head``. For the first one, ``--head base --branch-label app`` starts the
+    branch, in the first folder of ``version_locations`` that is not the package's (Alembic
+    itself would ask for ``--version-path``).
+    """
+    script = context.script
+    if script is None:
+        if context.config is None:
+            return
+        script = ScriptDirectory.from_config(context.config)
+    package = versions_dir().resolve()
+    for directive in directives:
+        where = directive.version_path
+        if where is not None and pathlib.Path(where).resolve() == package:
+            raise CommandError(
+                f"{where} holds the outbox package's own revisions, and a revision of yours "
+                f"there is lost when the package is reinstalled: {_ADVICE}"
+            )
+        try:
+            heads = [h for h in script.get_revisions(directive.head or "head") if h is not None]
+        except CommandError:
+            continue  # several heads, an unknown revision: Alembic says so itself
+        for head in heads:
+            folder = pathlib.Path(head.path).resolve().parent
+            if BRANCH in head.branch_labels or folder == package:
+                written = (
+                    f", and written next to it, into the installed package ({folder}) where "
+                    "reinstalling the package loses it"
+                    if where is None
+                    else ""
+                )
+                raise CommandError(
+                    f"the new revision would be based on {head.revision}, on the {BRANCH!r} "
+                    f"branch of the outbox package{written}: {_ADVICE}"
+                )
+        if not heads and where is None:
+            # A new branch (--head base): in your first folder, not the package's.
+            for location in script.version_locations or ():
+                path = pathlib.Path(coerce_resource_to_filename(location)).resolve()
+                if path != package:
+                    directive.version_path = str(path)
+                    break
+
+
+_ADVICE = (
+    "base it on a branch of your own, alembic revision --head app@head ... (the first one: "
+    "--head base --branch-label app)"
+)
 
 
 def names_from_config(config: Any) -> tuple[str, str | None]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import re
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
@@ -26,6 +27,39 @@ SENT = "sent"  # acknowledged by the broker (retain mode only; delete mode remov
 STATUSES = (PENDING, RETRY, DEAD, SENT)
 
 _IDENT = re.compile(r"^[a-z_][a-z0-9_]{0,47}$")
+
+#: Autovacuum settings (PostgreSQL storage parameters) of the outbox table, set by revision
+#: ``outbox_0003``. A queue table churns: every row is inserted, then deleted (or updated to
+#: ``sent``) within seconds, so its dead rows, not its size, decide when it needs a vacuum. The
+#: server's defaults wait until 20 % of the table is dead (10 % changed, for statistics), which
+#: for a table that is nearly empty while all is well means far too late, or, after a backlog,
+#: hundreds of thousands of dead index entries that every claim walks through. Here: a fixed
+#: number of rows, whatever the table's size.
+MESSAGES_STORAGE_PARAMETERS: tuple[tuple[str, str], ...] = (
+    ("autovacuum_vacuum_scale_factor", "0"),
+    ("autovacuum_vacuum_threshold", "1000"),
+    ("autovacuum_vacuum_insert_scale_factor", "0"),
+    ("autovacuum_vacuum_insert_threshold", "1000"),
+    ("autovacuum_analyze_scale_factor", "0"),
+    ("autovacuum_analyze_threshold", "1000"),
+)
+
+#: Autovacuum settings of the inbox table (revision ``outbox_0003``). The inbox is large (it
+#: keeps every key for the retention period) and loses rows in bursts, when the purge deletes
+#: expired keys (command outcomes, written after their key, leave dead rows too): vacuum at 1 %
+#: of the table instead of 20 %, so that purged space is reused before the table grows, and
+#: after 1 % of new rows, which also summarizes the new ranges of the BRIN index the purge uses.
+INBOX_STORAGE_PARAMETERS: tuple[tuple[str, str], ...] = (
+    ("autovacuum_vacuum_scale_factor", "0.01"),
+    ("autovacuum_vacuum_threshold", "1000"),
+    ("autovacuum_vacuum_insert_scale_factor", "0.01"),
+    ("autovacuum_vacuum_insert_threshold", "1000"),
+)
+
+#: The key in ``Table.info`` that holds a table's storage parameters (a dict, name -> value).
+#: ``metadata.create_all`` applies them right after ``CREATE TABLE`` (SQLAlchemy 2.0 has no
+#: ``postgresql_with`` for tables); the revisions set them with ``ALTER TABLE ... SET``.
+STORAGE_PARAMETERS = "outbox_storage_parameters"
 
 
 def validate_identifier(value: str, what: str) -> str:
@@ -138,7 +172,9 @@ def define_tables(
             postgresql_where=sa.text(f"status IN ('{RETRY}', '{DEAD}')"),
         ),
         schema=schema,
+        info={STORAGE_PARAMETERS: dict(MESSAGES_STORAGE_PARAMETERS)},
     )
+    sa.event.listen(messages, "after_create", _set_storage_parameters)
     validate_identifier(inbox_table, "inbox table name")
     if inbox_table == table:
         raise ConfigurationError("the inbox table needs a name of its own")
@@ -167,5 +203,18 @@ def define_tables(
         # purge and costs the claim (a hot path) almost nothing to maintain.
         sa.Index(f"ix_{inbox_table}_expires_at", "expires_at", postgresql_using="brin"),
         schema=schema,
+        info={STORAGE_PARAMETERS: dict(INBOX_STORAGE_PARAMETERS)},
     )
+    sa.event.listen(inbox, "after_create", _set_storage_parameters)
     return OutboxTables(metadata=md, messages=messages, inbox=inbox)
+
+
+def _set_storage_parameters(target: sa.Table, connection: sa.Connection, **_: Any) -> None:
+    """``after_create``: give the new table the storage parameters in its ``info``, as the
+    revisions do (same statement, same order, so the catalogs compare equal)."""
+    params: dict[str, str] = target.info.get(STORAGE_PARAMETERS) or {}
+    if not params or connection.dialect.name != "postgresql":
+        return
+    name = connection.dialect.identifier_preparer.format_table(target)
+    settings = ", ".join(f"{key} = {value}" for key, value in params.items())
+    connection.execute(sa.text(f"ALTER TABLE {name} SET ({settings})"))

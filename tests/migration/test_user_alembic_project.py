@@ -356,18 +356,24 @@ def test_autogenerate_writes_to_the_users_branch(tmp_path: Path, empty_db_url: s
 
 @pytest.mark.usefixtures("package_untouched")
 @pytest.mark.parametrize(
-    ("options", "message"),
+    ("head", "splice", "branch_label", "folder", "message"),
     [
         # Based on the outbox's branch, even when written into the user's folder.
-        ({"head": "outbox@head", "version_path": "USER"}, f"based on {HEAD}, on the 'outbox'"),
-        ({"head": f"{INBOX}", "splice": True, "version_path": "USER"}, "on the 'outbox' branch"),
+        ("outbox@head", False, None, "user", f"based on {HEAD}, on the 'outbox' branch"),
+        (INBOX, True, None, "user", f"based on {INBOX}, on the 'outbox' branch"),
         # Written into the package's folder, even as a branch of its own.
-        ({"head": "base", "branch_label": "x", "version_path": "PACKAGE"}, "lost when the"),
+        ("base", False, "mine", "package", "lost when the package is reinstalled"),
     ],
     ids=["outbox-head", "outbox-revision", "package-folder"],
 )
 def test_revision_guard_refuses(
-    tmp_path: Path, empty_db_url: str, options: dict[str, object], message: str
+    tmp_path: Path,
+    empty_db_url: str,
+    head: str,
+    splice: bool,
+    branch_label: str | None,
+    folder: str,
+    message: str,
 ) -> None:
     """Any revision based on the outbox's branch, or written into the package, is refused."""
     ini = user_project(
@@ -378,13 +384,14 @@ def test_revision_guard_refuses(
     )
     mine = tmp_path / "migrations" / "versions"
     before = set(mine.iterdir())
-    where = {"USER": str(mine), "PACKAGE": str(migrate.versions_dir())}
-    kwargs = {k: where.get(v, v) if isinstance(v, str) else v for k, v in options.items()}
     with pytest.raises(CommandError, match=message):
         command.revision(
             Config(str(ini)),
             message="mine",
+            head=head,
+            splice=splice,
+            branch_label=branch_label,
+            version_path=str(mine if folder == "user" else migrate.versions_dir()),
             process_revision_directives=migrate.process_revision_directives,
-            **kwargs,  # type: ignore[arg-type]
         )
     assert set(mine.iterdir()) == before
