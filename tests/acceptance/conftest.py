@@ -20,13 +20,14 @@ from sqlalchemy.orm import Session
 
 from outbox import Outbox
 from tests.support.broker import Broker, Message, free_port
+from tests.support.events import event
 from tests.support.proxy import Proxy
 from tests.support.relayproc import RelayProcess
 
 #: Log lines of the relay (text format) that tests wait for.
-LEADER = r"outbox\.relay: relay is the leader"  # not "... standby: another relay is the leader"
-STANDBY = r"outbox\.relay: relay is a standby"
-BATCH_DONE = r"outbox\.relay: batch done"
+LEADER = event("relay.leader")
+STANDBY = event("relay.standby")
+BATCH_DONE = event("relay.batch")
 
 # -- writers ------------------------------------------------------------------------------------
 

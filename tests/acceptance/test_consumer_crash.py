@@ -33,6 +33,7 @@ from confluent_kafka import Producer
 
 from tests.support.broker import Broker
 from tests.support.consumerproc import ConsumerProcess, Summary
+from tests.support.events import event
 from tests.support.handlers import FLAKY_EVERY, create_effects_table
 from tests.support.waits import wait_until
 
@@ -52,7 +53,7 @@ SLEEP_MS = "5"
 #: A drain run stops after this long without a message, counted from its group join (which
 #: took 1 to 4 s here after a SIGKILL).
 DRAIN_IDLE = "2"
-DUPLICATE_KEY = re.compile(r"duplicate skipped .*\bkey=(\S+)")
+DUPLICATE_KEY = re.compile(event("consumer.duplicate") + r".*\bkey=(\S+)")
 
 ConsumerFactory = Callable[..., ConsumerProcess]
 
@@ -177,7 +178,9 @@ def drain(consumers: ConsumerFactory, argv: list[str], name: str = "drain") -> C
 
 def no_errors(*procs: ConsumerProcess) -> None:
     for proc in procs:
-        bad = proc.matches(r"Traceback| ERROR |handler failed|dead-lettered key")
+        bad = proc.matches(
+            r"Traceback| ERROR |" + event("consumer.retry") + "|" + event("consumer.dead_lettered")
+        )
         assert not bad, f"{proc.name}: {bad[:5]}"
 
 
@@ -365,7 +368,7 @@ def test_failing_handler_is_retried_in_place_keeping_partition_order(
     # Each flaky message failed twice (its rows rolled back), then succeeded; nothing was
     # dead-lettered, and no later message overtook it.
     assert proc.summary() == Summary(n, 0, 0)
-    retries = proc.matches(r"outbox\.consumer: handler failed, retrying")
+    retries = proc.matches(event("consumer.retry"))
     assert len(retries) == 2 * len(flaky), proc.tail()
     assert all("TimeoutError: flaky dependency" in line for line in retries)
     result = check_exactly_once(effects, sent)

@@ -24,11 +24,13 @@ from tests.acceptance.conftest import (
     wait_drained,
 )
 from tests.support.broker import Broker
+from tests.support.events import event
 
 pytestmark = pytest.mark.slow
 
 FAST = ("--batch-size", "50", "--delivery-timeout", "3", "--log-level", "debug")
-BACKING_OFF = "broker unavailable, backing off"
+BACKING_OFF = event("relay.broker_unavailable")
+SEND_FAILED = event("relay.send_failed")
 
 
 @pytest.mark.parametrize("fault", ["cut", "blackhole"])
@@ -59,7 +61,7 @@ def test_broker_outage_backs_off_marks_nothing_and_recovers(
     cpu, elapsed = relay.cpu_seconds() - cpu, time.monotonic() - started
     assert cpu < 0.3 * elapsed, f"relay used {cpu:.2f}s CPU in {elapsed:.1f}s while cut"
     assert relay.count(BACKING_OFF, after=lines) <= 10
-    assert relay.count(r"batch done .*acked=[1-9]", after=lines) == 0
+    assert relay.count(event("relay.batch", "acked=[1-9]"), after=lines) == 0
     # ... and nothing committed after the cut (so never sent) was removed from the table.
     after_cut = [c for c in writers.snapshot() if c.began > cut_at]
     assert len(after_cut) > 20
@@ -68,12 +70,12 @@ def test_broker_outage_backs_off_marks_nothing_and_recovers(
 
     restored = relay.mark()
     pb.proxy.restore()
-    relay.wait_for(r"batch done .*acked=[1-9]", after=restored, timeout=60)
+    relay.wait_for(event("relay.batch", "acked=[1-9]"), after=restored, timeout=60)
     time.sleep(0.5)
     committed = writers.stop()
     wait_drained(engine, timeout=60)
     # An outage is not the messages' fault: none was charged a failed attempt.
-    assert relay.count("send failed") == 0, relay.matches("send failed")[:3]
+    assert relay.count(SEND_FAILED) == 0, relay.matches(SEND_FAILED)[:3]
 
     got = pb.broker.read_all(topic, expect=len(committed))
     delivery = check_delivery(got, committed)
@@ -101,7 +103,7 @@ def test_relay_started_while_broker_unreachable_recovers(
 
     pb.proxy.restore()
     wait_drained(engine, timeout=60)
-    assert relay.count("send failed") == 0, relay.matches("send failed")[:3]
+    assert relay.count(SEND_FAILED) == 0, relay.matches(SEND_FAILED)[:3]
     got = pb.broker.read_all(topic, expect=30)
     check_delivery(got, committed)
 
@@ -126,7 +128,7 @@ def test_database_connection_killed_under_the_relay(
         # The leader's connection (the relay's claims connection, if open, is named
         # "outbox-relay claims" and is not killed here).
         assert len(killed) == 1, killed
-        pos = relay.wait_for("database connection lost, reconnecting", after=pos, timeout=30)
+        pos = relay.wait_for(event("relay.database_lost"), after=pos, timeout=30)
         pos = relay.wait_for(LEADER, after=pos, timeout=30)
         assert relay.count(LEADER) == round_ + 1
     relay.wait_for(BATCH_DONE, after=pos, timeout=30)

@@ -9,6 +9,7 @@ from sqlalchemy.orm import Session
 from outbox import Outbox
 from tests.acceptance.conftest import RelayFactory
 from tests.support.broker import Broker
+from tests.support.events import event
 from tests.support.waits import wait_until
 
 pytestmark = pytest.mark.slow
@@ -42,7 +43,7 @@ def test_too_large_message_is_parked_and_holds_back_only_its_key(
         "debug",
     )
     # Retries follow the per-message backoff (about 0.05 s, 0.1 s), not the fallback poll.
-    relay.wait_for("message parked", timeout=20)
+    relay.wait_for(event("relay.parked"), timeout=20)
 
     def status(message_id: object) -> tuple[str, int, str | None]:
         with engine.connect() as conn:
@@ -58,7 +59,7 @@ def test_too_large_message_is_parked_and_holds_back_only_its_key(
     wait_until(lambda: status(big)[0] == "dead", 10, "the big message parked", interval=0.1)
     # The others must have been sent already; give a wrongly released key time to show up.
     got = broker.read_all(topic, expect=len(others), idle=1.0)
-    assert relay.count("send failed") == 3
+    assert relay.count(event("relay.send_failed")) == 3
 
     state, attempts, error = status(big)
     assert (state, attempts) == ("dead", 3)

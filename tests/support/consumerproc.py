@@ -9,11 +9,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from tests.support.cli import ROOT, CliProcess
+from tests.support.events import event
 
 #: The consumer's last line on a clean exit.
 SUMMARY = r"^processed (\d+), duplicates (\d+), dead-lettered (\d+)$"
 #: Debug line for each redelivered message the inbox skipped.
-DUPLICATE = r"outbox\.consumer: duplicate skipped"
+DUPLICATE = event("consumer.duplicate")
 
 
 @dataclasses.dataclass(frozen=True)
