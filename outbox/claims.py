@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 from typing import Any
 
@@ -32,8 +33,27 @@ class Row:
     topic: str
     key: bytes | None
     payload: bytes | None
-    headers: str  # JSON text: parsed once per distinct value, see Relay._headers
+    headers: str  # JSON text: parsed once per distinct value, see HeaderCache
     attempts: int
+
+
+class HeaderCache:
+    """Rows' header JSON as Kafka headers. Most rows share a handful of distinct header sets
+    (content type, event type): each is parsed once."""
+
+    __slots__ = ("_cache",)
+
+    def __init__(self) -> None:
+        self._cache: dict[str, list[tuple[str, bytes]]] = {}
+
+    def __call__(self, text: str) -> list[tuple[str, bytes]]:
+        cached = self._cache.get(text)
+        if cached is None:
+            if len(self._cache) > 1024:
+                self._cache.clear()
+            cached = [(k, str(v).encode()) for k, v in json.loads(text).items()]
+            self._cache[text] = cached
+        return cached
 
 
 class Claims:

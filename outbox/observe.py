@@ -55,6 +55,12 @@ class RelayObserver:
     def batch_finished(self, outcome: BatchOutcome) -> None:
         """A batch was recorded in the table."""
 
+    def send_failed(self, outbox_id: int, reason: str) -> None:
+        """The broker refused the message of row ``outbox_id``: an attempt was counted."""
+
+    def parked(self, outbox_id: int, attempts: int) -> None:
+        """Row ``outbox_id`` reached max_attempts: status ``dead``, no more sends."""
+
     def broker_unavailable(self, reason: str, retry_in: float, failures: int) -> None:
         """The broker failed (``failures`` times in a row); sending pauses ``retry_in`` s."""
 
@@ -144,6 +150,18 @@ class LogRelay(RelayObserver):
             fields = dataclasses.asdict(outcome)
             fields["ms"] = round(fields.pop("seconds") * 1000, 1)
             _relay_log.debug("batch done", extra={"event": "relay.batch", **fields})
+
+    def send_failed(self, outbox_id: int, reason: str) -> None:
+        _relay_log.warning(
+            "send failed",
+            extra={"event": "relay.send_failed", "outbox_id": outbox_id, "error": reason},
+        )
+
+    def parked(self, outbox_id: int, attempts: int) -> None:
+        _relay_log.error(
+            "message parked",
+            extra={"event": "relay.parked", "outbox_id": outbox_id, "attempts": attempts},
+        )
 
     def broker_unavailable(self, reason: str, retry_in: float, failures: int) -> None:
         _relay_log.warning(

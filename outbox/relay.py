@@ -27,7 +27,6 @@ import collections
 import contextlib
 import dataclasses
 import heapq
-import json
 import logging
 import random
 import threading
@@ -40,7 +39,7 @@ import psycopg
 from outbox import statements
 from outbox.backoff import Retrying
 from outbox.brokerlink import BrokerLink
-from outbox.claims import Claims, Row
+from outbox.claims import Claims, HeaderCache, Row
 from outbox.config import RelayConfig, relay_conninfo
 from outbox.exceptions import (
     DatabaseUnavailableError,
@@ -172,7 +171,7 @@ class Relay:
         # When retries fall due (a heap of monotonic times): the relay wakes for each.
         self._retry_due: list[float] = []
         self._standby_logged = False
-        self._header_cache: dict[str, list[tuple[str, bytes]]] = {}
+        self._headers = HeaderCache()
 
     # -- public -------------------------------------------------------------------------------
 
@@ -328,16 +327,6 @@ class Relay:
         batch.sent_text = ",".join(map(str, batch.sent))
         return batch
 
-    def _headers(self, text: str) -> list[tuple[str, bytes]]:
-        # Most rows share a handful of distinct header sets (content type, event type).
-        cached = self._header_cache.get(text)
-        if cached is None:
-            if len(self._header_cache) > 1024:
-                self._header_cache.clear()
-            cached = [(k, str(v).encode()) for k, v in json.loads(text).items()]
-            self._header_cache[text] = cached
-        return cached
-
     def _await(self, batch: _Batch) -> None:
         transport = batch.transport
         # librdkafka reports every message within message.timeout.ms; the margin covers the
@@ -390,15 +379,9 @@ class Relay:
         self.stats.failed_attempts += len(failures)
         self.stats.parked += len(parked)
         for row_id, reason in failures:
-            logger.warning(
-                "send failed",
-                extra={"event": "relay.send_failed", "outbox_id": row_id, "error": reason},
-            )
+            self._observe.send_failed(row_id, reason)
         for row in parked:
-            logger.error(
-                "message parked",
-                extra={"event": "relay.parked", "outbox_id": row[0], "attempts": row[2]},
-            )
+            self._observe.parked(row[0], row[2])
         if batch.transport_failures:
             self.stats.transport_failures += 1
             self._broker.failed(batch.transport_failures[0], fatal=batch.fatal)
