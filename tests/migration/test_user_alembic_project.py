@@ -17,12 +17,10 @@ from __future__ import annotations
 
 import re
 import runpy
-import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
-import alembic
 import pytest
 from alembic import command
 from alembic.config import Config
@@ -31,7 +29,14 @@ from alembic.util import CommandError
 from outbox import migrate
 from outbox.schema import DEFAULT_INBOX_TABLE, DEFAULT_TABLE
 from tests.support.cli import run_cli
-from tests.support.migration import scalars, tables_in, user_project
+from tests.support.migration import (
+    APP_MODELS,
+    CUSTOMERS,
+    app_project,
+    scalars,
+    tables_in,
+    user_project,
+)
 
 FIRST = "outbox_0001"
 INBOX = "outbox_0002"
@@ -187,72 +192,6 @@ def test_missing_location_is_silently_skipped(tmp_path: Path, empty_db_url: str)
 
 # --- the user's own revisions -----------------------------------------------------------------
 
-#: The set-up of the how-to: the user's folder first, then the package's; env.py runs for every
-#: `alembic revision` (so that the outbox's hook sees plain ones too); the models are imported
-#: from the project folder.
-APP_INI = """\
-[alembic]
-script_location = %(here)s/migrations
-prepend_sys_path = .
-path_separator = space
-version_locations = %(here)s/migrations/versions {package}
-revision_environment = true
-sqlalchemy.url = {url}
-"""
-
-APP_ENV_PY = """\
-import sqlalchemy as sa
-from alembic import context
-
-from app_models import metadata
-from outbox.migrate import process_revision_directives
-
-config = context.config
-engine = sa.create_engine(config.get_main_option("sqlalchemy.url"), poolclass=sa.pool.NullPool)
-with engine.connect() as connection:
-    context.configure(
-        connection=connection,
-        target_metadata=metadata,
-        process_revision_directives=process_revision_directives,
-    )
-    with context.begin_transaction():
-        context.run_migrations()
-engine.dispose()
-"""
-
-APP_MODELS = """\
-import sqlalchemy as sa
-
-from outbox.schema import define_tables
-
-metadata = sa.MetaData()
-sa.Table(
-    "orders",
-    metadata,
-    sa.Column("id", sa.Integer, primary_key=True),
-    sa.Column("customer", sa.Text, nullable=False),
-)
-# The outbox's tables, declared so that autogenerate neither drops nor re-creates them.
-define_tables(metadata)
-"""
-
-CUSTOMERS = """
-sa.Table("customers", metadata, sa.Column("id", sa.Integer, primary_key=True))
-"""
-
-
-def _app_project(root: Path, url: str) -> Path:
-    """A user's Alembic project as ``alembic init`` and the how-to make it, with no revision
-    of its own yet; returns its alembic.ini."""
-    (root / "migrations" / "versions").mkdir(parents=True)
-    template = Path(alembic.__file__).parent / "templates" / "generic" / "script.py.mako"
-    shutil.copy(template, root / "migrations" / "script.py.mako")
-    (root / "migrations" / "env.py").write_text(APP_ENV_PY)
-    (root / "app_models.py").write_text(APP_MODELS)
-    ini = root / "alembic.ini"
-    ini.write_text(APP_INI.format(package=migrate.versions_dir(), url=url))
-    return ini
-
 
 @pytest.fixture
 def package_untouched() -> Iterator[None]:
@@ -284,7 +223,7 @@ def test_autogenerate_writes_to_the_users_branch(tmp_path: Path, empty_db_url: s
     revision is the user's (folder, branch), holds only the user's table, and ``alembic upgrade
     heads`` applies it with the outbox's revisions."""
     url = empty_db_url
-    ini = _app_project(tmp_path, url)
+    ini = app_project(tmp_path, url)
     mine = tmp_path / "migrations" / "versions"
     package = migrate.versions_dir()
     shipped = set(package.glob("*.py"))

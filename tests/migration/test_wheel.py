@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.cli import run_cli
-from tests.support.migration import scalars, tables_in, user_project
+from tests.support.migration import app_project, scalars, tables_in, user_project
 
 pytestmark = pytest.mark.slow
 
@@ -222,3 +222,48 @@ def test_version_locations_forms(wheel_venv: WheelVenv, empty_db_url: str, tmp_p
     assert proc.returncode == 0, proc.stderr
     assert set(scalars(url, "SELECT version_num FROM alembic_version")) == {HEAD, "app_0001"}
     assert {"public.outbox_messages", "public.outbox_inbox", "public.users"} <= tables_in(url)
+
+
+def test_user_revisions_stay_out_of_the_installed_package(
+    wheel_venv: WheelVenv, empty_db_url: str, tmp_path: Path
+) -> None:
+    """The case of the issue, with the package installed from the wheel and its revisions named
+    as the how-to says (``outbox:_migrations/versions``): a bare ``alembic revision
+    --autogenerate`` would write into site-packages; the hook refuses it, and the user's first
+    revision (``--head base --branch-label app``) goes to the user's folder."""
+    url = empty_db_url
+    project = tmp_path / "app"
+    app_project(project, url, package_location=PACKAGE_FORM)
+    proc = _run(
+        [wheel_venv.python, "-c", "import outbox.migrate as m; print(m.versions_dir())"], tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr
+    installed = Path(proc.stdout.strip())
+    assert installed.is_relative_to(wheel_venv.root.resolve())
+    shipped = set(installed.glob("*.py"))
+    assert {p.name for p in shipped} == set(REVISIONS)
+
+    proc = _alembic(wheel_venv, project, "upgrade", "heads")
+    assert proc.returncode == 0, proc.stderr
+    proc = _alembic(wheel_venv, project, "revision", "--autogenerate", "-m", "orders")
+    assert proc.returncode != 0
+    said = " ".join((proc.stdout + proc.stderr).split())
+    assert f"based on {HEAD}, on the 'outbox' branch" in said, said
+    assert str(installed) in said
+    assert set(installed.glob("*.py")) == shipped
+
+    proc = _alembic(
+        wheel_venv,
+        project,
+        *("revision", "--autogenerate", "-m", "orders", "--head", "base", "--branch-label", "app"),
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert set(installed.glob("*.py")) == shipped
+    (orders,) = (project / "migrations" / "versions").glob("*_orders.py")
+    proc = _alembic(wheel_venv, project, "upgrade", "heads")
+    assert proc.returncode == 0, proc.stderr
+    assert set(scalars(url, "SELECT version_num FROM alembic_version")) == {
+        HEAD,
+        orders.name.split("_")[0],
+    }
+    assert "public.orders" in tables_in(url)

@@ -3,10 +3,12 @@ project written to a temporary folder."""
 
 from __future__ import annotations
 
+import shutil
 import textwrap
 from pathlib import Path
 from typing import Any
 
+import alembic
 import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
@@ -262,4 +264,76 @@ def user_project(
         lines.append(f"path_separator = {path_separator}")
     ini = root / "alembic.ini"
     ini.write_text("\n".join(lines) + "\n" + textwrap.dedent(extra))
+    return ini
+
+
+# --- a user's project that makes revisions of its own ---------------------------------------
+
+#: The set-up of the how-to: the user's folder first, then the package's; env.py runs for every
+#: `alembic revision` (so that the outbox's hook sees plain ones too); the models are imported
+#: from the project folder.
+APP_INI = """\
+[alembic]
+script_location = %(here)s/migrations
+prepend_sys_path = .
+path_separator = space
+version_locations = %(here)s/migrations/versions {package}
+revision_environment = true
+sqlalchemy.url = {url}
+"""
+
+APP_ENV_PY = """\
+import sqlalchemy as sa
+from alembic import context
+
+from app_models import metadata
+from outbox.migrate import process_revision_directives
+
+config = context.config
+engine = sa.create_engine(config.get_main_option("sqlalchemy.url"), poolclass=sa.pool.NullPool)
+with engine.connect() as connection:
+    context.configure(
+        connection=connection,
+        target_metadata=metadata,
+        process_revision_directives=process_revision_directives,
+    )
+    with context.begin_transaction():
+        context.run_migrations()
+engine.dispose()
+"""
+
+APP_MODELS = """\
+import sqlalchemy as sa
+
+from outbox.schema import define_tables
+
+metadata = sa.MetaData()
+sa.Table(
+    "orders",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("customer", sa.Text, nullable=False),
+)
+# The outbox's tables, declared so that autogenerate neither drops nor re-creates them.
+define_tables(metadata)
+"""
+
+CUSTOMERS = """
+sa.Table("customers", metadata, sa.Column("id", sa.Integer, primary_key=True))
+"""
+
+
+def app_project(root: Path, url: str, *, package_location: str | None = None) -> Path:
+    """A user's Alembic project as ``alembic init`` and the how-to make it (models in
+    ``app_models.py``: ``APP_MODELS``), with no revision of its own yet; returns its
+    alembic.ini. ``package_location`` is the outbox's entry in ``version_locations`` (default:
+    the absolute :func:`outbox.migrate.versions_dir`)."""
+    (root / "migrations" / "versions").mkdir(parents=True)
+    template = Path(alembic.__file__).parent / "templates" / "generic" / "script.py.mako"
+    shutil.copy(template, root / "migrations" / "script.py.mako")
+    (root / "migrations" / "env.py").write_text(APP_ENV_PY)
+    (root / "app_models.py").write_text(APP_MODELS)
+    ini = root / "alembic.ini"
+    package = package_location or str(migrate.versions_dir())
+    ini.write_text(APP_INI.format(package=package, url=url))
     return ini
