@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 from outbox import (
     Command,
     CommandInProgress,
+    ConfigurationError,
     DatabaseError,
     IdempotencyKeyReused,
     Inbox,
@@ -519,8 +520,9 @@ def test_bad_input_is_refused_before_anything_is_written(engine: sa.Engine, inbo
         assert not begin(session, inbox, "k" * 512).replay
         assert inbox.claim(session, "c", "k" * 512)
     assert count(engine, "outbox_inbox") == 2
+    # A bad retention is the application's configuration, not a message's input.
     for retention in (datetime.timedelta(0), datetime.timedelta(days=-1)):
-        with pytest.raises(PayloadError):
+        with pytest.raises(ConfigurationError, match="retention must be positive"):
             Inbox(retention=retention)
 
 
