@@ -33,6 +33,7 @@ from outbox.config import parse_db_url
 from outbox.exceptions import (
     ConfigurationError,
     DatabaseUnavailableError,
+    HandlerUndidItsWork,
     PoisonMessage,
     first_line,
     translate_db_errors,
@@ -82,6 +83,23 @@ def load_handler(path: str) -> Handler:
         raise ConfigurationError(f"handler {path!r} is not callable")
     handler: Handler = target
     return handler
+
+
+class _HandlerSession(Session):
+    """The handler's session: joined to the runner's transaction; remembers a rollback or a
+    close by the handler (either would undo writes the runner would otherwise commit with
+    the inbox key: a half-applied message)."""
+
+    undone: str | None = None
+
+    def rollback(self) -> None:
+        self.undone = "rollback"
+        super().rollback()
+
+    def close(self) -> None:
+        if self.undone is None and self.in_transaction():
+            self.undone = "close"
+        super().close()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -246,24 +264,22 @@ class Consumer:
         outage = Retrying(self.config.db_backoff, self._rng)
         while True:
             try:
-                with Session(self._engine) as session, session.begin():
-                    if not self._inbox.claim(session, self.config.name, key):
-                        self.stats.duplicates += 1
-                        logger.debug(
-                            "duplicate skipped",
-                            extra={
-                                "event": "consumer.duplicate",
-                                "key": key,
-                                **message_fields(message),
-                            },
-                        )
-                        return "duplicate"
-                    self.handler(session, message)
+                if not self._run_handler(message, key):
+                    self.stats.duplicates += 1
+                    logger.debug(
+                        "duplicate skipped",
+                        extra={
+                            "event": "consumer.duplicate",
+                            "key": key,
+                            **message_fields(message),
+                        },
+                    )
+                    return "duplicate"
                 self.stats.processed += 1
                 return "processed"
             except PoisonMessage as exc:
                 return self._dead_letter(
-                    message, key, f"PoisonMessage: {exc}", attempts.failures + 1
+                    message, key, f"PoisonMessage: {exc}", attempts.failures + 1, exc
                 )
             except (DatabaseUnavailableError, sqlalchemy.exc.OperationalError) as exc:
                 # The database, not the message: wait for it, counting no attempt.
@@ -273,11 +289,30 @@ class Consumer:
                 self.stats.failed_attempts += 1
                 reason = f"{type(exc).__name__}: {first_line(exc)}"
                 if attempts.failures + 1 >= self.config.max_attempts:
-                    return self._dead_letter(message, key, reason, attempts.failures + 1)
+                    return self._dead_letter(message, key, reason, attempts.failures + 1, exc)
                 delay = attempts.failed()
-                self._observe.attempt_failed(message, key, attempts.failures, reason, delay)
+                self._observe.attempt_failed(message, key, attempts.failures, reason, delay, exc)
                 if self._stop.wait(delay):
                     return None
+
+    def _run_handler(self, message: IncomingMessage, key: str) -> bool:
+        """Claim ``key`` and run the handler in one transaction that this runner owns; False
+        if the key was claimed before (a duplicate). The handler's session joins that
+        transaction through a savepoint, so its own ``commit()`` only ends the savepoint:
+        nothing commits before the whole handler has run."""
+        with self._engine.connect() as conn, conn.begin():
+            if not self._inbox.claim(conn, self.config.name, key):
+                return False
+            with _HandlerSession(bind=conn, join_transaction_mode="create_savepoint") as session:
+                self.handler(session, message)
+                if session.undone is not None:
+                    raise HandlerUndidItsWork(
+                        f"the handler called session.{session.undone}(), which undid its "
+                        "writes; raise an exception to fail the message (the consumer rolls "
+                        "back and retries), or use session.begin_nested() for a partial undo"
+                    )
+                session.commit()  # flushes; the claim and the writes commit together below
+        return True
 
     def _wait_for_database(self, exc: BaseException, outage: Retrying) -> bool:
         """Back off after a database failure; False when asked to stop meanwhile."""
@@ -286,7 +321,12 @@ class Consumer:
         return not self._stop.wait(delay)
 
     def _dead_letter(
-        self, message: IncomingMessage, key: str | None, reason: str, attempts: int
+        self,
+        message: IncomingMessage,
+        key: str | None,
+        reason: str,
+        attempts: int,
+        exc: BaseException | None = None,
     ) -> Outcome | None:
         topic = self.config.dead_letter_topic or f"{message.topic}.dlq"
         headers: dict[str, str] = {}
@@ -326,12 +366,13 @@ class Consumer:
                         content_type=content_type,
                     )
                 break
-            except (DatabaseUnavailableError, sqlalchemy.exc.OperationalError) as exc:
-                if not self._wait_for_database(exc, outage):
+            except (DatabaseUnavailableError, sqlalchemy.exc.OperationalError) as db_exc:
+                if not self._wait_for_database(db_exc, outage):
                     return None
         self.stats.dead_lettered += 1
         logger.error(
             "message dead-lettered",
+            exc_info=exc,
             extra={
                 "event": "consumer.dead_lettered",
                 "key": key,

@@ -69,6 +69,11 @@ class PoisonMessage(OutboxError):
     once, without retries."""
 
 
+class HandlerUndidItsWork(OutboxError):
+    """The handler rolled back or closed its session, undoing its writes: the message is not
+    done. Counted as a failed attempt; raise an exception instead."""
+
+
 class CommandInProgress(OutboxError):
     """A request with this idempotency key is being processed now; retry later (HTTP 409)."""
 

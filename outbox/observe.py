@@ -92,10 +92,16 @@ class ConsumerObserver:
         dead-lettered; its offset may be committed. ``seconds`` includes retries."""
 
     def attempt_failed(
-        self, message: IncomingMessage, key: str, attempts: int, error: str, retry_in: float
+        self,
+        message: IncomingMessage,
+        key: str,
+        attempts: int,
+        error: str,
+        retry_in: float,
+        exception: BaseException | None = None,
     ) -> None:
-        """The handler raised at the message with idempotency key ``key``; it is tried again
-        in ``retry_in`` seconds."""
+        """The handler raised ``exception`` (``error``: its one-line form) at the message with
+        idempotency key ``key``; it is tried again in ``retry_in`` seconds."""
 
     def database_unavailable(self, error: str, retry_in: float) -> None:
         """The database could not be reached; no attempt is counted."""
@@ -211,10 +217,17 @@ class LogConsumer(ConsumerObserver):
         _consumer_log.info("consumer joined its group", extra={"event": "consumer.joined"})
 
     def attempt_failed(
-        self, message: IncomingMessage, key: str, attempts: int, error: str, retry_in: float
+        self,
+        message: IncomingMessage,
+        key: str,
+        attempts: int,
+        error: str,
+        retry_in: float,
+        exception: BaseException | None = None,
     ) -> None:
         _consumer_log.warning(
             "handler failed, retrying",
+            exc_info=exception,
             extra={
                 "event": "consumer.retry",
                 "key": key,
