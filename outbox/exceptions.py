@@ -101,19 +101,38 @@ def _is_undefined_table(exc: BaseException) -> bool:
 
 @contextlib.contextmanager
 def translate_db_errors(what: str = "database operation") -> Iterator[None]:
-    """Translate SQLAlchemy and psycopg errors into :class:`OutboxError` subclasses."""
+    """Translate SQLAlchemy and psycopg errors into :class:`OutboxError` subclasses.
+
+    A connection that cannot be made or was lost (SQLAlchemy's ``OperationalError`` or
+    ``connection_invalidated``, psycopg's ``OperationalError`` without a SQLSTATE or with one
+    of class 08 or 57P) is a :class:`DatabaseUnavailableError`; an invalid URL a
+    :class:`ConfigurationError` whose message does not quote the URL (it may hold a password).
+    """
+
+    def unavailable(exc: BaseException) -> DatabaseUnavailableError:
+        return DatabaseUnavailableError(
+            f"cannot reach the database ({first_line(exc)}); check the URL and that the "
+            "server is up"
+        )
+
     try:
         yield
     except OutboxError:
         raise
     except sqlalchemy.exc.ArgumentError as exc:
-        raise ConfigurationError(f"invalid database URL: {exc}") from exc
+        raise ConfigurationError(
+            "invalid database URL: expected postgresql+psycopg://USER@HOST:PORT/DBNAME"
+        ) from exc
     except sqlalchemy.exc.DBAPIError as exc:
         orig = exc.orig
         if orig is not None and _is_undefined_table(orig):
             raise MissingTablesError() from exc
-        if isinstance(exc, sqlalchemy.exc.OperationalError) and exc.connection_invalidated:
-            raise DatabaseUnavailableError() from exc
+        if exc.connection_invalidated or (
+            isinstance(exc, sqlalchemy.exc.OperationalError)
+            and isinstance(orig, psycopg.OperationalError)
+            and _is_connection_lost(orig)
+        ):
+            raise unavailable(orig or exc) from exc
         if _sqlstate(orig).startswith("40"):
             raise TransactionConflict(f"{what}: {first_line(orig or exc)}; retry it") from exc
         raise DatabaseError(f"{what} failed: {first_line(orig or exc)}") from exc
@@ -123,10 +142,7 @@ def translate_db_errors(what: str = "database operation") -> Iterator[None]:
         if _sqlstate(exc).startswith("40"):
             raise TransactionConflict(f"{what}: {first_line(exc)}; retry it") from exc
         if isinstance(exc, psycopg.OperationalError) and _is_connection_lost(exc):
-            raise DatabaseUnavailableError(
-                f"cannot reach the database ({first_line(exc)}); check the URL and that the "
-                "server is up"
-            ) from exc
+            raise unavailable(exc) from exc
         raise DatabaseError(f"{what} failed: {first_line(exc)}") from exc
 
 

@@ -37,7 +37,9 @@ class Message:
     ``payload``: ``dict``/``list`` (and other JSON values), a dataclass or pydantic model (sent as
     JSON), ``str`` (UTF-8 text), ``bytes`` (as is), or ``None`` (a tombstone for compacted
     topics). ``key``: ``str`` or ``bytes``; messages with the same key keep their order.
-    ``message_id`` defaults to a new time-ordered UUID (version 7).
+    ``headers``: ``str`` names to ``str`` values, without NUL characters or lone surrogates
+    (the table stores them as ``jsonb``). ``message_id`` defaults to a new time-ordered UUID
+    (version 7).
     """
 
     topic: str
@@ -88,6 +90,27 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"{type(obj).__name__} is not JSON serializable")
 
 
+def _utf8(text: str, what: str) -> bytes:
+    """``text`` as UTF-8; a lone surrogate (which UTF-8 cannot encode) is a PayloadError."""
+    try:
+        return text.encode()
+    except UnicodeEncodeError as exc:
+        raise PayloadError(
+            f"{what} cannot be encoded as UTF-8: a lone surrogate at position {exc.start}"
+        ) from None
+
+
+def _check_text(text: str, what: str) -> str:
+    """Header names and values are stored in a ``jsonb`` column, which holds neither a NUL
+    character nor a lone surrogate: refuse them here, before any SQL, rather than let the
+    INSERT fail and abort the caller's transaction."""
+    nul = text.find("\x00")
+    if nul >= 0:
+        raise PayloadError(f"{what} contains a NUL character (at position {nul})")
+    _utf8(text, what)
+    return text
+
+
 def encode_payload(payload: Any) -> tuple[bytes | None, str | None]:
     """Return the payload's bytes and its default content type."""
     if payload is None:
@@ -95,13 +118,14 @@ def encode_payload(payload: Any) -> tuple[bytes | None, str | None]:
     if isinstance(payload, (bytes, bytearray, memoryview)):
         return bytes(payload), OCTET_STREAM
     if isinstance(payload, str):
-        return payload.encode(), TEXT
+        return _utf8(payload, "payload"), TEXT
     dump_json = getattr(payload, "model_dump_json", None)
     if callable(dump_json) and not isinstance(payload, type):
         try:
-            return str(dump_json()).encode(), JSON
+            text = str(dump_json())
         except (TypeError, ValueError) as exc:  # pydantic's serialization errors are ValueErrors
             raise PayloadError(f"payload cannot be encoded as JSON ({exc})") from exc
+        return _utf8(text, "payload"), JSON
     try:
         text = json.dumps(
             payload,
@@ -114,7 +138,7 @@ def encode_payload(payload: Any) -> tuple[bytes | None, str | None]:
         raise PayloadError(
             f"payload cannot be encoded as JSON ({exc}); pass bytes, str, or JSON-compatible data"
         ) from exc
-    return text.encode(), JSON
+    return _utf8(text, "payload"), JSON
 
 
 def encode(message: Message) -> EncodedMessage:
@@ -128,7 +152,7 @@ def encode(message: Message) -> EncodedMessage:
         )
     key = message.key
     if isinstance(key, str):
-        key = key.encode()
+        key = _utf8(key, "key")
     elif isinstance(key, (bytearray, memoryview)):
         key = bytes(key)
     elif key is not None and not isinstance(key, bytes):
@@ -142,11 +166,18 @@ def encode(message: Message) -> EncodedMessage:
     for name, value in (message.headers or {}).items():
         if not isinstance(name, str) or not name:
             raise PayloadError(f"invalid header name {name!r}: use a non-empty str")
+        _check_text(name, f"header name {name!r}")
         if name.lower() in _RESERVED_HEADERS:
             raise PayloadError(f"header {name!r} is set by the outbox; pass message_id= instead")
         if not isinstance(value, str):
             raise PayloadError(f"header {name!r} must be a str, not {type(value).__name__}")
-        headers[name] = value
+        headers[name] = _check_text(value, f"the value of header {name!r}")
+    if message.content_type is not None:
+        if not isinstance(message.content_type, str):
+            raise PayloadError(
+                f"content_type must be a str, not {type(message.content_type).__name__}"
+            )
+        _check_text(message.content_type, "content_type")
     ctype = message.content_type or content_type
     if message.content_type is None and any(n.lower() == HEADER_CONTENT_TYPE for n in headers):
         ctype = None  # the caller's own content-type header wins over the default
