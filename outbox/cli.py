@@ -10,17 +10,18 @@ import datetime
 import functools
 import logging
 import math
+import re
 import signal
 import sys
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import click
 import sqlalchemy as sa
 
 from outbox import logs, migrate
 from outbox.admin import counts
-from outbox.config import RelayConfig, parse_db_url
+from outbox.config import RelayConfig, parse_db_url, read_db_url, read_kafka_properties
 from outbox.consumer import Consumer, ConsumerConfig, load_handler, message_id_key
 from outbox.exceptions import (
     ConfigurationError,
@@ -56,14 +57,50 @@ def _errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def _rewrite_arguments(fn: F, rewrite: Callable[[dict[str, Any]], None]) -> F:
+    """``fn`` called with its keyword arguments changed by ``rewrite`` first, before anything
+    else runs; a :class:`ConfigurationError` from ``rewrite`` is printed (exit 2). The click
+    options already declared on ``fn`` move to the wrapper."""
+    params = fn.__dict__.pop("__click_params__", None)
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            rewrite(kwargs)
+        except ConfigurationError as exc:
+            _fail(exc)
+        return fn(*args, **kwargs)
+
+    if params is not None:
+        wrapper.__dict__["__click_params__"] = params
+    return cast(F, wrapper)
+
+
+def _read_db_url(kwargs: dict[str, Any]) -> None:
+    kwargs["db_url"] = read_db_url(kwargs["db_url"], kwargs.pop("db_url_file"))
+
+
 def _db_options(fn: F) -> F:
+    """``--db-url`` or ``--db-url-file`` (exactly one), ``--table``, ``--schema``. The command
+    gets ``db_url``: the URL (read from the file when given), checked before anything runs."""
+    fn = _rewrite_arguments(fn, _read_db_url)
     for option in reversed(
         [
             click.option(
                 "--db-url",
                 envvar="OUTBOX_DB_URL",
-                required=True,
-                help="postgresql+psycopg://USER:PASSWORD@HOST:PORT/DBNAME [OUTBOX_DB_URL]",
+                default=None,
+                help="postgresql+psycopg://USER@HOST:PORT/DBNAME; leave the password out "
+                "(libpq reads PGPASSWORD, ~/.pgpass, PGPASSFILE) or use --db-url-file "
+                "[OUTBOX_DB_URL]",
+            ),
+            click.option(
+                "--db-url-file",
+                envvar="OUTBOX_DB_URL_FILE",
+                default=None,
+                metavar="FILE",
+                help="Read the database URL from FILE (e.g. a mounted secret) instead of "
+                "--db-url [OUTBOX_DB_URL_FILE]",
             ),
             click.option(
                 "--table",
@@ -84,17 +121,50 @@ def _db_options(fn: F) -> F:
     return fn
 
 
+# A NAME=VALUE whose value goes on with a space and another dotted NAME=: several settings in
+# one -X, as earlier versions took them (split at spaces). Refused rather than sent to
+# librdkafka as one value (which it could echo in an error message, secrets included).
+_SETTINGS_IN_ONE = re.compile(r"\s[A-Za-z][A-Za-z0-9_-]*(\.[A-Za-z0-9_-]+)+=")
+_SETTING_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+class _KafkaSetting(click.types.StringParamType):
+    """One ``NAME=VALUE`` (the value may hold spaces and ``=``). From the environment variable:
+    one per line. Error messages name the setting, never its value."""
+
+    name = "NAME=VALUE"
+
+    def split_envvar_value(self, rv: str) -> list[str]:
+        return [line for line in (rv or "").splitlines() if line.strip()]
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        text = super().convert(value, param, ctx)
+        name, sep, rest = text.partition("=")
+        name = name.strip()
+        if not sep or not name:
+            self.fail("expected NAME=VALUE, e.g. -X security.protocol=SASL_SSL", param, ctx)
+        shown = name if _SETTING_NAME.fullmatch(name) else "a setting"
+        if _SETTINGS_IN_ONE.search(rest):
+            self.fail(
+                f"the value of {shown} looks like several settings: pass one NAME=VALUE per "
+                "-X (one per line in OUTBOX_KAFKA_SETTINGS), or use --kafka-config FILE",
+                param,
+                ctx,
+            )
+        return text
+
+
 def _parse_settings(values: tuple[str, ...]) -> dict[str, str]:
+    """``NAME=VALUE`` items (each one setting, split at the first ``=``) as a dict; a later
+    item overrides an earlier one."""
     settings: dict[str, str] = {}
     for item in values:
-        for part in item.split():
-            name, sep, value = part.partition("=")
-            if not sep or not name:
-                raise click.BadParameter(
-                    f"{part!r}: expected NAME=VALUE, e.g. -X security.protocol=SASL_SSL",
-                    param_hint="'-X'",
-                )
-            settings[name] = value
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise click.BadParameter(
+                "expected NAME=VALUE, e.g. -X security.protocol=SASL_SSL", param_hint="'-X'"
+            )
+        settings[name.strip()] = value
     return settings
 
 
@@ -174,23 +244,47 @@ def _options(*options: Callable[[F], F]) -> Callable[[F], F]:
     return apply
 
 
-# Declared once for the relay and the consumer, so that the same option means the same there.
-_kafka_options = _options(
-    click.option(
-        "--bootstrap-servers",
-        envvar="OUTBOX_BOOTSTRAP_SERVERS",
-        required=True,
-        help="Kafka bootstrap servers, host:port[,host:port] [OUTBOX_BOOTSTRAP_SERVERS]",
-    ),
-    click.option(
-        "-X",
-        "kafka_settings",
-        multiple=True,
-        envvar="OUTBOX_KAFKA_SETTINGS",
-        metavar="NAME=VALUE",
-        help="Any librdkafka setting, repeatable [OUTBOX_KAFKA_SETTINGS, space-separated]",
-    ),
-)
+def _read_kafka_config(kwargs: dict[str, Any]) -> None:
+    path = kwargs.pop("kafka_config")
+    from_file = read_kafka_properties(path) if path else {}
+    kwargs["kafka_settings"] = (
+        *(f"{name}={value}" for name, value in from_file.items()),
+        *kwargs["kafka_settings"],
+    )
+
+
+def _kafka_options(fn: F) -> F:
+    """``--bootstrap-servers``, ``--kafka-config FILE`` and ``-X NAME=VALUE``, declared once
+    for the relay and the consumer, so that the same option means the same there. The command
+    gets ``kafka_settings``: the file's settings, then the ``-X`` ones (which override them)."""
+    return _options(
+        click.option(
+            "--bootstrap-servers",
+            envvar="OUTBOX_BOOTSTRAP_SERVERS",
+            required=True,
+            help="Kafka bootstrap servers, host:port[,host:port] [OUTBOX_BOOTSTRAP_SERVERS]",
+        ),
+        click.option(
+            "--kafka-config",
+            envvar="OUTBOX_KAFKA_CONFIG",
+            default=None,
+            metavar="FILE",
+            help="librdkafka settings from a properties file: name=value lines, # comments; "
+            "-X overrides them. Keeps secrets (sasl.password) off the command line "
+            "[OUTBOX_KAFKA_CONFIG]",
+        ),
+        click.option(
+            "-X",
+            "kafka_settings",
+            multiple=True,
+            type=_KafkaSetting(),
+            envvar="OUTBOX_KAFKA_SETTINGS",
+            metavar="NAME=VALUE",
+            help="Any librdkafka setting, one per -X (the value may hold spaces), repeatable "
+            "[OUTBOX_KAFKA_SETTINGS, one NAME=VALUE per line]",
+        ),
+    )(_rewrite_arguments(fn, _read_kafka_config))
+
 
 _log_options = _options(
     click.option(

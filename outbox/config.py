@@ -1,13 +1,18 @@
-"""Relay configuration: a dataclass validated at construction. No globals, no env reading here
-(the CLI maps ``OUTBOX_*`` variables onto it)."""
+"""Relay configuration: a dataclass validated at construction; the database URL's checks; the
+readers of the files that keep secrets off the command line (``--db-url-file``,
+``--kafka-config``). No globals, no env reading here (the CLI maps ``OUTBOX_*`` variables onto
+it)."""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import re
 from collections.abc import Mapping
 from typing import Any
 
 import psycopg.conninfo
+import psycopg.pq
 import sqlalchemy as sa
 import sqlalchemy.exc
 
@@ -16,26 +21,148 @@ from outbox.exceptions import ConfigurationError
 from outbox.schema import DEFAULT_TABLE, validate_identifier
 
 _DRIVERS = ("postgresql", "postgresql+psycopg")
+_EXPECTED = "expected postgresql+psycopg://USER@HOST:PORT/DBNAME"
+_ENCODE = "percent-encode '@', ':' and '/' in the user name or password (%40, %3A, %2F)"
+# The scheme and what follows "://" up to the first "/", "?" or "#": the user name, password,
+# host and port, when the password holds none of those characters.
+_HEAD = re.compile(r"([A-Za-z][A-Za-z0-9+._-]*)://([^/?#]*)")
+# A host name, an IPv4 address, or an IPv6 address (SQLAlchemy strips its brackets).
+_HOST = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*\.?|[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*(%[\w.-]+)?")
+
+
+def _bad_url(problem: str) -> ConfigurationError:
+    return ConfigurationError(f"invalid database URL: {problem}")
+
+
+def _check_port(text: str) -> None:
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise _bad_url(f"the port must be a number from 1 to 65535; {_EXPECTED}")
 
 
 def parse_db_url(url: str) -> sa.URL:
-    """Parse a SQLAlchemy URL for PostgreSQL with psycopg 3; raise a one-line error otherwise."""
-    if not url:
-        raise ConfigurationError("no database URL: pass --db-url (or OUTBOX_DB_URL)")
+    """Parse and check a SQLAlchemy URL for PostgreSQL with psycopg 3: scheme, host, port
+    (a number from 1 to 65535), database name and query parameters (libpq's keywords).
+
+    Raises :class:`ConfigurationError` with a one-line message that never repeats any part of
+    the URL but its scheme: a mistyped URL may hold a password in the wrong place (an
+    unencoded ``@`` in it makes SQLAlchemy read the rest of the password as the host).
+    """
+    if not isinstance(url, str) or not url.strip():
+        raise ConfigurationError(
+            "no database URL: pass --db-url or --db-url-file (or OUTBOX_DB_URL, OUTBOX_DB_URL_FILE)"
+        )
+    url = url.strip()
+    head = _HEAD.match(url)
+    if head is None:
+        raise _bad_url(_EXPECTED)
+    if head.group(1) not in _DRIVERS:
+        raise ConfigurationError(
+            f"unsupported database URL scheme {head.group(1)!r}: "
+            "use postgresql+psycopg://USER@HOST:PORT/DBNAME"
+        )
+    # Raised outside the except clauses: the original error (which may quote the URL) is
+    # neither chained nor kept as the context.
+    parsed: sa.URL | None = None
     try:
         parsed = sa.make_url(url)
-    except sqlalchemy.exc.ArgumentError as exc:
-        raise ConfigurationError(
-            "invalid database URL: expected postgresql+psycopg://USER@HOST:PORT/DBNAME"
-        ) from exc
+    except ValueError:  # int() of the port: "HOST:PORT" where an '@' went on, or a typo
+        if head.group(2).count("@") > 1:
+            problem = f"more than one '@' before the host; {_ENCODE}"
+        else:
+            problem = f"the port must be a number from 1 to 65535; {_EXPECTED}"
+    except sqlalchemy.exc.ArgumentError:
+        problem = _EXPECTED
+    if parsed is None:
+        raise _bad_url(problem)
     if parsed.drivername not in _DRIVERS:
-        raise ConfigurationError(
-            f"unsupported database URL scheme {parsed.drivername!r}: "
-            "use postgresql+psycopg://USER@HOST:PORT/DBNAME"
+        raise _bad_url(_EXPECTED)
+    # SQLAlchemy ends the password at its first '@' (a user name may hold '@': "u@x:pw@host"
+    # parses as intended), so the rest of a password with an unencoded '@' lands in the host,
+    # or, after a '/', in the database name.
+    raw_database = f"/{parsed.database}" in url.split("?", 1)[0]
+    if "@" in (parsed.host or "") or (raw_database and "@" in (parsed.database or "")):
+        raise _bad_url(f"more than one '@' before the host; {_ENCODE}")
+    if parsed.host:
+        if not _HOST.fullmatch(parsed.host):
+            raise _bad_url(f"the host is not a host name or an IP address; {_ENCODE}")
+    elif not {"host", "hostaddr", "service"} & set(parsed.query):
+        raise _bad_url(
+            "no host: use postgresql+psycopg://USER@HOST:PORT/DBNAME (for a Unix-domain "
+            "socket: postgresql+psycopg://USER@/DBNAME?host=/var/run/postgresql)"
+        )
+    if parsed.port is not None:
+        _check_port(str(parsed.port))
+    for name, value in parsed.query.items():
+        for item in (value,) if isinstance(value, str) else value:
+            if name == "port":
+                for port in item.split(","):
+                    _check_port(port.strip())
+            elif name == "host" and not item.startswith("/") and item.count(":") == 1:
+                _check_port(item.partition(":")[2])  # ?host=HOST:PORT&host=HOST:PORT
+    unknown = sorted(set(parsed.query) - _libpq_keywords())
+    if unknown:
+        raise _bad_url(
+            f"unknown connection parameter {unknown[0]!r} in the query string (libpq's "
+            "parameters are accepted: sslmode, connect_timeout, application_name, ...)"
         )
     if not parsed.database:
         raise ConfigurationError("the database URL names no database: add /DBNAME")
     return parsed.set(drivername="postgresql+psycopg")
+
+
+@functools.cache
+def _libpq_keywords() -> frozenset[str]:
+    return frozenset(
+        opt.keyword.decode() for opt in psycopg.pq.Conninfo.get_defaults() if opt.keyword
+    )
+
+
+def read_db_url(db_url: str | None, db_url_file: str | None) -> str:
+    """The database URL given by exactly one of ``--db-url`` and ``--db-url-file`` (a file
+    holding the URL, e.g. a mounted secret), checked by :func:`parse_db_url`."""
+    if db_url and db_url_file:
+        raise ConfigurationError(
+            "pass either --db-url or --db-url-file, not both (check OUTBOX_DB_URL and "
+            "OUTBOX_DB_URL_FILE)"
+        )
+    if db_url_file:
+        db_url = _read_text(db_url_file, "--db-url-file").strip()
+        if not db_url:
+            raise ConfigurationError(f"--db-url-file {db_url_file} is empty")
+        if "\n" in db_url:
+            raise ConfigurationError(
+                f"--db-url-file {db_url_file} must hold the URL alone, on one line"
+            )
+    parse_db_url(db_url or "")
+    return (db_url or "").strip()
+
+
+def read_kafka_properties(path: str) -> dict[str, str]:
+    """librdkafka settings from a properties file (``--kafka-config``), as Java clients and
+    ``kcat -F`` read them: one ``name=value`` per line, split at the first ``=``, blanks
+    around the name and the value ignored; blank lines and lines starting with ``#`` or ``!``
+    are skipped. Lines are taken as they are: no escapes, no continuation lines. A later line
+    overrides an earlier one. Error messages give line numbers, never a line's text."""
+    settings: dict[str, str] = {}
+    for number, line in enumerate(_read_text(path, "--kafka-config").splitlines(), 1):
+        text = line.strip()
+        if not text or text.startswith(("#", "!")):
+            continue
+        name, sep, value = text.partition("=")
+        if not sep or not name.strip():
+            raise ConfigurationError(f"--kafka-config {path}, line {number}: expected name=value")
+        settings[name.strip()] = value.strip()
+    return settings
+
+
+def _read_text(path: str, option: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except UnicodeDecodeError:
+        raise ConfigurationError(f"{option} {path} is not UTF-8 text") from None
+    except OSError as exc:
+        raise ConfigurationError(f"cannot read {option} {path}: {exc.strerror or exc}") from None
 
 
 @dataclasses.dataclass(frozen=True)
