@@ -17,7 +17,9 @@ import datetime
 import importlib
 import json
 import logging
+import os
 import random
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -65,11 +67,21 @@ def json_value(message: IncomingMessage) -> Any:
         raise PoisonMessage(f"value is not JSON: {exc}") from exc
 
 
-def load_handler(path: str) -> Handler:
-    """Import ``package.module:function``; :class:`ConfigurationError` with what is wrong."""
+def load_handler(path: str, app_dir: str | None = None) -> Handler:
+    """Import ``package.module:function``; :class:`ConfigurationError` with what is wrong.
+
+    Modules are looked up in ``app_dir`` (default: the working directory) first, as
+    ``python -m``, uvicorn and celery do: ``outbox consume --handler payments:capture`` run
+    from the folder of ``payments.py`` finds it.
+    """
     module_name, sep, attr = path.partition(":")
     if not sep or not module_name or not attr:
         raise ConfigurationError(f"invalid handler {path!r}: expected package.module:function")
+    folder = os.path.abspath(app_dir if app_dir is not None else os.getcwd())
+    if app_dir is not None and not os.path.isdir(folder):
+        raise ConfigurationError(f"--app-dir {app_dir!r} is not a directory")
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:

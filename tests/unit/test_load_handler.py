@@ -5,6 +5,9 @@ tests/integration/test_consumer.py."""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 
 from outbox import ConfigurationError
@@ -49,3 +52,26 @@ def test_invalid_forms(path: str, expected: str) -> None:
     message = str(info.value)
     assert expected in message
     assert "\n" not in message
+
+
+def test_the_working_directory_is_searched_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `outbox consume --handler payments:capture` run from the folder of payments.py
+    # (the how-to's own example) used to fail with "No module named 'payments'".
+    folder = tmp_path / "app"
+    folder.mkdir()
+    (folder / "cwd_payments.py").write_text("def capture(session, message):\n    return 42\n")
+    monkeypatch.chdir(folder)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".", str(folder))])
+    assert load_handler("cwd_payments:capture")(None, None) == 42  # type: ignore[arg-type]
+
+
+def test_app_dir_names_the_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    folder = tmp_path / "elsewhere"
+    folder.mkdir()
+    (folder / "appdir_handlers.py").write_text("def handle(session, message):\n    return 7\n")
+    assert load_handler("appdir_handlers:handle", app_dir=str(folder))(None, None) == 7  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match="is not a directory"):
+        load_handler("appdir_handlers:handle", app_dir=str(folder / "missing"))
