@@ -1,30 +1,38 @@
-"""Command line: ``outbox`` (db, status, relay) and ``outbox-relay``.
+"""Command line: ``outbox`` (db, status, relay, consume, inbox) and ``outbox-relay``.
 
 A thin layer: parse options (each also read from an ``OUTBOX_*`` variable), build the config,
-call public functions. Exit status: 0 done, 1 failed, 2 usage or configuration error.
+call public functions (the shared options are in ``outbox.cli_options``). Exit status:
+0 done, 1 failed, 2 usage or configuration error.
 """
 
 from __future__ import annotations
 
 import datetime
-import functools
 import logging
 import math
-import re
 import signal
-import sys
-from collections.abc import Callable
-from typing import Any, TypeVar, cast
+from typing import Any
 
 import click
 import sqlalchemy as sa
 
 from outbox import logs, migrate
 from outbox.admin import counts
-from outbox.config import RelayConfig, parse_db_url, read_db_url, read_kafka_properties
+from outbox.cli_options import (
+    backoff_options,
+    db_options,
+    errors,
+    fail,
+    first_client,
+    inbox_option,
+    kafka_options,
+    log_options,
+    options,
+    parse_settings,
+)
+from outbox.config import RelayConfig, parse_db_url
 from outbox.consumer import Consumer, ConsumerConfig, load_handler, message_id_key
 from outbox.exceptions import (
-    ConfigurationError,
     OutboxError,
     TransportUnavailable,
     translate_db_errors,
@@ -32,140 +40,10 @@ from outbox.exceptions import (
 from outbox.inbox import Inbox
 from outbox.outbox import Outbox
 from outbox.relay import Relay
-from outbox.schema import DEFAULT_INBOX_TABLE, DEFAULT_TABLE
+from outbox.schema import DEFAULT_TABLE
 from outbox.transport.kafka import KafkaSource, KafkaTransport, topic_retention
 
 logger = logging.getLogger(__name__)
-
-F = TypeVar("F", bound=Callable[..., Any])
-T = TypeVar("T")
-
-
-def _fail(exc: OutboxError) -> None:
-    click.echo(f"error: {exc}", err=True)
-    sys.exit(2 if isinstance(exc, ConfigurationError) else 1)
-
-
-def _errors(fn: F) -> F:
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except OutboxError as exc:
-            _fail(exc)
-
-    return wrapper  # type: ignore[return-value]
-
-
-def _rewrite_arguments(fn: F, rewrite: Callable[[dict[str, Any]], None]) -> F:
-    """``fn`` called with its keyword arguments changed by ``rewrite`` first, before anything
-    else runs; a :class:`ConfigurationError` from ``rewrite`` is printed (exit 2). The click
-    options already declared on ``fn`` move to the wrapper."""
-    params = fn.__dict__.pop("__click_params__", None)
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            rewrite(kwargs)
-        except ConfigurationError as exc:
-            _fail(exc)
-        return fn(*args, **kwargs)
-
-    if params is not None:
-        wrapper.__dict__["__click_params__"] = params
-    return cast(F, wrapper)
-
-
-def _read_db_url(kwargs: dict[str, Any]) -> None:
-    kwargs["db_url"] = read_db_url(kwargs["db_url"], kwargs.pop("db_url_file"))
-
-
-def _db_options(fn: F) -> F:
-    """``--db-url`` or ``--db-url-file`` (exactly one), ``--table``, ``--schema``. The command
-    gets ``db_url``: the URL (read from the file when given), checked before anything runs."""
-    fn = _rewrite_arguments(fn, _read_db_url)
-    for option in reversed(
-        [
-            click.option(
-                "--db-url",
-                envvar="OUTBOX_DB_URL",
-                default=None,
-                help="postgresql+psycopg://USER@HOST:PORT/DBNAME; leave the password out "
-                "(libpq reads PGPASSWORD, ~/.pgpass, PGPASSFILE) or use --db-url-file "
-                "[OUTBOX_DB_URL]",
-            ),
-            click.option(
-                "--db-url-file",
-                envvar="OUTBOX_DB_URL_FILE",
-                default=None,
-                metavar="FILE",
-                help="Read the database URL from FILE (e.g. a mounted secret) instead of "
-                "--db-url [OUTBOX_DB_URL_FILE]",
-            ),
-            click.option(
-                "--table",
-                envvar="OUTBOX_TABLE",
-                default=DEFAULT_TABLE,
-                show_default=True,
-                help="Outbox table name [OUTBOX_TABLE]",
-            ),
-            click.option(
-                "--schema",
-                envvar="OUTBOX_SCHEMA",
-                default=None,
-                help="Schema of the outbox table (default: search_path) [OUTBOX_SCHEMA]",
-            ),
-        ]
-    ):
-        fn = option(fn)
-    return fn
-
-
-# A NAME=VALUE whose value goes on with a space and another dotted NAME=: several settings in
-# one -X, as earlier versions took them (split at spaces). Refused rather than sent to
-# librdkafka as one value (which it could echo in an error message, secrets included).
-_SETTINGS_IN_ONE = re.compile(r"\s[A-Za-z][A-Za-z0-9_-]*(\.[A-Za-z0-9_-]+)+=")
-_SETTING_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-
-
-class _KafkaSetting(click.types.StringParamType):
-    """One ``NAME=VALUE`` (the value may hold spaces and ``=``). From the environment variable:
-    one per line. Error messages name the setting, never its value."""
-
-    name = "NAME=VALUE"
-
-    def split_envvar_value(self, rv: str) -> list[str]:
-        return [line for line in (rv or "").splitlines() if line.strip()]
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
-        text = super().convert(value, param, ctx)
-        name, sep, rest = text.partition("=")
-        name = name.strip()
-        if not sep or not name:
-            self.fail("expected NAME=VALUE, e.g. -X security.protocol=SASL_SSL", param, ctx)
-        shown = name if _SETTING_NAME.fullmatch(name) else "a setting"
-        if _SETTINGS_IN_ONE.search(rest):
-            self.fail(
-                f"the value of {shown} looks like several settings: pass one NAME=VALUE per "
-                "-X (one per line in OUTBOX_KAFKA_SETTINGS), or use --kafka-config FILE",
-                param,
-                ctx,
-            )
-        return text
-
-
-def _parse_settings(values: tuple[str, ...]) -> dict[str, str]:
-    """``NAME=VALUE`` items (each one setting, split at the first ``=``) as a dict; a later
-    item overrides an earlier one."""
-    settings: dict[str, str] = {}
-    for item in values:
-        name, sep, value = item.partition("=")
-        if not sep or not name.strip():
-            raise click.BadParameter(
-                "expected NAME=VALUE, e.g. -X security.protocol=SASL_SSL", param_hint="'-X'"
-            )
-        settings[name.strip()] = value
-    return settings
 
 
 @click.group()
@@ -179,20 +57,11 @@ def db() -> None:
     """Install and inspect the outbox tables."""
 
 
-_inbox_option = click.option(
-    "--inbox-table",
-    envvar="OUTBOX_INBOX_TABLE",
-    default=DEFAULT_INBOX_TABLE,
-    show_default=True,
-    help="Inbox table name [OUTBOX_INBOX_TABLE]",
-)
-
-
 @db.command()
-@_db_options
-@_inbox_option
+@db_options
+@inbox_option
 @click.option("--revision", default="head", show_default=True)
-@_errors
+@errors
 def upgrade(db_url: str, table: str, schema: str | None, inbox_table: str, revision: str) -> None:
     """Create or update the tables (safe to run again)."""
     migrate.upgrade(db_url, table=table, schema=schema, revision=revision, inbox_table=inbox_table)
@@ -200,10 +69,10 @@ def upgrade(db_url: str, table: str, schema: str | None, inbox_table: str, revis
 
 
 @db.command()
-@_db_options
-@_inbox_option
+@db_options
+@inbox_option
 @click.option("--revision", required=True, help="Target revision; 'base' drops the tables.")
-@_errors
+@errors
 def downgrade(db_url: str, table: str, schema: str | None, inbox_table: str, revision: str) -> None:
     """Revert the tables to a revision ('base' removes them and their rows)."""
     migrate.downgrade(
@@ -216,9 +85,9 @@ def downgrade(db_url: str, table: str, schema: str | None, inbox_table: str, rev
 @db.command("sql")
 @click.option("--table", envvar="OUTBOX_TABLE", default=DEFAULT_TABLE, show_default=True)
 @click.option("--schema", envvar="OUTBOX_SCHEMA", default=None)
-@_inbox_option
+@inbox_option
 @click.option("--revision", default="head", show_default=True)
-@_errors
+@errors
 def sql_(table: str, schema: str | None, inbox_table: str, revision: str) -> None:
     """Print the DDL instead of running it (for other migration tools)."""
     click.echo(
@@ -233,117 +102,13 @@ def versions_dir() -> None:
     click.echo(str(migrate.versions_dir()))
 
 
-def _options(*options: Callable[[F], F]) -> Callable[[F], F]:
-    """Apply click options in the order they are listed (as --help shows them)."""
-
-    def apply(fn: F) -> F:
-        for option in reversed(options):
-            fn = option(fn)
-        return fn
-
-    return apply
-
-
-def _read_kafka_config(kwargs: dict[str, Any]) -> None:
-    path = kwargs.pop("kafka_config")
-    from_file = read_kafka_properties(path) if path else {}
-    kwargs["kafka_settings"] = (
-        *(f"{name}={value}" for name, value in from_file.items()),
-        *kwargs["kafka_settings"],
-    )
-
-
-def _kafka_options(fn: F) -> F:
-    """``--bootstrap-servers``, ``--kafka-config FILE`` and ``-X NAME=VALUE``, declared once
-    for the relay and the consumer, so that the same option means the same there. The command
-    gets ``kafka_settings``: the file's settings, then the ``-X`` ones (which override them)."""
-    return _options(
-        click.option(
-            "--bootstrap-servers",
-            envvar="OUTBOX_BOOTSTRAP_SERVERS",
-            required=True,
-            help="Kafka bootstrap servers, host:port[,host:port] [OUTBOX_BOOTSTRAP_SERVERS]",
-        ),
-        click.option(
-            "--kafka-config",
-            envvar="OUTBOX_KAFKA_CONFIG",
-            default=None,
-            metavar="FILE",
-            help="librdkafka settings from a properties file: name=value lines, # comments; "
-            "-X overrides them. Keeps secrets (sasl.password) off the command line "
-            "[OUTBOX_KAFKA_CONFIG]",
-        ),
-        click.option(
-            "-X",
-            "kafka_settings",
-            multiple=True,
-            type=_KafkaSetting(),
-            envvar="OUTBOX_KAFKA_SETTINGS",
-            metavar="NAME=VALUE",
-            help="Any librdkafka setting, one per -X (the value may hold spaces), repeatable "
-            "[OUTBOX_KAFKA_SETTINGS, one NAME=VALUE per line]",
-        ),
-    )(_rewrite_arguments(fn, _read_kafka_config))
-
-
-_log_options = _options(
-    click.option(
-        "--log-level",
-        type=click.Choice(logs.LEVELS, case_sensitive=False),
-        default="info",
-        show_default=True,
-        envvar="OUTBOX_LOG_LEVEL",
-        help="[OUTBOX_LOG_LEVEL]",
-    ),
-    click.option(
-        "--log-format",
-        type=click.Choice(["text", "json"], case_sensitive=False),
-        default="text",
-        show_default=True,
-        envvar="OUTBOX_LOG_FORMAT",
-        help="[OUTBOX_LOG_FORMAT]",
-    ),
-)
-
-
-def _backoff_options(what: str, env: str, base: float, cap: float) -> Callable[[F], F]:
-    """``--{what}-backoff`` and ``--{what}-backoff-max``, read from ``{env}`` too."""
-    return _options(
-        click.option(
-            f"--{what}-backoff",
-            f"{what.replace('-', '_')}_backoff",
-            type=click.FloatRange(min=0.001),
-            default=base,
-            show_default=True,
-            envvar=env,
-            help=f"Base of the {what} backoff (full jitter), seconds [{env}]",
-        ),
-        click.option(
-            f"--{what}-backoff-max",
-            f"{what.replace('-', '_')}_backoff_max",
-            type=click.FloatRange(min=0.001),
-            default=cap,
-            show_default=True,
-            envvar=f"{env}_MAX",
-            help=f"Cap of the {what} backoff, seconds [{env}_MAX]",
-        ),
-    )
-
-
-def _first_client(make: Callable[[], T]) -> Callable[[], T]:
-    """Build one client now, so that a bad -X setting fails before anything starts, and hand
-    it out first; later calls (after a client was discarded) make new ones."""
-    first = [make()]
-    return lambda: first.pop() if first else make()
-
-
 _RELAY = RelayConfig(db_url="postgresql://x/y")
 _CONSUMER = ConsumerConfig(db_url="postgresql://x/y", name="x")
 
 
-_relay_options = _options(
-    _db_options,
-    _kafka_options,
+_relay_options = options(
+    db_options,
+    kafka_options,
     click.option("--once", is_flag=True, help="Send what is due now, then exit."),
     click.option(
         "--batch-size",
@@ -361,13 +126,13 @@ _relay_options = _options(
         envvar="OUTBOX_MAX_ATTEMPTS",
         help="Failed sends before a message is parked [OUTBOX_MAX_ATTEMPTS]",
     ),
-    _backoff_options(
+    backoff_options(
         "retry", "OUTBOX_RETRY_BACKOFF", _RELAY.retry_backoff_base, _RELAY.retry_backoff_max
     ),
-    _backoff_options(
+    backoff_options(
         "broker", "OUTBOX_BROKER_BACKOFF", _RELAY.broker_backoff_base, _RELAY.broker_backoff_max
     ),
-    _backoff_options("db", "OUTBOX_DB_BACKOFF", _RELAY.db_backoff_base, _RELAY.db_backoff_max),
+    backoff_options("db", "OUTBOX_DB_BACKOFF", _RELAY.db_backoff_base, _RELAY.db_backoff_max),
     click.option(
         "--poll-interval",
         type=click.FloatRange(min=0.01),
@@ -400,7 +165,7 @@ _relay_options = _options(
         envvar="OUTBOX_RETAIN_SENT",
         help="Keep sent rows (status 'sent') instead of deleting them [OUTBOX_RETAIN_SENT]",
     ),
-    _log_options,
+    log_options,
 )
 
 
@@ -427,7 +192,7 @@ def _relay(
     log_format: str,
 ) -> None:
     logs.setup(log_level, log_format)
-    overrides = _parse_settings(kafka_settings)
+    overrides = parse_settings(kafka_settings)
     overrides.setdefault("message.timeout.ms", str(int(delivery_timeout * 1000)))
     try:
         config = RelayConfig(
@@ -447,7 +212,7 @@ def _relay(
             delivery_timeout=delivery_timeout,
             retain_sent=retain_sent,
         )
-        factory = _first_client(lambda: KafkaTransport(bootstrap_servers, overrides))
+        factory = first_client(lambda: KafkaTransport(bootstrap_servers, overrides))
         relay = Relay(config, factory)
         relay.check()
         if once:
@@ -464,7 +229,7 @@ def _relay(
                 )
             stats = relay.run()
     except OutboxError as exc:
-        _fail(exc)
+        fail(exc)
     click.echo(
         f"sent {stats.sent}, failed attempts {stats.failed_attempts}, parked {stats.parked}",
         err=True,
@@ -481,8 +246,8 @@ relay_main = click.command("outbox-relay", help=_relay_help)(_relay_options(_rel
 
 
 @main.command()
-@_db_options
-@_errors
+@db_options
+@errors
 def status(db_url: str, table: str, schema: str | None) -> None:
     """Count messages by status (pending, retry, dead, sent)."""
     for name, (n, oldest) in sorted(counts(db_url, table=table, schema=schema).items()):
@@ -495,8 +260,8 @@ def inbox() -> None:
 
 
 @inbox.command()
-@_db_options
-@_inbox_option
+@db_options
+@inbox_option
 @click.option(
     "--batch-size",
     type=click.IntRange(1, 100_000),
@@ -504,7 +269,7 @@ def inbox() -> None:
     show_default=True,
     help="Rows deleted per short transaction",
 )
-@_errors
+@errors
 def purge(db_url: str, table: str, schema: str | None, inbox_table: str, batch_size: int) -> None:
     """Delete expired inbox keys (processed events past their retention, expired commands)."""
     engine = sa.create_engine(parse_db_url(db_url), poolclass=sa.pool.NullPool)
@@ -518,10 +283,10 @@ def purge(db_url: str, table: str, schema: str | None, inbox_table: str, batch_s
 
 
 @main.command()
-@_options(
-    _db_options,
-    _inbox_option,
-    _kafka_options,
+@options(
+    db_options,
+    inbox_option,
+    kafka_options,
     click.option("--group", envvar="OUTBOX_GROUP", required=True, help="Kafka consumer group"),
     click.option(
         "--topic",
@@ -536,6 +301,13 @@ def purge(db_url: str, table: str, schema: str | None, inbox_table: str, batch_s
         envvar="OUTBOX_HANDLER",
         required=True,
         help="package.module:function called as handler(session, message) [OUTBOX_HANDLER]",
+    ),
+    click.option(
+        "--app-dir",
+        envvar="OUTBOX_APP_DIR",
+        default=None,
+        help="Folder to import --handler and --key-extractor from, before the installed "
+        "packages (default: the working directory) [OUTBOX_APP_DIR]",
     ),
     click.option(
         "--key-extractor",
@@ -567,15 +339,13 @@ def purge(db_url: str, table: str, schema: str | None, inbox_table: str, batch_s
         help="Handler attempts at one message before it is dead-lettered "
         "[OUTBOX_CONSUMER_MAX_ATTEMPTS]",
     ),
-    _backoff_options(
+    backoff_options(
         "retry",
         "OUTBOX_CONSUMER_RETRY_BACKOFF",
         _CONSUMER.retry_backoff_base,
         _CONSUMER.retry_backoff_max,
     ),
-    _backoff_options(
-        "db", "OUTBOX_DB_BACKOFF", _CONSUMER.db_backoff_base, _CONSUMER.db_backoff_max
-    ),
+    backoff_options("db", "OUTBOX_DB_BACKOFF", _CONSUMER.db_backoff_base, _CONSUMER.db_backoff_max),
     click.option(
         "--retention-days",
         type=click.FloatRange(min=0.001),
@@ -603,7 +373,7 @@ def purge(db_url: str, table: str, schema: str | None, inbox_table: str, batch_s
         default=None,
         help="Stop after this many seconds without a message (counted once the group is joined)",
     ),
-    _log_options,
+    log_options,
 )
 def consume(
     db_url: str,
@@ -615,6 +385,7 @@ def consume(
     group: str,
     topics: tuple[str, ...],
     handler: str,
+    app_dir: str | None,
     key_extractor: str | None,
     consumer_name: str | None,
     dead_letter_topic: str | None,
@@ -632,12 +403,12 @@ def consume(
 ) -> None:
     """Consume topics through the inbox: each message's effects happen once."""
     logs.setup(log_level, log_format)
-    overrides = _parse_settings(kafka_settings)
+    overrides = parse_settings(kafka_settings)
     topic_list = [t for item in topics for t in item.split()]
     try:
-        fn = load_handler(handler)
-        key: Any = load_handler(key_extractor) if key_extractor else message_id_key
-        source = _first_client(lambda: KafkaSource(bootstrap_servers, group, topic_list, overrides))
+        fn = load_handler(handler, app_dir)
+        key: Any = load_handler(key_extractor, app_dir) if key_extractor else message_id_key
+        source = first_client(lambda: KafkaSource(bootstrap_servers, group, topic_list, overrides))
         if redelivery_horizon_days is None:
             horizon_s = topic_retention(bootstrap_servers, topic_list, overrides)
         else:
@@ -664,7 +435,7 @@ def consume(
             signal.signal(sig, lambda *_: consumer.stop())
         stats = consumer.run(max_messages=max_messages, idle_timeout=idle_timeout)
     except OutboxError as exc:
-        _fail(exc)
+        fail(exc)
     click.echo(
         f"processed {stats.processed}, duplicates {stats.duplicates}, "
         f"dead-lettered {stats.dead_lettered}",

@@ -12,7 +12,7 @@ import click
 import pytest
 from click.testing import CliRunner, Result
 
-from outbox import cli
+from outbox import cli, cli_options
 
 URL = "postgresql+psycopg://app@db:5432/app"
 SECRET = "hunter2"
@@ -27,12 +27,12 @@ def _command(seen: dict[str, Any]) -> click.Command:
     """A command declared like ``outbox consume``: it records what it was called with."""
 
     @click.command()
-    @cli._db_options
-    @cli._kafka_options
+    @cli_options.db_options
+    @cli_options.kafka_options
     @click.option("--other", default="x")
     def command(**kwargs: Any) -> None:
         seen.update(kwargs)
-        seen["settings"] = cli._parse_settings(kwargs["kafka_settings"])
+        seen["settings"] = cli_options.parse_settings(kwargs["kafka_settings"])
 
     return command
 
