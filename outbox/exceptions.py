@@ -42,7 +42,20 @@ class DatabaseUnavailableError(DatabaseError):
     """Cannot connect to the database; check the URL, that the server is up, and retry."""
 
 
-class TransactionConflict(DatabaseError):
+class TransientDatabaseError(DatabaseError):
+    """The database could not do it now (a timeout, a lock wait, a conflict, no resources);
+    the same statement may succeed later: back off and retry."""
+
+
+class DatabaseAccessError(ConfigurationError, DatabaseError):
+    """The database refused this role or database (authentication, a role or database that
+    does not exist, a missing privilege); fix the URL, the role or its grants.
+
+    A :class:`ConfigurationError`: the CLI exits with status 2, and retrying cannot help.
+    """
+
+
+class TransactionConflict(TransientDatabaseError):
     """The transaction conflicted with a concurrent one (serialization failure or deadlock);
     roll back and retry it."""
 
@@ -99,22 +112,69 @@ def _is_undefined_table(exc: BaseException) -> bool:
     return getattr(exc, "sqlstate", None) == "42P01"
 
 
+#: Sessions that must be replaced: read-only after a failover (reconnect to find the
+#: primary), and sessions the server ended for idling in a transaction.
+_RECONNECT = {"25006", "25P03"}
+#: Statements that may succeed later: statement and lock timeouts, an object in use.
+_TRANSIENT = {"57014", "55P03", "55006"}
+#: A refused connection has no SQLSTATE in libpq; these server messages mean retrying
+#: cannot help (English server messages; others are retried as unreachable).
+_REFUSED_FOR_GOOD = (
+    "does not exist",
+    "password authentication failed",
+    "no pg_hba.conf entry",
+    "authentication failed",
+    "permission denied",
+)
+
+
+def _translate(err: BaseException, what: str, *, invalidated: bool = False) -> OutboxError:
+    """The library's exception for a driver error ``err`` during ``what``."""
+    state = _sqlstate(err)
+    text = first_line(err)
+    if state == "42P01":
+        return MissingTablesError()
+    if (
+        state.startswith(("28", "3D"))
+        or state == "42501"
+        or (
+            not state
+            and isinstance(err, psycopg.OperationalError)
+            and any(marker in text for marker in _REFUSED_FOR_GOOD)
+        )
+    ):
+        return DatabaseAccessError(f"{what}: {text}; fix the URL, the role or its grants")
+    if (
+        invalidated
+        or state in _RECONNECT
+        or (isinstance(err, psycopg.OperationalError) and _is_connection_lost(err))
+    ):
+        return DatabaseUnavailableError(
+            f"cannot reach the database ({text}); check the URL and that the server is up"
+        )
+    if state.startswith("40"):
+        return TransactionConflict(f"{what}: {text}; retry it")
+    if state in _TRANSIENT or state.startswith(("53", "58")):
+        return TransientDatabaseError(f"{what}: {text}; retry it")
+    return DatabaseError(f"{what} failed: {text}")
+
+
 @contextlib.contextmanager
 def translate_db_errors(what: str = "database operation") -> Iterator[None]:
     """Translate SQLAlchemy and psycopg errors into :class:`OutboxError` subclasses.
 
-    A connection that cannot be made or was lost (SQLAlchemy's ``OperationalError`` or
-    ``connection_invalidated``, psycopg's ``OperationalError`` without a SQLSTATE or with one
-    of class 08 or 57P) is a :class:`DatabaseUnavailableError`; an invalid URL a
-    :class:`ConfigurationError` whose message does not quote the URL (it may hold a password).
+    * a connection that cannot be made or was lost (SQLAlchemy's ``connection_invalidated``,
+      psycopg's ``OperationalError`` without a SQLSTATE or of class 08 or 57P), a read-only
+      session (after a failover) or one ended for idling in a transaction:
+      :class:`DatabaseUnavailableError` -- reconnect;
+    * authentication, a missing role or database, a missing privilege:
+      :class:`DatabaseAccessError` (a :class:`ConfigurationError`) -- retrying cannot help;
+    * a conflict (class 40): :class:`TransactionConflict`; a statement or lock timeout, an
+      object in use, no resources (classes 53, 58): :class:`TransientDatabaseError` -- retry;
+    * missing tables: :class:`MissingTablesError`; anything else: :class:`DatabaseError`;
+    * an invalid URL: a :class:`ConfigurationError` that does not quote it (it may hold a
+      password).
     """
-
-    def unavailable(exc: BaseException) -> DatabaseUnavailableError:
-        return DatabaseUnavailableError(
-            f"cannot reach the database ({first_line(exc)}); check the URL and that the "
-            "server is up"
-        )
-
     try:
         yield
     except OutboxError:
@@ -124,26 +184,11 @@ def translate_db_errors(what: str = "database operation") -> Iterator[None]:
             "invalid database URL: expected postgresql+psycopg://USER@HOST:PORT/DBNAME"
         ) from exc
     except sqlalchemy.exc.DBAPIError as exc:
-        orig = exc.orig
-        if orig is not None and _is_undefined_table(orig):
-            raise MissingTablesError() from exc
-        if exc.connection_invalidated or (
-            isinstance(exc, sqlalchemy.exc.OperationalError)
-            and isinstance(orig, psycopg.OperationalError)
-            and _is_connection_lost(orig)
-        ):
-            raise unavailable(orig or exc) from exc
-        if _sqlstate(orig).startswith("40"):
-            raise TransactionConflict(f"{what}: {first_line(orig or exc)}; retry it") from exc
-        raise DatabaseError(f"{what} failed: {first_line(orig or exc)}") from exc
-    except psycopg.errors.UndefinedTable as exc:
-        raise MissingTablesError() from exc
+        raise _translate(
+            exc.orig if exc.orig is not None else exc, what, invalidated=exc.connection_invalidated
+        ) from exc
     except psycopg.Error as exc:
-        if _sqlstate(exc).startswith("40"):
-            raise TransactionConflict(f"{what}: {first_line(exc)}; retry it") from exc
-        if isinstance(exc, psycopg.OperationalError) and _is_connection_lost(exc):
-            raise unavailable(exc) from exc
-        raise DatabaseError(f"{what} failed: {first_line(exc)}") from exc
+        raise _translate(exc, what) from exc
 
 
 def first_line(exc: BaseException) -> str:

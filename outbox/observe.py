@@ -70,6 +70,10 @@ class RelayObserver:
     def producer_recreated(self) -> None:
         """The broker client was discarded (fatal state or outage); a new one will be made."""
 
+    def database_error(self, reason: str, retry_in: float) -> None:
+        """A statement failed on a live session (a timeout, a lock wait, a conflict); it is
+        tried again after ``retry_in`` seconds, keeping leadership and what is in flight."""
+
     def database_lost(self, reason: str, abandoned: int, retry_in: float) -> None:
         """The database session ended (or failed transiently); ``abandoned`` messages in
         flight stay pending and will be sent again."""
@@ -186,6 +190,16 @@ class LogRelay(RelayObserver):
     def producer_recreated(self) -> None:
         _relay_log.warning(
             "re-creating the broker client", extra={"event": "relay.producer_recreated"}
+        )
+
+    def database_error(self, reason: str, retry_in: float) -> None:
+        _relay_log.warning(
+            "database statement failed, retrying",
+            extra={
+                "event": "relay.database_error",
+                "error": reason,
+                "retry_in_s": round(retry_in, 2),
+            },
         )
 
     def database_lost(self, reason: str, abandoned: int, retry_in: float) -> None:

@@ -42,6 +42,8 @@ from outbox.brokerlink import BrokerLink
 from outbox.claims import Claims, HeaderCache, Row
 from outbox.config import RelayConfig, relay_conninfo
 from outbox.exceptions import (
+    ConfigurationError,
+    DatabaseError,
     DatabaseUnavailableError,
     MessageRejected,
     OutboxError,
@@ -201,8 +203,14 @@ class Relay:
                         continue  # it waited on the lock; stop is checked between waits
                     if not self._step():
                         self._wait_for_work()
+                except ConfigurationError:
+                    raise  # missing tables, privileges, a refused role: retrying cannot help
                 except (DatabaseUnavailableError, psycopg.OperationalError) as exc:
                     self._sleep(self._lost_database(exc))
+                except DatabaseError as exc:
+                    # A statement failed but the session lives on (a timeout, a lock wait, a
+                    # conflict): keep the leader lock and what is in flight, and try again.
+                    self._sleep(self._statement_failed(exc))
         finally:
             self._shutdown()
         return self.stats
@@ -363,12 +371,21 @@ class Relay:
             policy = self.config.retry_backoff
             delays = [policy.delay(attempts.get(i, 0), self._rng) for i, _ in failures]
             full = len(batch.acked) == len(batch.sent)
-            parked = self._session.record(
-                "{" + batch.sent_text + "}" if full else batch.acked,
-                failures,
-                delays,
-                self.config.max_attempts,
-            )
+            acked = "{" + batch.sent_text + "}" if full else batch.acked
+            while True:
+                try:
+                    parked = self._session.record(acked, failures, delays, self.config.max_attempts)
+                    break
+                except (ConfigurationError, DatabaseUnavailableError):
+                    raise
+                except DatabaseError as exc:
+                    # The statement failed whole, so marking again is safe; giving up would
+                    # send acknowledged messages again. Wait -- unless stopping (then they
+                    # are sent again later: duplicates, not loss).
+                    delay = self._statement_failed(exc)
+                    if self._stop.is_set() or self._stop.wait(delay):
+                        raise
+            self._db.succeeded()
             if failures and len(self._retry_due) < 10_000:  # beyond, the fallback poll catches up
                 now = time.monotonic()
                 for delay in set(delays):
@@ -426,6 +443,12 @@ class Relay:
             heapq.heappush(self._retry_due, time.monotonic() + due)
         self._observe.leadership(True)
         return True
+
+    def _statement_failed(self, exc: DatabaseError) -> float:
+        """Report a failed statement on a live session; returns how long to wait."""
+        delay = self._db.failed()
+        self._observe.database_error(first_line(exc), delay)
+        return delay
 
     def _lost_database(self, exc: BaseException) -> float:
         """Forget everything tied to the lost session; returns how long to wait before

@@ -10,11 +10,13 @@ import sqlalchemy.exc
 
 from outbox.exceptions import (
     ConfigurationError,
+    DatabaseAccessError,
     DatabaseError,
     DatabaseUnavailableError,
     MissingTablesError,
     OutboxError,
     TransactionConflict,
+    TransientDatabaseError,
     translate_db_errors,
 )
 
@@ -74,14 +76,19 @@ def test_lost_or_impossible_connection_is_unavailable(exc: BaseException) -> Non
         (_wrapped(psycopg.errors.SerializationFailure("could not serialize")), TransactionConflict),
         (psycopg.errors.DeadlockDetected("deadlock"), TransactionConflict),
         (_wrapped(psycopg.errors.UndefinedTable("no table")), MissingTablesError),
-        (_wrapped(psycopg.errors.QueryCanceled("statement timeout")), DatabaseError),
-        (_wrapped(psycopg.errors.DiskFull("disk full")), DatabaseError),
+        (_wrapped(psycopg.errors.QueryCanceled("statement timeout")), TransientDatabaseError),
+        (psycopg.errors.LockNotAvailable("lock timeout"), TransientDatabaseError),
+        (_wrapped(psycopg.errors.DiskFull("disk full")), TransientDatabaseError),
+        (psycopg.errors.ReadOnlySqlTransaction("read-only"), DatabaseUnavailableError),
+        (psycopg.errors.IdleInTransactionSessionTimeout("idle"), DatabaseUnavailableError),
+        (psycopg.errors.InsufficientPrivilege("permission denied"), DatabaseAccessError),
+        (psycopg.errors.InvalidPassword("bad password"), DatabaseAccessError),
         (psycopg.errors.UniqueViolation("duplicate key"), DatabaseError),
         (_wrapped(psycopg.InterfaceError("cursor closed")), DatabaseError),
     ],
     ids=lambda v: v.__name__ if isinstance(v, type) else type(v).__name__,
 )
-def test_other_failures_keep_their_class(exc: BaseException, cls: type[OutboxError]) -> None:
+def test_each_failure_gets_its_class(exc: BaseException, cls: type[OutboxError]) -> None:
     assert type(_translate(exc)) is cls
 
 
@@ -89,3 +96,30 @@ def test_an_invalid_url_does_not_quote_it() -> None:
     err = _translate(sqlalchemy.exc.ArgumentError("Could not parse postgresql://u:hunter2@x"))
     assert isinstance(err, ConfigurationError)
     assert "hunter2" not in str(err) and str(err).startswith("invalid database URL")
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        'connection failed: ... failed: FATAL:  database "nope" does not exist',
+        'connection failed: ... failed: FATAL:  role "nope" does not exist',
+        'connection failed: ... FATAL:  password authentication failed for user "x"',
+        "connection failed: ... FATAL:  no pg_hba.conf entry for host",
+    ],
+)
+def test_a_connection_refused_for_good_is_an_access_error(text: str) -> None:
+    err = _translate(psycopg.OperationalError(text))
+    assert isinstance(err, DatabaseAccessError) and isinstance(err, ConfigurationError)
+    assert "fix the URL, the role or its grants" in str(err)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "connection failed: ... FATAL:  the database system is starting up",
+        "connection failed: ... FATAL:  sorry, too many clients already",
+        "connection failed: ... Connection refused",
+    ],
+)
+def test_a_connection_refused_for_now_is_unavailable(text: str) -> None:
+    assert type(_translate(psycopg.OperationalError(text))) is DatabaseUnavailableError
