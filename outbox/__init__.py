@@ -12,27 +12,33 @@ Write events in your business transaction::
 then run ``outbox-relay --db-url ... --bootstrap-servers ...``. See ``docs/``.
 """
 
-from outbox.config import RelayConfig
-from outbox.events import EventSource, collect_events
-from outbox.exceptions import (
-    CommandInProgress,
-    ConfigurationError,
-    DatabaseError,
-    DatabaseUnavailableError,
-    IdempotencyKeyReused,
-    MissingTablesError,
-    OutboxError,
-    PayloadError,
-    PoisonMessage,
-    TransactionConflict,
-    TransportError,
-)
-from outbox.inbox import Command, Inbox
-from outbox.message import HEADER_CONTENT_TYPE, HEADER_MESSAGE_ID, Message, uuid7
-from outbox.observe import BatchOutcome, ConsumerObserver, RelayObserver
-from outbox.outbox import Outbox
-from outbox.relay import Relay, RelayStats
-from outbox.schema import OutboxTables, define_tables
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the names, for type checkers and IDEs
+    from outbox.config import RelayConfig
+    from outbox.events import EventSource, collect_events
+    from outbox.exceptions import (
+        CommandInProgress,
+        ConfigurationError,
+        DatabaseAccessError,
+        DatabaseError,
+        DatabaseUnavailableError,
+        IdempotencyKeyReused,
+        MissingTablesError,
+        OutboxError,
+        PayloadError,
+        PoisonMessage,
+        TransactionConflict,
+        TransientDatabaseError,
+        TransportError,
+    )
+    from outbox.inbox import Command, Inbox
+    from outbox.message import HEADER_CONTENT_TYPE, HEADER_MESSAGE_ID, Message, uuid7
+    from outbox.observe import BatchOutcome, ConsumerObserver, RelayObserver
+    from outbox.outbox import Outbox
+    from outbox.relay import Relay, RelayStats
+    from outbox.schema import OutboxTables, define_tables
 
 __all__ = [
     "HEADER_CONTENT_TYPE",
@@ -42,6 +48,7 @@ __all__ = [
     "CommandInProgress",
     "ConfigurationError",
     "ConsumerObserver",
+    "DatabaseAccessError",
     "DatabaseError",
     "DatabaseUnavailableError",
     "EventSource",
@@ -59,8 +66,57 @@ __all__ = [
     "RelayObserver",
     "RelayStats",
     "TransactionConflict",
+    "TransientDatabaseError",
     "TransportError",
     "collect_events",
     "define_tables",
     "uuid7",
 ]
+
+# Imported on first use (PEP 562): the console scripts install their signal handlers before
+# SQLAlchemy, psycopg and librdkafka are loaded (see outbox._entry).
+_MODULES = {
+    "BatchOutcome": "outbox.observe",
+    "Command": "outbox.inbox",
+    "CommandInProgress": "outbox.exceptions",
+    "ConfigurationError": "outbox.exceptions",
+    "ConsumerObserver": "outbox.observe",
+    "DatabaseAccessError": "outbox.exceptions",
+    "DatabaseError": "outbox.exceptions",
+    "DatabaseUnavailableError": "outbox.exceptions",
+    "EventSource": "outbox.events",
+    "HEADER_CONTENT_TYPE": "outbox.message",
+    "HEADER_MESSAGE_ID": "outbox.message",
+    "IdempotencyKeyReused": "outbox.exceptions",
+    "Inbox": "outbox.inbox",
+    "Message": "outbox.message",
+    "MissingTablesError": "outbox.exceptions",
+    "Outbox": "outbox.outbox",
+    "OutboxError": "outbox.exceptions",
+    "OutboxTables": "outbox.schema",
+    "PayloadError": "outbox.exceptions",
+    "PoisonMessage": "outbox.exceptions",
+    "Relay": "outbox.relay",
+    "RelayConfig": "outbox.config",
+    "RelayObserver": "outbox.observe",
+    "RelayStats": "outbox.relay",
+    "TransactionConflict": "outbox.exceptions",
+    "TransientDatabaseError": "outbox.exceptions",
+    "TransportError": "outbox.exceptions",
+    "collect_events": "outbox.events",
+    "define_tables": "outbox.schema",
+    "uuid7": "outbox.message",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _MODULES.get(name)
+    if module is None:
+        raise AttributeError(f"module 'outbox' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime
 import logging
 import math
-import signal
 from typing import Any
 
 import click
@@ -19,6 +18,7 @@ import sqlalchemy as sa
 from outbox import logs, migrate
 from outbox.admin import counts
 from outbox.cli_options import (
+    Stopper,
     backoff_options,
     db_options,
     errors,
@@ -33,6 +33,7 @@ from outbox.cli_options import (
 from outbox.config import RelayConfig, parse_db_url
 from outbox.consumer import Consumer, ConsumerConfig, load_handler, message_id_key
 from outbox.exceptions import (
+    DatabaseUnavailableError,
     OutboxError,
     TransportUnavailable,
     translate_db_errors,
@@ -192,6 +193,7 @@ def _relay(
     log_format: str,
 ) -> None:
     logs.setup(log_level, log_format)
+    stopper = Stopper()
     overrides = parse_settings(kafka_settings)
     overrides.setdefault("message.timeout.ms", str(int(delivery_timeout * 1000)))
     try:
@@ -214,19 +216,28 @@ def _relay(
         )
         factory = first_client(lambda: KafkaTransport(bootstrap_servers, overrides))
         relay = Relay(config, factory)
-        relay.check()
+        stopper.attach(relay.stop)
         if once:
+            relay.check()
             stats = relay.run_once()
         else:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                signal.signal(sig, lambda *_: relay.stop())
             try:
-                factory().check(5.0)  # the same client: the relay's first call gets it back
-            except TransportUnavailable as exc:
+                relay.check()
+            except DatabaseUnavailableError as exc:
+                # Starting with the database (a restart, a failover in progress): a
+                # long-running relay waits for it like for any outage.
                 logger.warning(
-                    "broker unreachable at start, will keep trying",
-                    extra={"event": "relay.broker_unreachable_at_start", "error": str(exc)},
+                    "database unreachable at start, will keep trying",
+                    extra={"event": "relay.database_unreachable_at_start", "error": str(exc)},
                 )
+            if not stopper.requested:
+                try:
+                    factory().check(5.0)  # the same client: the relay's first call gets it back
+                except TransportUnavailable as exc:
+                    logger.warning(
+                        "broker unreachable at start, will keep trying",
+                        extra={"event": "relay.broker_unreachable_at_start", "error": str(exc)},
+                    )
             stats = relay.run()
     except OutboxError as exc:
         fail(exc)
@@ -403,6 +414,7 @@ def consume(
 ) -> None:
     """Consume topics through the inbox: each message's effects happen once."""
     logs.setup(log_level, log_format)
+    stopper = Stopper()
     overrides = parse_settings(kafka_settings)
     topic_list = [t for item in topics for t in item.split()]
     try:
@@ -431,8 +443,7 @@ def consume(
             else datetime.timedelta(seconds=horizon_s),
         )
         consumer = Consumer(config, fn, source, key=key)
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: consumer.stop())
+        stopper.attach(consumer.stop)
         stats = consumer.run(max_messages=max_messages, idle_timeout=idle_timeout)
     except OutboxError as exc:
         fail(exc)

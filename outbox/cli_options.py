@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import re
+import signal
 import sys
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
@@ -252,6 +253,34 @@ def backoff_options(what: str, env: str, base: float, cap: float) -> Callable[[F
             help=f"Cap of the {what} backoff, seconds [{env}_MAX]",
         ),
     )
+
+
+class Stopper:
+    """Routes SIGTERM/SIGINT to whatever must stop (the relay, the consumer) once it exists;
+    a signal received earlier, even before the heavy imports (``outbox._entry``), stops it as
+    soon as it is attached."""
+
+    def __init__(self) -> None:
+        from outbox import _entry
+
+        self._requested = bool(_entry.received)
+        self._stop: Callable[[], None] | None = None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+
+    @property
+    def requested(self) -> bool:
+        return self._requested
+
+    def _on_signal(self, _signum: int, _frame: object) -> None:
+        self._requested = True
+        if self._stop is not None:
+            self._stop()
+
+    def attach(self, stop: Callable[[], None]) -> None:
+        self._stop = stop
+        if self._requested:
+            stop()
 
 
 def first_client(make: Callable[[], T]) -> Callable[[], T]:

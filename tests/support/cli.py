@@ -10,7 +10,6 @@ repository root, for ``--handler tests.support.handlers:...``), unbuffered.
 
 from __future__ import annotations
 
-import importlib.metadata
 import os
 import re
 import shutil
@@ -23,7 +22,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO
 
-import click
 from click.testing import CliRunner
 
 #: The repository root.
@@ -96,10 +94,10 @@ def run_cli(
 def _invoke(
     program: str, args: Sequence[str], env: dict[str, str] | None
 ) -> subprocess.CompletedProcess[str]:
-    (entry,) = importlib.metadata.entry_points(group="console_scripts", name=program)
-    cli = entry.load()
-    if not isinstance(cli, click.Command):
-        raise TypeError(f"{program} is not a click command: run it in a subprocess")
+    # The console scripts (outbox._entry) wrap these click commands.
+    from outbox import cli as commands
+
+    cli = {"outbox": commands.main, "outbox-relay": commands.relay_main}[program]
     # As in cli_env: no OUTBOX_* setting of the test's own environment, then the test's.
     overrides: dict[str, str | None] = {k: None for k in os.environ if k.startswith("OUTBOX_")}
     overrides.update(env or {})

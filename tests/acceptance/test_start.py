@@ -1,0 +1,53 @@
+"""The relay's first moments: a signal during start-up stops it cleanly (it used to die with
+-15 in the first ~0.3 s, before its handlers were installed), and a long-running relay
+started while the database is unreachable waits for it instead of exiting."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import pytest
+
+from tests.support.broker import Broker, free_port
+from tests.support.events import event
+from tests.support.relayproc import RelayProcess
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.parametrize("delay", [0.05, 0.15, 0.3])
+def test_sigterm_while_starting_exits_0(db_url: str, broker: Broker, delay: float) -> None:
+    # From about 30 ms after exec (the interpreter itself starting) the signal is caught.
+    relay = RelayProcess(
+        ["--db-url", db_url, "--bootstrap-servers", broker.bootstrap], name="early"
+    ).start()
+    time.sleep(delay)
+    relay.send_signal(signal.SIGTERM)
+    assert relay.wait(20) == 0, relay.tail()
+
+
+def test_a_relay_started_without_its_database_waits_for_it(broker: Broker) -> None:
+    closed = f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/outbox"
+    relay = RelayProcess(
+        ["--db-url", closed, "--bootstrap-servers", broker.bootstrap, "--db-backoff-max", "0.5"],
+        name="no-db",
+    ).start()
+    try:
+        relay.wait_for(event("relay.database_unreachable_at_start"), timeout=20)
+        relay.wait_for(event("relay.database_lost"), timeout=20)
+        assert relay.running
+    finally:
+        relay.send_signal(signal.SIGTERM)
+    assert relay.wait(20) == 0, relay.tail()
+
+
+def test_once_still_fails_fast_without_its_database(broker: Broker) -> None:
+    from tests.support.cli import run_cli
+
+    closed = f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/outbox"
+    done = run_cli(
+        "outbox-relay", ["--db-url", closed, "--bootstrap-servers", broker.bootstrap, "--once"]
+    )
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1].startswith("error: cannot reach the database")
