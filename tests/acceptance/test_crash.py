@@ -16,7 +16,9 @@ import pytest
 import sqlalchemy as sa
 
 from outbox import RelayConfig
-from tests.acceptance.conftest import (
+from tests.support.broker import Broker
+from tests.support.cli import run_cli
+from tests.support.delivery import (
     BATCH_DONE,
     LEADER,
     STANDBY,
@@ -26,8 +28,6 @@ from tests.acceptance.conftest import (
     table_count,
     wait_drained,
 )
-from tests.support.broker import Broker
-from tests.support.cli import run_cli
 from tests.support.relayproc import RelayProcess
 from tests.support.waits import wait_until
 

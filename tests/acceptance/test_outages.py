@@ -11,11 +11,12 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from outbox import Outbox
-from tests.acceptance.conftest import (
+from tests.acceptance.conftest import ProxiedBroker
+from tests.support.broker import Broker
+from tests.support.delivery import (
     BATCH_DONE,
     LEADER,
     Committed,
-    ProxiedBroker,
     RelayFactory,
     Writers,
     check_delivery,
@@ -23,7 +24,6 @@ from tests.acceptance.conftest import (
     table_ids,
     wait_drained,
 )
-from tests.support.broker import Broker
 from tests.support.events import event
 
 pytestmark = pytest.mark.slow

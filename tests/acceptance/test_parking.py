@@ -7,8 +7,8 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from outbox import Outbox
-from tests.acceptance.conftest import RelayFactory
 from tests.support.broker import Broker
+from tests.support.delivery import RelayFactory
 from tests.support.events import event
 from tests.support.waits import wait_until
 

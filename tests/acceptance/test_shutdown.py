@@ -9,7 +9,8 @@ import time
 import pytest
 import sqlalchemy as sa
 
-from tests.acceptance.conftest import (
+from tests.support.broker import Broker
+from tests.support.delivery import (
     BATCH_DONE,
     LEADER,
     RelayFactory,
@@ -17,7 +18,6 @@ from tests.acceptance.conftest import (
     check_delivery,
     table_ids,
 )
-from tests.support.broker import Broker
 
 pytestmark = pytest.mark.slow
 

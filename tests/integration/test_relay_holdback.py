@@ -24,7 +24,7 @@ from tests.support.relay import (
     make_relay,
     publish,
 )
-from tests.support.waits import wait_for
+from tests.support.waits import wait_until
 
 
 class NoDelay(random.Random):
@@ -54,7 +54,7 @@ def test_a_failing_key_that_fills_batches_neither_stalls_nor_reorders(
     transport = MemoryTransport(reject=reject)
     relay = make_relay(db_url, transport, NoDelay(), batch_size=5, max_inflight_batches=2)
     with Running(relay) as running:
-        wait_for(lambda: count_rows(engine) == 0 and running.check_alive(), 20, "all sent")
+        wait_until(lambda: count_rows(engine) == 0 and running.check_alive(), 20, "all sent")
         stats = running.stop()
     sent = by_key(transport.sent)
     assert sent["K"] == [v for k, v in specs if k == "K"]
@@ -82,7 +82,7 @@ def test_outage_mid_batch_resends_the_rest_of_each_key_in_order(
     transport = FlakyTransport()
     relay = make_relay(db_url, transport, batch_size=6, max_inflight_batches=2)
     with Running(relay) as running:
-        wait_for(lambda: count_rows(engine) == 0 and running.check_alive(), 20, "all sent")
+        wait_until(lambda: count_rows(engine) == 0 and running.check_alive(), 20, "all sent")
         running.stop()
     sent = by_key(transport.sent)
     for key in ("k0", "k1", "k2"):
@@ -129,7 +129,7 @@ def test_each_retry_wakes_the_relay_not_only_the_earliest(engine: sa.Engine, db_
         retry_backoff_max=2.0,
     )
     with Running(relay) as running:
-        wait_for(lambda: count_rows(engine) == 0 and running.check_alive(), 15, "both retried")
+        wait_until(lambda: count_rows(engine) == 0 and running.check_alive(), 15, "both retried")
         running.stop()
     assert sorted((m.value or b"").decode() for m in transport.sent) == ["X", "Y"]
 
@@ -147,7 +147,7 @@ def test_a_retry_is_sent_alone_so_its_key_causes_no_collateral_failures(
     )
     relay = make_relay(db_url, transport, NoDelay(), max_attempts=4)
     with Running(relay) as running:
-        wait_for(
+        wait_until(
             lambda: any(r.status == "dead" for r in db_rows(engine)) and running.check_alive(),
             15,
             "the poison message parked",
@@ -168,7 +168,7 @@ def test_a_new_leader_wakes_for_retries_scheduled_by_the_old_one(
     second = MemoryTransport()
     relay = make_relay(db_url, second, poll_interval=60.0)
     with Running(relay) as running:
-        wait_for(lambda: count_rows(engine) == 0 and running.check_alive(), 10, "the retry")
+        wait_until(lambda: count_rows(engine) == 0 and running.check_alive(), 10, "the retry")
         running.stop()
     assert [m.value for m in second.sent] == [b"v"]
 
@@ -222,7 +222,7 @@ def test_a_claim_that_ran_ahead_of_a_failure_does_not_send_past_it(
         db_url, transport, NoDelay(), batch_size=5, max_inflight_batches=2, observers=[prefetches]
     )
     with Running(relay) as running:
-        wait_for(lambda: count_rows(engine) == 0 and running.check_alive(), 20, "all sent")
+        wait_until(lambda: count_rows(engine) == 0 and running.check_alive(), 20, "all sent")
         stats = running.stop()
     assert prefetches.count >= 2
     assert stats.failed_attempts == 1
@@ -257,7 +257,7 @@ def test_a_message_never_reported_holds_its_key_like_a_failure(
         observers=[prefetches],
     )
     with Running(relay) as running:
-        wait_for(lambda: count_rows(engine) == 0 and running.check_alive(), 30, "all sent")
+        wait_until(lambda: count_rows(engine) == 0 and running.check_alive(), 30, "all sent")
         running.stop()
     assert prefetches.count >= 2
     assert by_key(transport.sent)["K"] == ["K-0", "K-1"]

@@ -43,8 +43,3 @@ def wait_until(
             tails = "".join(f"\n{proc.tail(15)}" for proc in procs)
             raise AssertionError(f"timed out after {timeout} s waiting for {what}{tails}")
         time.sleep(interval)
-
-
-#: The old name. TODO(relay split): remove once tests/integration/test_relay_logic.py and
-#: test_relay_holdback.py import wait_until.
-wait_for = wait_until
