@@ -37,6 +37,7 @@ from outbox.exceptions import (
     DatabaseUnavailableError,
     HandlerUndidItsWork,
     PoisonMessage,
+    TransportError,
     first_line,
     translate_db_errors,
 )
@@ -232,6 +233,13 @@ class Consumer:
             "consumer starting", extra={"event": "consumer.starting", "consumer": self.config.name}
         )
         try:
+            try:
+                source.check(5.0)
+            except TransportError as exc:
+                logger.warning(
+                    "broker unreachable at start, will keep trying",
+                    extra={"event": "consumer.broker_unreachable", "error": str(exc)},
+                )
             while not self._stop.is_set():
                 if max_messages is not None and handled >= max_messages:
                     break
@@ -240,9 +248,10 @@ class Consumer:
                     joined = True
                     self._observe.joined()
                 if message is None:
-                    if not joined:
+                    if not joined and source.reachable:
                         # Joining a consumer group can take longer than idle_timeout (after a
-                        # crash, up to the dead member's session timeout): not idle yet.
+                        # crash, up to the dead member's session timeout): not idle yet. An
+                        # unreachable broker is no join in progress: the idle clock runs.
                         last = time.monotonic()
                     elif idle_timeout is not None and time.monotonic() - last >= idle_timeout:
                         break

@@ -106,6 +106,12 @@ class Source(Protocol):
     #: True once this member joined its group and got an assignment (even an empty one):
     #: until then no message can come, so the runner does not count the wait as idle.
     joined: bool
+    #: False while the broker is known to be unreachable (no join can happen meanwhile).
+    reachable: bool
+
+    def check(self, timeout: float) -> None:
+        """Raise :class:`~outbox.exceptions.TransportUnavailable` unless the broker answers
+        within ``timeout``."""
 
     def poll(self, timeout: float) -> IncomingMessage | None:
         """The next message, or None after ``timeout`` seconds."""

@@ -314,10 +314,27 @@ class KafkaSource:
         #: True once this member has joined the group and got its assignment (even an empty
         #: one): until then no message can come, so the runner does not count it as idle.
         self.joined = False
+        #: False while librdkafka reports every broker down: the runner does not wait for a
+        #: group join that cannot happen.
+        self.reachable = True
+        self._bootstrap = bootstrap_servers
         self._consumer.subscribe(topics, on_assign=self._on_assign, on_revoke=self._on_revoke)
         self._error_log = _Throttle()
 
+    def check(self, timeout: float) -> None:
+        """Raise :class:`TransportUnavailable` unless the broker answers within ``timeout``."""
+        try:
+            self._consumer.list_topics(timeout=timeout)
+        except KafkaException as exc:
+            self.reachable = False
+            raise TransportUnavailable(
+                f"cannot reach Kafka at {self._bootstrap} ({_describe(exc)}); check "
+                "--bootstrap-servers and that the broker is up"
+            ) from exc
+
     def _on_error(self, err: KafkaError) -> None:
+        if err.code() in (KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT):
+            self.reachable = False
         if self._error_log.ready() or err.fatal():
             logger.warning(
                 "kafka consumer error",
@@ -327,6 +344,7 @@ class KafkaSource:
     def _on_assign(self, consumer: Any, partitions: Any) -> None:
         # confluent-kafka still applies the assignment itself after this callback returns.
         self.joined = True
+        self.reachable = True
 
     def _on_revoke(self, consumer: Any, partitions: Any) -> None:
         # Commit what was processed before the partitions move, so the next owner starts

@@ -115,6 +115,10 @@ class MemorySource:
         self._stored: dict[tuple[str, int], int] = {}
         self.closed = False
         self.joined = True
+        self.reachable = True
+
+    def check(self, timeout: float) -> None:
+        pass
 
     def poll(self, timeout: float) -> IncomingMessage | None:
         return self.messages.popleft() if self.messages else None

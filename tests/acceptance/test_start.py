@@ -4,6 +4,7 @@ started while the database is unreachable waits for it instead of exiting."""
 
 from __future__ import annotations
 
+import re
 import signal
 import time
 
@@ -51,3 +52,36 @@ def test_once_still_fails_fast_without_its_database(broker: Broker) -> None:
     )
     assert done.returncode == 1
     assert done.stderr.strip().splitlines()[-1].startswith("error: cannot reach the database")
+
+
+def test_a_consumer_without_its_broker_says_so_and_idles_out(db_url: str) -> None:
+    # It used to hang silently, also with --idle-timeout (the idle clock waited for a group
+    # join that an unreachable broker never gives).
+    from tests.support.cli import run_cli
+
+    started = time.monotonic()
+    done = run_cli(
+        "outbox",
+        [
+            "consume",
+            "--db-url",
+            db_url,
+            "--bootstrap-servers",
+            f"127.0.0.1:{free_port()}",
+            "--group",
+            "g",
+            "--topic",
+            "orders",
+            "--handler",
+            "tests.support.handlers:record_effect",
+            "--idle-timeout",
+            "2",
+            "--redelivery-horizon-days",
+            "7",
+        ],
+        import_tests=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert re.search(event("consumer.broker_unreachable"), done.stderr), done.stderr[-2000:]
+    assert time.monotonic() - started < 30
