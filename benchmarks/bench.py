@@ -151,7 +151,8 @@ def direct_produce(bootstrap: str, topic: str, engine: sa.Engine, extra: dict[st
     with engine.connect() as c:
         rows = c.execute(
             sa.text(
-                "SELECT message_id, topic, key, payload, headers FROM outbox_messages ORDER BY id"
+                "SELECT message_id, topic, key, payload, header_names, header_values "
+                "FROM outbox_messages ORDER BY id"
             )
         ).all()
     producer = Producer(
@@ -175,8 +176,9 @@ def direct_produce(bootstrap: str, topic: str, engine: sa.Engine, extra: dict[st
 
     start = time.perf_counter()
     for r in rows:
-        headers = [("message-id", str(r.message_id).encode())] + [
-            (k, v.encode()) for k, v in r.headers.items()
+        headers = [
+            ("message-id", str(r.message_id).encode()),
+            *zip(r.header_names, r.header_values, strict=True),
         ]
         while True:
             try:
@@ -211,15 +213,13 @@ def minimal_relay(bootstrap: str, topic: str, extra: dict[str, str]) -> float:
         start = time.perf_counter()
         while True:
             rows = conn.execute(
-                "SELECT id, message_id, topic, key, payload, headers FROM outbox_messages "
-                "ORDER BY id LIMIT 1000"
+                "SELECT id, message_id, topic, key, payload, header_names, header_values "
+                "FROM outbox_messages ORDER BY id LIMIT 1000"
             ).fetchall()
             if not rows:
                 break
             for r in rows:
-                headers = [("message-id", str(r[1]).encode())] + [
-                    (k, v.encode()) for k, v in r[5].items()
-                ]
+                headers = [("message-id", str(r[1]).encode()), *zip(r[5], r[6], strict=True)]
                 producer.produce(r[2], value=r[4], key=r[3], headers=headers)
             producer.flush(30)
             conn.execute("DELETE FROM outbox_messages WHERE id = ANY(%s)", ([r[0] for r in rows],))

@@ -29,7 +29,7 @@ import sqlalchemy as sa
 import sqlalchemy.exc
 from sqlalchemy.orm import Session
 
-from outbox import statements
+from outbox import deadletter, statements
 from outbox.backoff import Backoff, Retrying
 from outbox.config import parse_db_url
 from outbox.exceptions import (
@@ -42,7 +42,7 @@ from outbox.exceptions import (
     translate_db_errors,
 )
 from outbox.inbox import Inbox
-from outbox.message import HEADER_CONTENT_TYPE, HEADER_MESSAGE_ID
+from outbox.message import HEADER_MESSAGE_ID
 from outbox.observe import ConsumerObserver, LogConsumer, Outcome, fanout, message_fields
 from outbox.outbox import Outbox
 from outbox.schema import DEFAULT_INBOX_TABLE, DEFAULT_TABLE, validate_identifier
@@ -349,47 +349,56 @@ class Consumer:
         attempts: int,
         exc: BaseException | None = None,
     ) -> Outcome | None:
-        topic = self.config.dead_letter_topic or f"{message.topic}.dlq"
-        headers: dict[str, str] = {}
-        content_type = None
-        for name, value in message.headers:
-            text = value.decode("utf-8", "replace")
-            if name.lower() == HEADER_MESSAGE_ID:
-                headers["dlq-original-message-id"] = text
-            elif name.lower() == HEADER_CONTENT_TYPE:
-                content_type = text
-            else:
-                headers[name] = text
-        headers.update(
-            {
-                "dlq-original-topic": message.topic,
-                "dlq-original-partition": str(message.partition),
-                "dlq-original-offset": str(message.offset),
-                "dlq-consumer": self.config.name,
-                "dlq-error": reason[:1000],
-                "dlq-attempts": str(attempts),
-            }
-        )
+        """Publish ``message`` to the dead-letter topic through the outbox, claiming its key in
+        the same transaction, so that dead-lettering happens once. Any message can be stored
+        (see :mod:`outbox.deadletter`); should the full dead letter fail for a reason that
+        retrying cannot fix, the minimal one is written instead. Only a database that cannot
+        be reached (or a transient failure) makes it wait; None when asked to stop meanwhile."""
+        topic = deadletter.topic_for(self.config.dead_letter_topic, message.topic)
+        claim = deadletter.inbox_key(key)
+        failure: str | None = None  # why the full form could not be stored
         outage = Retrying(self.config.db_backoff, self._rng)
         while True:
             try:
-                with Session(self._engine) as session, session.begin():
+                letter = deadletter.letter(
+                    message,
+                    topic=topic,
+                    consumer=self.config.name,
+                    reason=reason,
+                    attempts=attempts,
+                    key=key,
+                    failure=failure,
+                )
+                with (
+                    translate_db_errors("dead-letter"),
+                    Session(self._engine) as session,
+                    session.begin(),
+                ):
                     # Claiming the key makes the dead-lettering itself happen once.
-                    if key is not None and not self._inbox.claim(session, self.config.name, key):
+                    if claim and not self._inbox.claim(session, self.config.name, claim):
                         self.stats.duplicates += 1
                         return "duplicate"
-                    self._outbox.publish(
-                        session,
-                        topic,
-                        message.value,
-                        key=message.key,
-                        headers=headers,
-                        content_type=content_type,
-                    )
+                    deadletter.write(session, self._outbox.tables, letter)
                 break
-            except (DatabaseUnavailableError, sqlalchemy.exc.OperationalError) as db_exc:
-                if not self._wait_for_database(db_exc, outage):
-                    return None
+            except ConfigurationError:
+                raise  # missing tables, a refused role: nothing to do with this message
+            except Exception as db_exc:
+                if deadletter.transient(db_exc):
+                    if not self._wait_for_database(db_exc, outage):
+                        return None
+                    continue
+                if failure is not None:
+                    raise  # the minimal form failed too: stop before the offset moves on
+                failure = f"{type(db_exc).__name__}: {first_line(db_exc)}"
+                logger.error(
+                    "dead letter could not be stored, storing a minimal one",
+                    exc_info=db_exc,
+                    extra={
+                        "event": "consumer.dead_letter_minimal",
+                        "error": failure,
+                        **message_fields(message),
+                    },
+                )
         self.stats.dead_lettered += 1
         logger.error(
             "message dead-lettered",

@@ -16,14 +16,13 @@ import itertools
 import sys
 import uuid
 import weakref
-from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, TypeAlias, cast
 
 from sqlalchemy import event
 from sqlalchemy.orm import Session, SessionTransaction, object_session, sessionmaker
 from sqlalchemy.orm.exc import UnmappedInstanceError
 
-from outbox.message import Message, encode
+from outbox.message import Headers, Message, encode
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -53,7 +52,7 @@ class EventSource:
         payload: Any,
         *,
         key: str | bytes | None = None,
-        headers: Mapping[str, str] | None = None,
+        headers: Headers | None = None,
         message_id: uuid.UUID | None = None,
         content_type: str | None = None,
     ) -> uuid.UUID:

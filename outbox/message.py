@@ -11,8 +11,8 @@ import os
 import re
 import time
 import uuid
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, TypeAlias
 
 from outbox.exceptions import PayloadError
 
@@ -21,6 +21,16 @@ HEADER_MESSAGE_ID = "message-id"
 #: Kafka header carrying the payload's media type.
 HEADER_CONTENT_TYPE = "content-type"
 _RESERVED_HEADERS = frozenset({HEADER_MESSAGE_ID})
+
+#: The longest header name ``publish`` accepts, in UTF-8 bytes. Kafka sets no limit; this
+#: one keeps names short (trace and routing headers are a few dozen bytes), not data.
+MAX_HEADER_NAME = 255
+
+#: Headers as ``publish`` takes them: a mapping, or a sequence of ``(name, value)`` pairs
+#: (order and repeated names kept); values are ``str`` (sent as UTF-8) or ``bytes``.
+Headers: TypeAlias = "Mapping[str, str | bytes] | Sequence[tuple[str, str | bytes]]"
+#: Headers as they are stored and sent: ordered ``(name, value)`` pairs.
+HeaderList: TypeAlias = "tuple[tuple[str, bytes], ...]"
 
 JSON = "application/json"
 OCTET_STREAM = "application/octet-stream"
@@ -37,15 +47,16 @@ class Message:
     ``payload``: ``dict``/``list`` (and other JSON values), a dataclass or pydantic model (sent as
     JSON), ``str`` (UTF-8 text), ``bytes`` (as is), or ``None`` (a tombstone for compacted
     topics). ``key``: ``str`` or ``bytes``; messages with the same key keep their order.
-    ``headers``: ``str`` names to ``str`` values, without NUL characters or lone surrogates
-    (the table stores them as ``jsonb``). ``message_id`` defaults to a new time-ordered UUID
-    (version 7).
+    ``headers``: a mapping of names to values, or a sequence of ``(name, value)`` pairs, sent
+    in the order given (repeated names too); values are ``str`` (UTF-8) or ``bytes``, names
+    non-empty ``str`` of at most :data:`MAX_HEADER_NAME` UTF-8 bytes, without NUL characters
+    or lone surrogates. ``message_id`` defaults to a new time-ordered UUID (version 7).
     """
 
     topic: str
     payload: Any
     key: str | bytes | None = None
-    headers: Mapping[str, str] | None = None
+    headers: Headers | None = None
     message_id: uuid.UUID | None = None
     content_type: str | None = None
 
@@ -58,7 +69,8 @@ class EncodedMessage:
     topic: str
     key: bytes | None
     payload: bytes | None
-    headers: dict[str, str]
+    #: In the order they are stored and sent (after ``message-id``), repeated names kept.
+    headers: HeaderList
 
 
 def uuid7() -> uuid.UUID:
@@ -100,15 +112,70 @@ def _utf8(text: str, what: str) -> bytes:
         ) from None
 
 
-def _check_text(text: str, what: str) -> str:
-    """Header names and values are stored in a ``jsonb`` column, which holds neither a NUL
+def _check_text(text: str, what: str) -> bytes:
+    """Header names and the content type are stored as ``text``, which holds neither a NUL
     character nor a lone surrogate: refuse them here, before any SQL, rather than let the
-    INSERT fail and abort the caller's transaction."""
+    INSERT fail and abort the caller's transaction. Returns the UTF-8 bytes."""
     nul = text.find("\x00")
     if nul >= 0:
         raise PayloadError(f"{what} contains a NUL character (at position {nul})")
-    _utf8(text, what)
-    return text
+    return _utf8(text, what)
+
+
+def storable_text(text: str) -> bool:
+    """Whether a ``text`` column can hold ``text`` as it is: no NUL, no lone surrogate. (Empty
+    and long header names can be stored; :func:`encode` refuses them for other reasons.)"""
+    if "\x00" in text:
+        return False
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _header_pairs(headers: object) -> list[tuple[object, object]]:
+    if isinstance(headers, Mapping):
+        return list(headers.items())
+    if isinstance(headers, (list, tuple)):
+        pairs: list[tuple[object, object]] = []
+        for i, pair in enumerate(headers):
+            if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+                raise PayloadError(
+                    f"headers[{i}] must be a (name, value) pair, not {type(pair).__name__}"
+                )
+            pairs.append((pair[0], pair[1]))
+        return pairs
+    raise PayloadError(
+        f"headers must be a mapping or a list of (name, value) pairs, not {type(headers).__name__}"
+    )
+
+
+def encode_headers(headers: object) -> list[tuple[str, bytes]]:
+    """Validate headers (a mapping or a sequence of pairs) and return them as ordered
+    ``(name, bytes)`` pairs; raises :class:`PayloadError`."""
+    out: list[tuple[str, bytes]] = []
+    for name, value in _header_pairs(headers):
+        if not isinstance(name, str) or not name:
+            raise PayloadError(f"invalid header name {name!r}: use a non-empty str")
+        size = len(_check_text(name, f"header name {name!r}"))
+        if size > MAX_HEADER_NAME:
+            raise PayloadError(
+                f"header name {name[:40]!r}... is {size} bytes long: at most "
+                f"{MAX_HEADER_NAME} (UTF-8)"
+            )
+        if name.lower() in _RESERVED_HEADERS:
+            raise PayloadError(f"header {name!r} is set by the outbox; pass message_id= instead")
+        if isinstance(value, str):
+            data = _utf8(value, f"the value of header {name!r}")
+        elif isinstance(value, (bytes, bytearray, memoryview)):
+            data = bytes(value)
+        else:
+            raise PayloadError(
+                f"header {name!r} must be a str or bytes, not {type(value).__name__}"
+            )
+        out.append((name, data))
+    return out
 
 
 def encode_payload(payload: Any) -> tuple[bytes | None, str | None]:
@@ -141,12 +208,17 @@ def encode_payload(payload: Any) -> tuple[bytes | None, str | None]:
     return _utf8(text, "payload"), JSON
 
 
+def valid_topic(topic: object) -> bool:
+    """Whether Kafka accepts ``topic`` as a topic name."""
+    # fullmatch: with match, "$" would accept a trailing newline. "." and ".." are not
+    # allowed by Kafka either.
+    return isinstance(topic, str) and bool(_TOPIC.fullmatch(topic)) and topic not in (".", "..")
+
+
 def encode(message: Message) -> EncodedMessage:
     """Validate and encode; raises :class:`PayloadError` with what to fix."""
     topic = message.topic
-    # fullmatch: with match, "$" would accept a trailing newline. "." and ".." are not
-    # allowed by Kafka either.
-    if not isinstance(topic, str) or not _TOPIC.fullmatch(topic) or topic in (".", ".."):
+    if not valid_topic(topic):
         raise PayloadError(
             f"invalid topic {topic!r}: use 1-249 characters from letters, digits, '.', '_', '-'"
         )
@@ -158,37 +230,25 @@ def encode(message: Message) -> EncodedMessage:
     elif key is not None and not isinstance(key, bytes):
         raise PayloadError(f"invalid key of type {type(key).__name__}: use str, bytes or None")
     payload, content_type = encode_payload(message.payload)
-    headers: dict[str, str] = {}
-    if message.headers is not None and not isinstance(message.headers, Mapping):
-        raise PayloadError(
-            f"headers must be a mapping of str to str, not {type(message.headers).__name__}"
-        )
-    for name, value in (message.headers or {}).items():
-        if not isinstance(name, str) or not name:
-            raise PayloadError(f"invalid header name {name!r}: use a non-empty str")
-        _check_text(name, f"header name {name!r}")
-        if name.lower() in _RESERVED_HEADERS:
-            raise PayloadError(f"header {name!r} is set by the outbox; pass message_id= instead")
-        if not isinstance(value, str):
-            raise PayloadError(f"header {name!r} must be a str, not {type(value).__name__}")
-        headers[name] = _check_text(value, f"the value of header {name!r}")
+    headers = encode_headers(message.headers) if message.headers is not None else []
     if message.content_type is not None:
         if not isinstance(message.content_type, str):
             raise PayloadError(
                 f"content_type must be a str, not {type(message.content_type).__name__}"
             )
-        _check_text(message.content_type, "content_type")
-    ctype = message.content_type or content_type
-    if message.content_type is None and any(n.lower() == HEADER_CONTENT_TYPE for n in headers):
-        ctype = None  # the caller's own content-type header wins over the default
-    if message.content_type is not None:
+        ctype: bytes | None = _check_text(message.content_type, "content_type")
         # content_type= wins over a content-type header in any letter case: one header only.
-        headers = {n: v for n, v in headers.items() if n.lower() != HEADER_CONTENT_TYPE}
+        headers = [(n, v) for n, v in headers if n.lower() != HEADER_CONTENT_TYPE]
+    elif any(n.lower() == HEADER_CONTENT_TYPE for n, _ in headers):
+        ctype = None  # the caller's own content-type header wins, where the caller put it
+    else:
+        ctype = None if content_type is None else content_type.encode()
     if ctype is not None:
-        headers[HEADER_CONTENT_TYPE] = ctype
+        # First, right after the message-id the relay sends: see docs/reference.md.
+        headers.insert(0, (HEADER_CONTENT_TYPE, ctype))
     message_id = message.message_id if message.message_id is not None else uuid7()
     if not isinstance(message_id, uuid.UUID):
         raise PayloadError(f"message_id must be a uuid.UUID, not {type(message_id).__name__}")
     return EncodedMessage(
-        message_id=message_id, topic=topic, key=key, payload=payload, headers=headers
+        message_id=message_id, topic=topic, key=key, payload=payload, headers=tuple(headers)
     )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, TypeAlias, cast
 
 import psycopg
@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 
 from outbox import deferred, statements
 from outbox.exceptions import DatabaseUnavailableError, translate_db_errors
-from outbox.message import Message, encode
+from outbox.message import Headers, Message, encode
 from outbox.schema import DEFAULT_INBOX_TABLE, DEFAULT_TABLE, OutboxTables, define_tables
 
 if TYPE_CHECKING:
@@ -80,7 +80,7 @@ class Outbox:
         payload: Any,
         *,
         key: str | bytes | None = None,
-        headers: Mapping[str, str] | None = None,
+        headers: Headers | None = None,
         message_id: uuid.UUID | None = None,
         content_type: str | None = None,
     ) -> uuid.UUID:
@@ -115,7 +115,7 @@ class Outbox:
         payload: Any,
         *,
         key: str | bytes | None = None,
-        headers: Mapping[str, str] | None = None,
+        headers: Headers | None = None,
         message_id: uuid.UUID | None = None,
         content_type: str | None = None,
     ) -> uuid.UUID:

@@ -308,7 +308,10 @@ class Relay:
                 row.topic,
                 row.key,
                 row.payload,
-                [(HEADER_MESSAGE_ID, row.message_id.encode()), *self._headers(row.headers)],
+                [
+                    (HEADER_MESSAGE_ID, row.message_id.encode()),
+                    *self._headers(row.header_names, row.header_values),  # in stored order
+                ],
             )
             try:
                 transport.send(message, _Report(batch, row))

@@ -56,6 +56,14 @@ INBOX_STORAGE_PARAMETERS: tuple[tuple[str, str], ...] = (
     ("autovacuum_vacuum_insert_threshold", "1000"),
 )
 
+#: The header columns hold one value per name, and no NULL element. Revision ``outbox_0004``
+#: spells out the same expression.
+HEADERS_CHECK = (
+    "cardinality(header_names) = cardinality(header_values) "
+    "AND array_position(header_names, NULL) IS NULL "
+    "AND array_position(header_values, NULL) IS NULL"
+)
+
 #: The key in ``Table.info`` that holds a table's storage parameters (a dict, name -> value).
 #: ``metadata.create_all`` applies them right after ``CREATE TABLE`` (SQLAlchemy 2.0 has no
 #: ``postgresql_with`` for tables); the revisions set them with ``ALTER TABLE ... SET``.
@@ -135,12 +143,6 @@ def define_tables(
         sa.Column("topic", sa.Text, nullable=False),
         sa.Column("key", sa.LargeBinary, nullable=True),
         sa.Column("payload", sa.LargeBinary, nullable=True),
-        sa.Column(
-            "headers",
-            postgresql.JSONB(),
-            nullable=False,
-            server_default=sa.text("'{}'::jsonb"),
-        ),
         sa.Column("status", sa.Text, nullable=False, server_default=sa.text(f"'{PENDING}'")),
         sa.Column("attempts", sa.Integer, nullable=False, server_default=sa.text("0")),
         sa.Column("last_error", sa.Text, nullable=True),
@@ -152,10 +154,25 @@ def define_tables(
             server_default=sa.text("now()"),
         ),
         sa.Column("sent_at", sa.DateTime(timezone=True), nullable=True),
+        # Kafka headers, sent after message-id in this order (revision outbox_0004): names and
+        # values side by side, repeated names kept; values are raw bytes.
+        sa.Column(
+            "header_names",
+            postgresql.ARRAY(sa.Text),
+            nullable=False,
+            server_default=sa.text("'{}'::text[]"),
+        ),
+        sa.Column(
+            "header_values",
+            postgresql.ARRAY(sa.LargeBinary),
+            nullable=False,
+            server_default=sa.text("'{}'::bytea[]"),
+        ),
         sa.PrimaryKeyConstraint("id", name=f"pk_{table}"),
         sa.UniqueConstraint("message_id", name=f"uq_{table}_message_id"),
         sa.CheckConstraint("length(topic) > 0", name=f"ck_{table}_topic"),
         sa.CheckConstraint(f"status IN ({status_list})", name=f"ck_{table}_status"),
+        sa.CheckConstraint(HEADERS_CHECK, name=f"ck_{table}_headers"),
         # The relay's claim: unsent rows in id order. Partial, so that rows kept in retain mode
         # do not slow it down.
         sa.Index(

@@ -8,7 +8,6 @@ Statements are written for PostgreSQL 13+.
 from __future__ import annotations
 
 import functools
-import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -39,14 +38,21 @@ def insert_messages(tables: OutboxTables) -> sa.TextClause:
     its ids after the earlier one committed or rolled back: per key, id order is commit order,
     and a row that the relay sees is never overtaken by a lower id of the same key. The
     ``pg_notify`` fires only on commit, waking the relay.
+
+    Headers travel as two flat arrays (every message's names, then values, in order);
+    message ``i`` owns the slice ``header_from[i]:header_to[i]`` (empty when from > to): arrays
+    of arrays must be rectangular in PostgreSQL, header lists are not.
     """
     sql = f"""
-INSERT INTO {_table(tables)} (message_id, topic, key, payload, headers)
-SELECT m.message_id, m.topic, m.key, m.payload, m.headers
+INSERT INTO {_table(tables)} (message_id, topic, key, payload, header_names, header_values)
+SELECT m.message_id, m.topic, m.key, m.payload,
+       h.names[m.hfrom:m.hto], h.vals[m.hfrom:m.hto]
 FROM unnest(
         CAST(:message_ids AS uuid[]), CAST(:topics AS text[]), CAST(:keys AS bytea[]),
-        CAST(:payloads AS bytea[]), CAST(:headers AS jsonb[])
-     ) WITH ORDINALITY AS m(message_id, topic, key, payload, headers, ord),
+        CAST(:payloads AS bytea[]), CAST(:header_from AS int[]), CAST(:header_to AS int[])
+     ) WITH ORDINALITY AS m(message_id, topic, key, payload, hfrom, hto, ord),
+     (SELECT CAST(:header_names AS text[]) AS names,
+             CAST(:header_values AS bytea[]) AS vals) AS h,
      (SELECT count(pg_advisory_xact_lock(l)) AS n
         FROM unnest(CAST(:lock_ids AS bigint[])) AS l) AS locks,
      (SELECT pg_notify({_literal(tables.channel)}, '')) AS wake
@@ -61,8 +67,9 @@ def insert_message(tables: OutboxTables) -> sa.TextClause:
     server time (no arrays to unpack). ``lock_id`` NULL (no key) takes no lock: the lock
     function is strict."""
     sql = f"""
-INSERT INTO {_table(tables)} (message_id, topic, key, payload, headers)
-SELECT :message_id, :topic, :key, :payload, CAST(:headers AS jsonb)
+INSERT INTO {_table(tables)} (message_id, topic, key, payload, header_names, header_values)
+SELECT :message_id, :topic, :key, :payload,
+       CAST(:header_names AS text[]), CAST(:header_values AS bytea[])
 FROM (SELECT pg_advisory_xact_lock(CAST(:lock_id AS bigint)),
              pg_notify({_literal(tables.channel)}, '')) AS wake
 """
@@ -81,18 +88,32 @@ def insert(
             "topic": e.topic,
             "key": e.key,
             "payload": e.payload,
-            "headers": json.dumps(e.headers, separators=(",", ":")),
+            "header_names": [n for n, _ in e.headers],
+            "header_values": [v for _, v in e.headers],
             "lock_id": None if e.key is None else tables.lock_id(e.topic.encode(), e.key),
         }
     lock_ids = sorted(
         {tables.lock_id(e.topic.encode(), e.key) for e in encoded if e.key is not None}
     )
+    names: list[str] = []
+    values: list[bytes | None] = []
+    starts: list[int] = []
+    ends: list[int] = []
+    for e in encoded:
+        starts.append(len(names) + 1)  # PostgreSQL arrays start at 1; slices are inclusive
+        for name, value in e.headers:
+            names.append(name)
+            values.append(value)
+        ends.append(len(names))
     params: dict[str, Any] = {
         "message_ids": [e.message_id for e in encoded],
         "topics": [e.topic for e in encoded],
         "keys": [e.key for e in encoded],
         "payloads": [e.payload for e in encoded],
-        "headers": [json.dumps(e.headers, separators=(",", ":")) for e in encoded],
+        "header_from": starts,
+        "header_to": ends,
+        "header_names": names,
+        "header_values": values,
         "lock_ids": lock_ids,
     }
     return insert_messages(tables), params
@@ -110,8 +131,8 @@ def claim(tables: OutboxTables) -> sa.TextClause:
     """
     t = _table(tables)
     sql = f"""
-SELECT o.id, CAST(o.message_id AS text), o.topic, o.key, o.payload, CAST(o.headers AS text),
-       o.attempts
+SELECT o.id, CAST(o.message_id AS text), o.topic, o.key, o.payload, o.header_names,
+       o.header_values, o.attempts
 FROM {t} AS o
 WHERE o.status IN ('{PENDING}', '{RETRY}')
   AND (o.status = '{PENDING}' OR o.next_attempt_at <= now())
@@ -195,8 +216,9 @@ def count_by_status(tables: OutboxTables) -> sa.TextClause:
 
 @functools.lru_cache(maxsize=64)
 def probe_tables(tables: OutboxTables) -> sa.TextClause:
-    """Fails with UndefinedTable when the tables are not installed."""
-    return sa.text(f"SELECT 1 FROM {_table(tables)} LIMIT 0")
+    """Fails with UndefinedTable when the tables are not installed, and with UndefinedColumn
+    when they are older than revision ``outbox_0004`` (run ``outbox db upgrade``)."""
+    return sa.text(f"SELECT header_names, header_values FROM {_table(tables)} LIMIT 0")
 
 
 def missing_privileges(tables: OutboxTables) -> sa.TextClause:
@@ -206,6 +228,12 @@ def missing_privileges(tables: OutboxTables) -> sa.TextClause:
         "SELECT current_user, array(SELECT p FROM unnest(CAST(:needed AS text[])) AS p "
         f"WHERE NOT has_table_privilege({_literal(_table(tables))}, p))"
     )
+
+
+def terminate_backend() -> sa.TextClause:
+    """End the server session ``:pid`` (the consumer's own hung handler: its transaction,
+    with the inbox claim, rolls back)."""
+    return sa.text("SELECT pg_terminate_backend(:pid)")
 
 
 def try_leader_lock() -> sa.TextClause:
@@ -244,8 +272,9 @@ def _inbox(tables: OutboxTables) -> str:
 
 @functools.lru_cache(maxsize=64)
 def probe_inbox(tables: OutboxTables) -> sa.TextClause:
-    """Fails with UndefinedTable when the inbox or outbox table is not installed."""
-    return sa.text(f"SELECT 1 FROM {_inbox(tables)}, {_table(tables)} LIMIT 0")
+    """Fails with UndefinedTable when the inbox or outbox table is not installed (and with
+    UndefinedColumn before revision ``outbox_0004``: dead letters use its header columns)."""
+    return sa.text(f"SELECT o.header_names FROM {_inbox(tables)}, {_table(tables)} AS o LIMIT 0")
 
 
 @functools.lru_cache(maxsize=64)

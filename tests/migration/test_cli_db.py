@@ -1,6 +1,6 @@
 """``outbox db upgrade|downgrade|sql|versions-dir`` and ``outbox status``: the outbox table
-(revision ``outbox_0001``), the inbox (``outbox_0002``) and their autovacuum settings
-(``outbox_0003``)."""
+(revision ``outbox_0001``), the inbox (``outbox_0002``), their autovacuum settings
+(``outbox_0003``) and the ordered header arrays (``outbox_0004``)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ from tests.support.migration import drift, engine, scalars, tables_in
 
 FIRST = "outbox_0001"
 INBOX = "outbox_0002"
-HEAD = "outbox_0003"
+AUTOVACUUM = "outbox_0003"
+HEAD = "outbox_0004"
 
 
 def _run(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
@@ -138,7 +139,12 @@ def test_inbox_table_option(empty_db_url: str) -> None:
     assert code == 2
     assert "name of its own" in err
 
-    # -1 from head only resets the autovacuum settings; -1 again removes only the inbox.
+    # -1 from head only turns the header arrays back into jsonb, -1 again only resets the
+    # autovacuum settings; -1 again removes only the inbox.
+    code, out, _ = _run(
+        "db", "downgrade", "--db-url", url, "--inbox-table", "dedup", "--revision", "-1"
+    )
+    assert (code, out) == (0, f"outbox tables at revision {AUTOVACUUM}\n")
     code, out, _ = _run(
         "db", "downgrade", "--db-url", url, "--inbox-table", "dedup", "--revision", "-1"
     )
@@ -290,6 +296,9 @@ def test_sql_prints_ddl() -> None:
         < out.index(f"SET version_num='{INBOX}'")
         < out.index(messages_settings)
         < out.index(inbox_settings)
+        < out.index(f"SET version_num='{AUTOVACUUM}'")
+        < out.index(f"ALTER TABLE {DEFAULT_TABLE} ADD COLUMN header_names text[]")
+        < out.index(f"ALTER TABLE {DEFAULT_TABLE} DROP COLUMN headers;")
         < out.index(f"SET version_num='{HEAD}'")
     )
     assert out.startswith("BEGIN;")
@@ -357,6 +366,7 @@ def test_versions_dir() -> None:
     assert (path / "outbox_0001_messages.py").is_file()
     assert (path / "outbox_0002_inbox.py").is_file()
     assert (path / "outbox_0003_autovacuum.py").is_file()
+    assert (path / "outbox_0004_header_list.py").is_file()
     assert (path.parent / "env.py").is_file()
 
 

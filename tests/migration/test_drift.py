@@ -60,6 +60,7 @@ def test_migrations_match_declared_tables(
         f"uq_{table}_message_id",
         f"ck_{table}_topic",
         f"ck_{table}_status",
+        f"ck_{table}_headers",
     }
     indexes = dict(snap["indexes"])
     assert "WHERE" in indexes[f"ix_{table}_unsent"]
@@ -70,14 +71,17 @@ def test_migrations_match_declared_tables(
         "topic",
         "key",
         "payload",
-        "headers",
         "status",
         "attempts",
         "last_error",
         "next_attempt_at",
         "created_at",
         "sent_at",
+        "header_names",
+        "header_values",
     ]
+    types = {c[1]: c[2] for c in snap["columns"]}
+    assert (types["header_names"], types["header_values"]) == ("text[]", "bytea[]")
     assert [row[0] for row in snap["identity"]] == ["id"]
     # The autovacuum settings are part of what was compared.
     assert snap["table"] == [

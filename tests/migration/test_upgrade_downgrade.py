@@ -1,7 +1,7 @@
 """``outbox.migrate``: upgrade, downgrade to base, upgrade again, on an empty database, with the
 default names and with a custom table, inbox table and schema; the revisions one at a time
 (``outbox_0001`` the outbox table, ``outbox_0002`` the inbox, ``outbox_0003`` their autovacuum
-settings)."""
+settings, ``outbox_0004`` the ordered header arrays: see also test_header_migration.py)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ from tests.support.migration import engine, qualified, scalars, schemas_in, tabl
 
 FIRST = "outbox_0001"
 INBOX = "outbox_0002"
-HEAD = "outbox_0003"
+AUTOVACUUM = "outbox_0003"
+HEAD = "outbox_0004"
 
 NAMES = [
     pytest.param(DEFAULT_TABLE, None, DEFAULT_INBOX_TABLE, id="default"),
@@ -118,8 +119,9 @@ def test_one_revision_at_a_time(
     empty_db_url: str, table: str, schema: str | None, inbox: str
 ) -> None:
     """An outbox installed before the inbox existed (``outbox_0001``) gets the inbox from the
-    second revision, keeping its messages; ``-1`` from head only resets the autovacuum settings,
-    ``-1`` again removes only the inbox."""
+    second revision, keeping its messages; ``-1`` from head only turns the header arrays back
+    into jsonb, ``-1`` again only resets the autovacuum settings, ``-1`` again removes only the
+    inbox."""
     url = empty_db_url
     names: dict[str, Any] = {"table": table, "schema": schema, "inbox_table": inbox}
     where = schema or "public"
@@ -141,6 +143,11 @@ def test_one_revision_at_a_time(
     _insert_inbox(url, inbox, schema)
 
     migrate.downgrade(url, **names, revision="-1")
+    assert migrate.current(url, schema=schema) == AUTOVACUUM
+    assert _oid(url, table, schema) == oid
+    assert scalars(url, f"SELECT count(*) FROM {outbox_table}") == [1]
+
+    migrate.downgrade(url, **names, revision="-1")
     assert migrate.current(url, schema=schema) == INBOX
     assert tables_in(url) == {outbox_table, inbox_table, version_table}
     assert scalars(url, f"SELECT count(*) FROM {inbox_table}") == [1]
@@ -154,6 +161,8 @@ def test_one_revision_at_a_time(
     # Relative steps up work too, and `head` afterwards is a no-op.
     migrate.upgrade(url, **names, revision="+1")
     assert migrate.current(url, schema=schema) == INBOX
+    migrate.upgrade(url, **names, revision="+1")
+    assert migrate.current(url, schema=schema) == AUTOVACUUM
     migrate.upgrade(url, **names, revision="+1")
     assert migrate.current(url, schema=schema) == HEAD
     assert tables_in(url) == {outbox_table, inbox_table, version_table}
@@ -251,6 +260,8 @@ def test_upgrade_step_by_step(empty_db_url: str) -> None:
     assert migrate.current(empty_db_url) == FIRST
     migrate.upgrade(empty_db_url, revision=INBOX)
     assert migrate.current(empty_db_url) == INBOX
+    migrate.upgrade(empty_db_url, revision=AUTOVACUUM)
+    assert migrate.current(empty_db_url) == AUTOVACUUM
     migrate.upgrade(empty_db_url, revision=HEAD)
     assert migrate.current(empty_db_url) == HEAD
     migrate.upgrade(empty_db_url, revision="outbox@head")

@@ -1,7 +1,8 @@
 """The outbox revisions run from the user's own Alembic project: ``version_locations`` lists
 the project's versions folder and :func:`outbox.migrate.versions_dir`; the outbox branch is
 recorded in the project's own ``alembic_version`` table (all its revisions, ``outbox_0001`` the
-outbox table, ``outbox_0002`` the inbox, ``outbox_0003`` their autovacuum settings, are on it);
+outbox table, ``outbox_0002`` the inbox, ``outbox_0003`` their autovacuum settings,
+``outbox_0004`` the ordered header arrays, are on it);
 ``outbox_table`` / ``outbox_schema`` / ``outbox_inbox_table`` in the ``[alembic]`` section choose
 the names.
 
@@ -40,7 +41,8 @@ from tests.support.migration import (
 
 FIRST = "outbox_0001"
 INBOX = "outbox_0002"
-HEAD = "outbox_0003"
+AUTOVACUUM = "outbox_0003"
+HEAD = "outbox_0004"
 OUTBOX = {f"public.{DEFAULT_TABLE}", f"public.{DEFAULT_INBOX_TABLE}"}
 
 
@@ -76,8 +78,10 @@ def test_outbox_branch_in_user_project(tmp_path: Path, empty_db_url: str) -> Non
     # no difference between them and what the revisions built.
     command.check(cfg)
 
-    # One step down the outbox branch resets the autovacuum settings; the next removes only the
-    # inbox.
+    # One step down the outbox branch turns the header arrays back into jsonb, the next resets
+    # the autovacuum settings; the next removes only the inbox.
+    command.downgrade(cfg, "outbox@-1")
+    assert _versions(url) == {AUTOVACUUM, "app_0001"}
     command.downgrade(cfg, "outbox@-1")
     assert tables_in(url) == {*OUTBOX, "public.alembic_version", "public.users"}
     assert _versions(url) == {INBOX, "app_0001"}
@@ -101,7 +105,8 @@ def test_outbox_branch_in_user_project(tmp_path: Path, empty_db_url: str) -> Non
     assert "app_0001 (app) (head)" in proc.stdout
     proc = _alembic(ini, "history")
     assert proc.returncode == 0, proc.stderr
-    assert f"{INBOX} -> {HEAD} (outbox) (head)" in proc.stdout
+    assert f"{AUTOVACUUM} -> {HEAD} (outbox) (head)" in proc.stdout
+    assert f"{INBOX} -> {AUTOVACUUM} (outbox)," in proc.stdout
     assert f"{FIRST} -> {INBOX} (outbox)," in proc.stdout
     assert f"<base> -> {FIRST} (outbox)," in proc.stdout
 
@@ -153,7 +158,7 @@ def test_names_from_alembic_ini(tmp_path: Path, empty_db_url: str) -> None:
     assert _versions(url) == {HEAD, "app_0001"}
     command.check(Config(str(ini)))
 
-    command.downgrade(Config(str(ini)), "outbox@-2")
+    command.downgrade(Config(str(ini)), "outbox@-3")
     assert tables_in(url) == {"messaging.events_out", "public.alembic_version", "public.users"}
     command.downgrade(Config(str(ini)), "outbox@base")
     assert tables_in(url) == {"public.alembic_version", "public.users"}

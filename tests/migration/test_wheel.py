@@ -26,8 +26,13 @@ from tests.support.migration import app_project, scalars, tables_in, user_projec
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
-HEAD = "outbox_0003"
-REVISIONS = ("outbox_0001_messages.py", "outbox_0002_inbox.py", "outbox_0003_autovacuum.py")
+HEAD = "outbox_0004"
+REVISIONS = (
+    "outbox_0001_messages.py",
+    "outbox_0002_inbox.py",
+    "outbox_0003_autovacuum.py",
+    "outbox_0004_header_list.py",
+)
 CUSTOM = ("--table", "events_out", "--schema", "msg", "--inbox-table", "events_in")
 
 
@@ -118,8 +123,8 @@ def test_wheel_contents(wheel_venv: WheelVenv) -> None:
     assert "outbox/py.typed" in names
     assert not any(n.startswith(("migrations/", "tests/")) for n in names)
     assert not any("__pycache__" in n or n.endswith(".pyc") for n in names)
-    assert "outbox = outbox.cli:main" in scripts
-    assert "outbox-relay = outbox.cli:relay_main" in scripts
+    assert "outbox = outbox._entry:main" in scripts
+    assert "outbox-relay = outbox._entry:relay_main" in scripts
 
 
 def test_wheel_installs_tables(wheel_venv: WheelVenv, empty_db_url: str, tmp_path: Path) -> None:

@@ -90,8 +90,11 @@ _CATALOG = {
     "table": """
         SELECT c.relkind::text, c.relpersistence::text, coalesce(c.reloptions::text, '')
         FROM pg_class c WHERE c.oid = to_regclass(:rel)""",
+    # The position among live columns, not attnum: a column dropped by a revision
+    # (outbox_0004's headers) leaves a hole in attnum that create_all's table has not.
     "columns": """
-        SELECT a.attnum, a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull,
+        SELECT row_number() OVER (ORDER BY a.attnum), a.attname,
+               format_type(a.atttypid, a.atttypmod), a.attnotnull,
                coalesce(pg_get_expr(d.adbin, d.adrelid), ''), a.attidentity::text,
                a.attgenerated::text, coalesce(a.attcollation::regcollation::text, '')
         FROM pg_attribute a

@@ -59,7 +59,16 @@ def test_clear_forgets_everything() -> None:
 
 
 def _batch(gate: KeyGate) -> tuple[_Batch, Row]:
-    row = Row(id=1, message_id="m", topic="t", key=b"k", payload=b"v", headers="{}", attempts=0)
+    row = Row(
+        id=1,
+        message_id="m",
+        topic="t",
+        key=b"k",
+        payload=b"v",
+        header_names=b"",
+        header_values=b"",
+        attempts=0,
+    )
     batch = _Batch(rows=[row], transport=MemoryTransport(), gate=gate, started=0.0)
     batch.outstanding = 1
     return batch, row

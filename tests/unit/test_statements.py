@@ -25,7 +25,17 @@ BUILDERS: dict[str, Callable[[OutboxTables], sa.TextClause]] = {
 }
 
 PARAMS = {
-    "insert_messages": {"message_ids", "topics", "keys", "payloads", "headers", "lock_ids"},
+    "insert_messages": {
+        "message_ids",
+        "topics",
+        "keys",
+        "payloads",
+        "header_from",
+        "header_to",
+        "header_names",
+        "header_values",
+        "lock_ids",
+    },
     "claim": {"exclude", "limit"},
     "delete_sent": {"ids"},
     "mark_sent": {"ids"},
