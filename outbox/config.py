@@ -244,12 +244,58 @@ class RelayConfig:
 
 def relay_conninfo(config: RelayConfig) -> str:
     """The libpq connection string of the relay's sessions: the URL's parameters, plus
-    keepalives and session settings that its guarantees rest on."""
+    keepalives and session settings that its guarantees rest on.
+
+    Several hosts are taken in both forms that SQLAlchemy's psycopg dialect accepts, so the
+    relay connects where the application's engine does: ``?host=H1:P1&host=H2:P2`` (the
+    parameter repeated, each with its port; SQLAlchemy hands them over as a tuple) and
+    ``?host=H1,H2&port=P1,P2`` (libpq's own lists). Both become libpq's ``host=H1,H2
+    port=P1,P2``: libpq tries the hosts in order, and ``target_session_attrs=read-write``
+    makes it skip a standby, so the relay follows a failover. A single ``?host=H:P`` is split
+    the same way. Any other parameter given twice is refused: libpq has no list for it (it
+    used to be dropped, and with it every host, so the relay connected to the default one).
+    """
     url = parse_db_url(config.db_url)
     params: dict[str, Any] = dict(
         url.translate_connect_args(username="user", database="dbname").items()
     )
-    params.update({k: v for k, v in url.query.items() if isinstance(v, str)})
+    per_host = ("host", "hostaddr", "port")  # libpq's comma-separated lists
+    for name, value in url.query.items():
+        if isinstance(value, str):
+            params[name] = value
+        elif name in per_host:
+            params[name] = ",".join(value)
+        else:
+            raise _bad_url(f"the query parameter {name!r} is given more than once")
+    hosts = url.query.get("host")
+    items = (hosts,) if isinstance(hosts, str) else tuple(hosts or ())
+
+    def with_port(item: str) -> bool:
+        # An IPv6 address has more than one ':', a socket directory starts with '/'.
+        return not item.startswith("/") and item.count(":") == 1
+
+    # "?host=H1:P1&host=H2:P2", or one "?host=H:P"; a list "?host=H1,H2" has its ports in ?port=.
+    if isinstance(hosts, tuple) or (len(items) == 1 and with_port(items[0])):
+        if "port" in url.query:  # as SQLAlchemy: one form or the other
+            raise _bad_url(
+                "give the ports either with each host (?host=H1:P1&host=H2:P2) or in ?port= "
+                "(?host=H1,H2&port=P1,P2), not both"
+            )
+        params["host"] = ",".join(
+            item.partition(":")[0] if with_port(item) else item for item in items
+        )
+        ports = [item.partition(":")[2] if with_port(item) else "" for item in items]
+        if any(ports):
+            # An empty item is libpq's default port; the URL's own port, if any, fills it.
+            default = "" if url.port is None else str(url.port)
+            params["port"] = ",".join(p or default for p in ports)
+    # libpq's rule, checked now rather than at every reconnect: one item per host (or one port
+    # for all of them).
+    counts = {name: str(params[name]).count(",") + 1 for name in per_host if name in params}
+    hosts_n = counts.get("host", counts.get("hostaddr", 1))
+    for name, n in counts.items():
+        if n != hosts_n and not (name == "port" and n == 1):
+            raise _bad_url(f"{n} items in {name}= for {hosts_n} hosts")
     params.setdefault("application_name", config.application_name)
     params.setdefault("connect_timeout", max(1, int(config.db_connect_timeout)))
     # Client side: notice a dead server or network in about 25 s instead of hanging on TCP,
