@@ -31,8 +31,15 @@ from outbox.cli_options import (
     parse_settings,
 )
 from outbox.config import RelayConfig, parse_db_url
-from outbox.consumer import Consumer, ConsumerConfig, load_handler, message_id_key
+from outbox.consumer import (
+    EXIT_HANDLER_HUNG,
+    Consumer,
+    ConsumerConfig,
+    load_handler,
+    message_id_key,
+)
 from outbox.exceptions import (
+    ConfigurationError,
     DatabaseUnavailableError,
     OutboxError,
     TransportUnavailable,
@@ -376,6 +383,16 @@ def purge(db_url: str, table: str, schema: str | None, inbox_table: str, batch_s
         "[OUTBOX_REDELIVERY_HORIZON_DAYS]",
     ),
     click.option(
+        "--handler-timeout",
+        type=click.FloatRange(min=0),
+        default=_CONSUMER.handler_timeout,
+        show_default=True,
+        envvar="OUTBOX_HANDLER_TIMEOUT",
+        help="Seconds one handler attempt may take (0: no limit): its statements are cancelled "
+        "past it; a handler stuck outside the database gets its message dead-lettered and "
+        f"the process exits {EXIT_HANDLER_HUNG} to be restarted [OUTBOX_HANDLER_TIMEOUT]",
+    ),
+    click.option(
         "--max-messages", type=click.IntRange(1), default=None, help="Stop after this many messages"
     ),
     click.option(
@@ -407,6 +424,7 @@ def consume(
     db_backoff_max: float,
     retention_days: float,
     redelivery_horizon_days: float | None,
+    handler_timeout: float,
     max_messages: int | None,
     idle_timeout: float | None,
     log_level: str,
@@ -425,9 +443,17 @@ def consume(
             horizon_s = topic_retention(bootstrap_servers, topic_list, overrides)
         else:
             horizon_s = redelivery_horizon_days * 86400
+        poll_interval = float(overrides.get("max.poll.interval.ms", "300000")) / 1000
+        if handler_timeout and handler_timeout * 1.25 + 5 >= poll_interval:
+            raise ConfigurationError(
+                f"--handler-timeout {handler_timeout:g} s is too close to Kafka's "
+                f"max.poll.interval.ms ({poll_interval:g} s): the group would evict the "
+                "consumer first; lower it, or raise max.poll.interval.ms with -X"
+            )
         config = ConsumerConfig(
             db_url=db_url,
             name=consumer_name or group,
+            handler_timeout=handler_timeout or None,
             dead_letter_topic=dead_letter_topic,
             max_attempts=max_attempts,
             retry_backoff_base=retry_backoff,

@@ -12,6 +12,7 @@ dead-lettering itself happens once — and the partition moves on.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import importlib
@@ -22,7 +23,7 @@ import random
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import sqlalchemy as sa
@@ -37,7 +38,9 @@ from outbox.exceptions import (
     DatabaseUnavailableError,
     HandlerUndidItsWork,
     PoisonMessage,
+    TransactionConflict,
     TransportError,
+    classify_db_error,
     first_line,
     translate_db_errors,
 )
@@ -51,6 +54,10 @@ from outbox.transport.base import IncomingMessage, Source
 logger = logging.getLogger(__name__)
 
 Handler = Callable[[Session, IncomingMessage], Any]
+
+#: Exit status of ``outbox consume`` after a handler hung past its time limit (its message
+#: was dead-lettered first): restart the process.
+EXIT_HANDLER_HUNG = 3
 KeyExtractor = Callable[[IncomingMessage], "str | None"]
 
 
@@ -129,6 +136,12 @@ class ConsumerConfig:
     #: Backoff between tries while the database is unreachable (no attempt is counted).
     db_backoff_base: float = 0.5
     db_backoff_max: float = 30.0
+    #: How long one attempt of the handler may take, in seconds (None: no limit). Its database
+    #: statements are cancelled past it (``statement_timeout``: a failed attempt); a handler
+    #: stuck outside the database is dead-lettered and the process exits with status
+    #: :data:`EXIT_HANDLER_HUNG` for its supervisor to restart it (a Python thread cannot be
+    #: stopped from outside). Keep it below Kafka's ``max.poll.interval.ms``.
+    handler_timeout: float | None = 60.0
     table: str = DEFAULT_TABLE
     schema: str | None = None
     inbox_table: str = DEFAULT_INBOX_TABLE
@@ -153,6 +166,8 @@ class ConsumerConfig:
             if not getattr(self, name) > 0:
                 raise ConfigurationError(f"{name} must be positive")
         validate_identifier(self.table, "table name")
+        if self.handler_timeout is not None and not self.handler_timeout > 0:
+            raise ConfigurationError("handler_timeout must be positive (or None: no limit)")
 
     @property
     def retry_backoff(self) -> Backoff:
@@ -197,7 +212,24 @@ class Consumer:
             table=config.table, schema=config.schema, inbox_table=config.inbox_table
         )
         self._inbox = Inbox(self._outbox, retention=config.retention)
-        self._engine = sa.create_engine(parse_db_url(config.db_url), pool_pre_ping=True)
+        url = parse_db_url(config.db_url)
+        connect_args: dict[str, Any] = {}
+        if config.handler_timeout is not None:
+            # The URL's and PGOPTIONS' own session settings are kept (an explicit `options`
+            # would otherwise replace them).
+            ms = max(1, int(config.handler_timeout * 1000))
+            connect_args["options"] = " ".join(
+                filter(
+                    None,
+                    [
+                        os.environ.get("PGOPTIONS", ""),
+                        str(url.query.get("options", "")),
+                        f"-c statement_timeout={ms}",
+                    ],
+                )
+            )
+        self._engine = sa.create_engine(url, pool_pre_ping=True, connect_args=connect_args)
+        self._watchdog = _Watchdog(self, config.handler_timeout)
 
     def stop(self) -> None:
         """Finish the current message, commit offsets, leave the group."""
@@ -225,7 +257,7 @@ class Consumer:
         """Consume until :meth:`stop`, or ``max_messages`` handled, or no message for
         ``idle_timeout`` seconds once the source has joined its group (for scripts and tests)."""
         self.check()
-        source = self._source_factory()
+        source = self._source = self._source_factory()
         handled = 0
         last = time.monotonic()
         joined = False
@@ -285,7 +317,7 @@ class Consumer:
         outage = Retrying(self.config.db_backoff, self._rng)
         while True:
             try:
-                if not self._run_handler(message, key):
+                if not self._run_handler(message, key, attempts.failures + 1):
                     self.stats.duplicates += 1
                     logger.debug(
                         "duplicate skipped",
@@ -302,11 +334,16 @@ class Consumer:
                 return self._dead_letter(
                     message, key, f"PoisonMessage: {exc}", attempts.failures + 1, exc
                 )
-            except (DatabaseUnavailableError, sqlalchemy.exc.OperationalError) as exc:
-                # The database, not the message: wait for it, counting no attempt.
-                if not self._wait_for_database(exc, outage):
-                    return None
-            except Exception as exc:  # the handler's own failure
+            except Exception as exc:
+                if isinstance(
+                    classify_db_error(exc), DatabaseUnavailableError | TransactionConflict
+                ):
+                    # The database (down, or a conflict with a concurrent transaction), not
+                    # the message: try again, counting no attempt.
+                    if not self._wait_for_database(exc, outage):
+                        return None
+                    continue
+                # The handler's own failure (a statement it ran past the time limit too).
                 self.stats.failed_attempts += 1
                 reason = f"{type(exc).__name__}: {first_line(exc)}"
                 if attempts.failures + 1 >= self.config.max_attempts:
@@ -316,7 +353,7 @@ class Consumer:
                 if self._stop.wait(delay):
                     return None
 
-    def _run_handler(self, message: IncomingMessage, key: str) -> bool:
+    def _run_handler(self, message: IncomingMessage, key: str, attempts: int = 1) -> bool:
         """Claim ``key`` and run the handler in one transaction that this runner owns; False
         if the key was claimed before (a duplicate). The handler's session joins that
         transaction through a savepoint, so its own ``commit()`` only ends the savepoint:
@@ -324,7 +361,10 @@ class Consumer:
         with self._engine.connect() as conn, conn.begin():
             if not self._inbox.claim(conn, self.config.name, key):
                 return False
-            with _HandlerSession(bind=conn, join_transaction_mode="create_savepoint") as session:
+            with (
+                _HandlerSession(bind=conn, join_transaction_mode="create_savepoint") as session,
+                self._watchdog.watching(message, key, attempts, _backend_pid(conn)),
+            ):
                 self.handler(session, message)
                 if session.undone is not None:
                     raise HandlerUndidItsWork(
@@ -413,3 +453,94 @@ class Consumer:
             },
         )
         return "dead_lettered"
+
+
+def _backend_pid(conn: sa.Connection) -> int | None:
+    driver = conn.connection.driver_connection
+    info = getattr(driver, "info", None)
+    return getattr(info, "backend_pid", None)
+
+
+class _Watchdog:
+    """Notices a handler attempt that outlives its time limit. Its database statements are
+    cancelled by ``statement_timeout`` at the limit; past the limit and a grace period the
+    handler is stuck outside the database, where Python cannot stop it. Then the watchdog
+    ends the handler's session (rolling back its claim), dead-letters the message, commits
+    its offset and exits the process (:data:`EXIT_HANDLER_HUNG`) for the supervisor to start a
+    fresh one -- which skips the message, so a message that always hangs does not crash-loop.
+    """
+
+    #: Replaced in tests.
+    exit: Callable[[int], None] = staticmethod(os._exit)
+
+    def __init__(self, consumer: Consumer, limit: float | None) -> None:
+        self._consumer = consumer
+        self._limit = limit
+        self._cond = threading.Condition()
+        self._current: tuple[IncomingMessage, str, int, int | None, float] | None = None
+        self._thread: threading.Thread | None = None
+
+    @contextlib.contextmanager
+    def watching(
+        self, message: IncomingMessage, key: str, attempts: int, pid: int | None
+    ) -> Iterator[None]:
+        if self._limit is None:
+            yield
+            return
+        grace = min(5.0, 0.5 + self._limit / 4)
+        with self._cond:
+            self._current = (message, key, attempts, pid, time.monotonic() + self._limit + grace)
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._watch, name="outbox-handler-watchdog", daemon=True
+                )
+                self._thread.start()
+            self._cond.notify()
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._current = None
+                self._cond.notify()
+
+    def _watch(self) -> None:
+        while True:
+            with self._cond:
+                while self._current is None:
+                    self._cond.wait()
+                message, key, attempts, pid, deadline = self._current
+                remaining = deadline - time.monotonic()
+                if remaining > 0:
+                    self._cond.wait(remaining)
+                    continue
+                self._current = None
+            self._hung(message, key, attempts, pid)
+
+    def _hung(self, message: IncomingMessage, key: str, attempts: int, pid: int | None) -> None:
+        consumer = self._consumer
+        reason = f"the handler ran longer than its time limit ({self._limit} s)"
+        logger.error(
+            "handler hung, dead-lettering and exiting",
+            extra={
+                "event": "consumer.handler_hung",
+                "key": key,
+                "limit_s": self._limit,
+                **message_fields(message),
+            },
+        )
+        try:
+            if pid is not None:
+                with consumer._engine.connect() as conn:
+                    conn.execute(statements.terminate_backend(), {"pid": pid})
+                    conn.commit()
+            if consumer._dead_letter(message, key, reason, attempts) is not None:
+                consumer._source.processed(message)
+                consumer._source.commit()
+        except Exception:
+            # Exiting anyway: the message is redelivered and the watchdog tries again.
+            logger.exception(
+                "could not dead-letter the hung message",
+                extra={"event": "consumer.hang_unrecorded"},
+            )
+        sys.stderr.flush()
+        self.exit(EXIT_HANDLER_HUNG)

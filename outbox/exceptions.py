@@ -159,6 +159,20 @@ def _translate(err: BaseException, what: str, *, invalidated: bool = False) -> O
     return DatabaseError(f"{what} failed: {text}")
 
 
+def classify_db_error(exc: BaseException) -> OutboxError | None:
+    """The library's exception for ``exc`` if it is a database error (translated as
+    :func:`translate_db_errors` would), else None: for callers that must decide between
+    waiting for the database, retrying, and counting a failure."""
+    if isinstance(exc, OutboxError):
+        return exc
+    if isinstance(exc, sqlalchemy.exc.DBAPIError):
+        err = exc.orig if exc.orig is not None else exc
+        return _translate(err, "database operation", invalidated=exc.connection_invalidated)
+    if isinstance(exc, psycopg.Error):
+        return _translate(exc, "database operation")
+    return None
+
+
 @contextlib.contextmanager
 def translate_db_errors(what: str = "database operation") -> Iterator[None]:
     """Translate SQLAlchemy and psycopg errors into :class:`OutboxError` subclasses.

@@ -52,10 +52,14 @@ def test_bad_database_url_is_a_usage_error(db_url: str, expect: str, broker: Bro
     assert re.search(expect, _error_line(result.stderr)), result.stderr
 
 
-def test_unreachable_database_fails_with_status_1(broker: Broker) -> None:
+def test_unreachable_database_fails_once_with_status_1(broker: Broker) -> None:
+    # --once keeps its bounded wait; a long-running relay waits for the database instead
+    # (tests/acceptance/test_start.py).
     url = f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/app"
     result = run_cli(
-        "outbox-relay", ["--db-url", url, "--bootstrap-servers", broker.bootstrap], timeout=30
+        "outbox-relay",
+        ["--db-url", url, "--bootstrap-servers", broker.bootstrap, "--once"],
+        timeout=30,
     )
     assert result.returncode == FAILURE, result.stderr
     line = _error_line(result.stderr)

@@ -43,17 +43,6 @@ def test_a_relay_started_without_its_database_waits_for_it(broker: Broker) -> No
     assert relay.wait(20) == 0, relay.tail()
 
 
-def test_once_still_fails_fast_without_its_database(broker: Broker) -> None:
-    from tests.support.cli import run_cli
-
-    closed = f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/outbox"
-    done = run_cli(
-        "outbox-relay", ["--db-url", closed, "--bootstrap-servers", broker.bootstrap, "--once"]
-    )
-    assert done.returncode == 1
-    assert done.stderr.strip().splitlines()[-1].startswith("error: cannot reach the database")
-
-
 def test_a_consumer_without_its_broker_says_so_and_idles_out(db_url: str) -> None:
     # It used to hang silently, also with --idle-timeout (the idle clock waited for a group
     # join that an unreachable broker never gives).

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import os
+import threading
 import time
 
 import sqlalchemy as sa
@@ -97,3 +98,20 @@ class Payments:
     @staticmethod
     def capture(session: Session, message: IncomingMessage) -> None:
         record_effect(session, message)
+
+
+def hang_in_database(session: Session, message: IncomingMessage) -> None:
+    """A handler whose statement never ends (until ``statement_timeout`` cancels it)."""
+    session.execute(sa.text("SELECT pg_sleep(3600)"))
+
+
+#: Set to release :func:`hang_in_python` (in-process tests).
+release_hang = threading.Event()
+
+
+def hang_in_python(session: Session, message: IncomingMessage) -> None:
+    """A handler stuck outside the database on the first message whose ``n`` is 1 (until
+    :data:`release_hang` is set: an hour in another process)."""
+    if json_value(message)["n"] == 1:
+        release_hang.wait(3600)
+    record_effect(session, message)
