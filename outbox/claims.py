@@ -22,6 +22,7 @@ import psycopg.conninfo
 import psycopg.postgres
 
 from outbox.exceptions import OutboxError, translate_db_errors
+from outbox.leader import prepare_session
 
 logger = logging.getLogger("outbox.relay")
 
@@ -215,6 +216,8 @@ class Claims:
             )
         self._stack = contextlib.ExitStack()
         try:
+            with translate_db_errors("connect"):
+                prepare_session(conn)
             pipeline = self._stack.enter_context(conn.pipeline())
         except BaseException:
             conn.close()

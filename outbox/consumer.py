@@ -35,8 +35,10 @@ from outbox.backoff import Backoff, Retrying
 from outbox.config import parse_db_url
 from outbox.exceptions import (
     ConfigurationError,
+    DatabaseAccessError,
     DatabaseUnavailableError,
     HandlerUndidItsWork,
+    MissingTablesError,
     PoisonMessage,
     TransactionConflict,
     TransportError,
@@ -237,8 +239,23 @@ class Consumer:
 
     def check(self) -> None:
         """Fail fast on bad setup: the database reachable, the tables installed."""
+        tables = self._outbox.tables
         with translate_db_errors("check tables"), self._engine.connect() as conn:
-            conn.execute(statements.probe_inbox(self._outbox.tables))
+            conn.execute(statements.probe_inbox(tables))
+            columns, may_insert, role = conn.execute(
+                statements.probe_outbox_for_writers(tables)
+            ).one()
+        if columns != 2:
+            raise MissingTablesError(
+                "the outbox tables are older than this version: run `outbox db upgrade "
+                "--db-url URL` (or `alembic upgrade outbox@head`) first"
+            )
+        if not may_insert:
+            raise DatabaseAccessError(
+                f"the consumer's role {role!r} lacks INSERT on {tables.qualified_name} (its dead "
+                f"letters and its handler's events): GRANT INSERT ON {tables.qualified_name} "
+                f"TO {role}"
+            )
         horizon = self.config.redelivery_horizon
         if horizon is not None and self.config.retention < horizon:
             # A message redelivered after its key was purged would run again.

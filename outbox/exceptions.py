@@ -122,6 +122,7 @@ _TRANSIENT = {"57014", "55P03", "55006"}
 _REFUSED_FOR_GOOD = (
     "does not exist",
     "password authentication failed",
+    "no password supplied",
     "no pg_hba.conf entry",
     "authentication failed",
     "permission denied",

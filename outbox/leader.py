@@ -27,6 +27,15 @@ def _int_array(ids: Sequence[int]) -> str:
     return "{" + ",".join(map(str, ids)) + "}"
 
 
+def prepare_session(conn: psycopg.Connection[Any]) -> None:
+    """Settings every relay session needs beyond its connection options."""
+    if conn.info.server_version >= 140000:
+        conn.execute(_NO_IDLE_SESSION_TIMEOUT)
+
+
+_NO_IDLE_SESSION_TIMEOUT = statements.to_driver_sql(statements.no_idle_session_timeout())
+
+
 class LeaderSession:
     """One connection (autocommit, no statement in a transaction unless recording failures).
     Not thread-safe."""
@@ -60,8 +69,12 @@ class LeaderSession:
             conn = psycopg.connect(self._conninfo, autocommit=True)
         try:
             with translate_db_errors("check tables"):
-                conn.execute(self._probe)
+                # Privileges first: probing the table without SELECT would only say
+                # "permission denied" (has_table_privilege needs none).
                 row = conn.execute(self._privileges, {"needed": self._needed}).fetchone()
+                if row is None or not row[1]:
+                    conn.execute(self._probe)
+                    prepare_session(conn)
             if row is not None and row[1]:
                 role, missing = row[0], ", ".join(row[1])
                 raise ConfigurationError(
@@ -90,7 +103,10 @@ class LeaderSession:
             try:
                 # The timeout is local to this transaction: marks never inherit it.
                 with conn.transaction():
-                    conn.execute(self._lock_timeout, {"ms": str(max(1, int(wait * 1000)))})
+                    ms = max(1, int(wait * 1000))
+                    conn.execute(
+                        self._lock_timeout, {"ms": str(ms), "statement_ms": str(ms + 5000)}
+                    )
                     conn.execute(self._wait_lock, {"lock_id": self._lock_id})
             except (psycopg.errors.LockNotAvailable, psycopg.errors.QueryCanceled):
                 return False  # lock_timeout (or a shorter statement_timeout) passed

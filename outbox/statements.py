@@ -249,8 +249,20 @@ def wait_leader_lock() -> sa.TextClause:
 
 
 def local_lock_timeout() -> sa.TextClause:
-    """``lock_timeout`` for the current transaction only, in milliseconds."""
-    return sa.text("SELECT set_config('lock_timeout', :ms, true)")
+    """``lock_timeout`` for the current transaction only (``:ms``), and a longer
+    ``statement_timeout`` (``:statement_ms``): a short one set on the role must not cut every
+    wait of a standby into a burst of statements."""
+    return sa.text(
+        "SELECT set_config('lock_timeout', :ms, true), "
+        "set_config('statement_timeout', :statement_ms, true)"
+    )
+
+
+def no_idle_session_timeout() -> sa.TextClause:
+    """PostgreSQL 14+: the relay's sessions idle while the broker acknowledges a batch; an
+    ``idle_session_timeout`` meant for leaked application sessions must not end them (a lost
+    leader session re-sends its batch). Keepalives, not this timeout, detect a dead relay."""
+    return sa.text("SET idle_session_timeout = 0")
 
 
 def listen(tables: OutboxTables) -> sa.TextClause:
@@ -272,9 +284,22 @@ def _inbox(tables: OutboxTables) -> str:
 
 @functools.lru_cache(maxsize=64)
 def probe_inbox(tables: OutboxTables) -> sa.TextClause:
-    """Fails with UndefinedTable when the inbox or outbox table is not installed (and with
-    UndefinedColumn before revision ``outbox_0004``: dead letters use its header columns)."""
-    return sa.text(f"SELECT o.header_names FROM {_inbox(tables)}, {_table(tables)} AS o LIMIT 0")
+    """Fails with UndefinedTable when the inbox is not installed."""
+    return sa.text(f"SELECT 1 FROM {_inbox(tables)} LIMIT 0")
+
+
+def probe_outbox_for_writers(tables: OutboxTables) -> sa.TextClause:
+    """For a role that writes to the outbox table without reading it (a consumer's dead
+    letters and events): fails with UndefinedTable when it is not installed; returns how many
+    of the header columns of revision ``outbox_0004`` it has (2 when up to date), whether the
+    role may INSERT, and the role's name. Reads only the catalog: no SELECT privilege needed."""
+    table = _literal(_table(tables))
+    return sa.text(
+        "SELECT (SELECT count(*) FROM pg_attribute "
+        f"WHERE attrelid = CAST({table} AS regclass) AND NOT attisdropped "
+        "AND attname IN ('header_names', 'header_values')), "
+        f"has_table_privilege(CAST({table} AS regclass), 'INSERT'), current_user"
+    )
 
 
 @functools.lru_cache(maxsize=64)

@@ -127,14 +127,15 @@ def _assert_no_secret(text: str, where: str) -> None:
 
 
 def test_the_server_checks_passwords(scram_server: ScramServer) -> None:
+    # A refused password is a configuration error (exit 2): retrying cannot help.
     result = run_cli("outbox", ["status", "--db-url", scram_server.url()], env=NO_PASSWORD)
-    assert result.returncode == 1, result.stderr
+    assert result.returncode == 2, result.stderr
     [line] = result.stderr.splitlines()
     assert line.startswith("error: ") and "password" in line, line
     result = run_cli(
         "outbox", ["status", "--db-url", scram_server.url(password="wrong")], env=NO_PASSWORD
     )
-    assert result.returncode == 1 and "password authentication failed" in result.stderr
+    assert result.returncode == 2 and "password authentication failed" in result.stderr
 
 
 def test_pgpassword_and_pgpassfile_are_honoured(

@@ -215,13 +215,6 @@ def test_the_relay_names_a_revoked_privilege(privilege: str, roles: Roles, broke
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="outbox/leader.py LeaderSession.connect probes the table (a SELECT ... LIMIT 0) before "
-    "it checks privileges, so a role without SELECT exits 2 with 'check tables: permission "
-    "denied for table outbox_messages' instead of naming SELECT and the GRANT, as it does "
-    "for UPDATE and DELETE",
-)
 def test_the_relay_names_a_revoked_select(roles: Roles, broker: Broker) -> None:
     relay = roles.names["outbox_relay"]
     roles.run(f"REVOKE SELECT ON outbox_messages FROM {relay}", role="outbox_owner")
@@ -231,13 +224,6 @@ def test_the_relay_names_a_revoked_select(roles: Roles, broker: Broker) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="outbox/consumer.py Consumer.check runs statements.probe_inbox (a SELECT from "
-    "outbox_inbox joined with outbox_messages, LIMIT 0), which needs SELECT on the outbox table: a "
-    "consumer role that only INSERTs there (its dead letters, its handler's events) exits 2 "
-    "at start ('permission denied for table outbox_messages')",
-)
 def test_a_consumer_that_cannot_read_the_outbox_starts(roles: Roles, broker: Broker) -> None:
     consumer = roles.names["app_consumer"]
     roles.run(f"REVOKE SELECT ON outbox_messages FROM {consumer}", role="outbox_owner")

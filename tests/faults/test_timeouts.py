@@ -202,12 +202,6 @@ def sessions_waiting_for_the_lock(fault_db: FaultDb, seconds: float) -> int:
     return len(starts)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="outbox/leader.py LeaderSession.try_lead: a standby's lock wait sets only a local "
-    "lock_timeout, so a statement_timeout on the role (50 ms) cancels every wait: 20 "
-    "slices (BEGIN, set_config, pg_advisory_lock, ROLLBACK) a second instead of one",
-)
 def test_a_short_statement_timeout_does_not_shorten_the_standbys_wait(
     fault_db: FaultDb, relay_role: str, broker: Broker, relays: RelayFactory
 ) -> None:
@@ -225,15 +219,6 @@ def test_a_short_statement_timeout_does_not_shorten_the_standbys_wait(
     assert waits <= 5, waits
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="outbox/relay.py Relay._await / outbox/leader.py LeaderSession: the leader's "
-    "session issues nothing while the relay awaits the broker's acknowledgement, so an "
-    "idle_session_timeout shorter than the broker's latency ends the session before every "
-    "mark: the relay reconnects, re-creates its producer and sends the same batch again, "
-    "forever (nothing marked, duplicates without bound, nothing after that batch delivered). "
-    "Seen on a plain Tansu too, whose first acknowledgement takes about 0.5 s",
-)
 def test_an_idle_session_timeout_shorter_than_the_brokers_latency(
     fault_db: FaultDb, relay_role: str, relays: RelayFactory, tmp_path: Path
 ) -> None:

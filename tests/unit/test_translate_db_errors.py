@@ -105,6 +105,7 @@ def test_an_invalid_url_does_not_quote_it() -> None:
         'connection failed: ... failed: FATAL:  role "nope" does not exist',
         'connection failed: ... FATAL:  password authentication failed for user "x"',
         "connection failed: ... FATAL:  no pg_hba.conf entry for host",
+        "connection failed: ... fe_sendauth: no password supplied",
     ],
 )
 def test_a_connection_refused_for_good_is_an_access_error(text: str) -> None:
