@@ -376,7 +376,9 @@ class Consumer:
         transaction through a savepoint, so its own ``commit()`` only ends the savepoint:
         nothing commits before the whole handler has run."""
         with self._engine.connect() as conn, conn.begin():
-            if not self._inbox.claim(conn, self.config.name, key):
+            # A key the inbox cannot hold (too long, a NUL) is claimed by its digest, as its
+            # dead letter would be: a 600-byte message-id is handled, not retried to death.
+            if not self._inbox.claim(conn, self.config.name, deadletter.inbox_key(key) or key):
                 return False
             with (
                 _HandlerSession(bind=conn, join_transaction_mode="create_savepoint") as session,

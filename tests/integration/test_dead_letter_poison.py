@@ -150,15 +150,27 @@ def test_a_key_the_inbox_cannot_hold_is_hashed_and_kept_whole_in_a_header(
     bad = poison(1, [("a", b"1"), ("message-id", message_id), ("b", b"2")], value=b'{"n": 1}')
     stats, source = run(db_url, good(0), bad, good(2))
     assert source.committed == {(TOPIC, 0): 3}
+    key = message_id.decode()
     if len(message_id) == 512:
         # The longest key the inbox holds: an ordinary message.
         assert (stats.processed, stats.dead_lettered) == (3, 0)
         return
+    if b"\x00" not in message_id:
+        # Too long for the inbox: claimed by its digest and handled like any message; a
+        # redelivery is a duplicate.
+        assert (stats.processed, stats.dead_lettered, stats.failed_attempts) == (3, 0, 0)
+        with effects.connect() as conn:
+            keys = [r[0] for r in conn.execute(sa.text("SELECT key FROM outbox_inbox"))]
+        assert "sha256:" + hashlib.sha256(key.encode()).hexdigest() in keys
+        stats, _ = run(db_url, bad)
+        assert (stats.processed, stats.duplicates) == (0, 1)
+        return
+    # A NUL: claimed by its digest too, but this handler stores the message id as text,
+    # which cannot hold a NUL: it fails and the message is dead-lettered.
     assert (stats.processed, stats.dead_lettered) == (2, 1)
     assert effects_of(effects) == [0, 2]
     [row] = dead_letters(effects)
     assert (row.key, row.payload) == (bad.key, bad.value)
-    key = message_id.decode()
     assert headers_of(row)[:3] == [
         ("a", b"1"),
         ("dlq-original-message-id", message_id),
@@ -168,7 +180,7 @@ def test_a_key_the_inbox_cannot_hold_is_hashed_and_kept_whole_in_a_header(
     assert dlq_headers(row)["dlq-attempts"] == b"2"
     with effects.connect() as conn:
         keys = [r[0] for r in conn.execute(sa.text("SELECT key FROM outbox_inbox ORDER BY key"))]
-    assert "sha256:" + hashlib.sha256(key.encode()).hexdigest() in keys
+    assert "sha256:" + hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest() in keys
 
     # Redelivered: dead-lettered once (the hashed key is in the inbox).
     stats, _ = run(db_url, bad)
@@ -229,8 +241,14 @@ def test_a_dead_letter_that_cannot_be_stored_falls_back_to_the_minimal_form(
     refuse_dead_letters(effects, most=1)
     headers = [("", b"x"), ("message-id", LONG_ID), ("bin", b"\x00\xff"), ("bin", b"")]
     bad = poison(1, headers)
+
+    def handler(session: Session, message: IncomingMessage) -> None:
+        if message.offset == 1:
+            raise ValueError("this message always fails")
+        record_effect(session, message)
+
     with caplog.at_level(logging.ERROR, logger="outbox.consumer"):
-        stats, source = run(db_url, good(0), bad, good(2))
+        stats, source = run(db_url, good(0), bad, good(2), handler=handler)
     assert (stats.processed, stats.dead_lettered) == (2, 1)
     assert effects_of(effects) == [0, 2]
     assert source.committed == {(TOPIC, 0): 3}
@@ -250,7 +268,7 @@ def test_a_dead_letter_that_cannot_be_stored_falls_back_to_the_minimal_form(
         "idempotency_key": LONG_ID.decode(),
         "headers": [[n, base64.b64encode(v).decode()] for n, v in headers],
     }
-    assert envelope["error"].startswith("PayloadError: key must be")
+    assert envelope["error"] == "ValueError: this message always fails"
     assert envelope["dead_letter_error"].startswith("DatabaseError: dead-letter failed:")
     assert "no room for" in envelope["dead_letter_error"]
     assert [r.event for r in caplog.records if hasattr(r, "event")] == [
@@ -268,3 +286,22 @@ def test_when_the_minimal_form_fails_too_the_consumer_stops_before_the_offset(
     # Not lost: the poison message is read again at the next start.
     assert effects_of(effects) == [0]
     assert dead_letters(effects) == []
+
+
+def test_an_over_long_key_is_handled_once_without_failed_attempts(
+    engine: sa.Engine, db_url: str
+) -> None:
+    # Helper-era behaviour: the claim refused a 600-byte message-id, so the handler path burnt
+    # max_attempts before the dead-letter path hashed it. Now the claim hashes it too.
+    from outbox.consumer import Consumer, ConsumerConfig
+    from outbox.transport.base import IncomingMessage
+    from outbox.transport.memory import MemorySource
+
+    calls: list[int] = []
+    long_id = "x" * 600
+    msg = IncomingMessage("orders", 0, 0, b"k", b"{}", [("message-id", long_id.encode())])
+    source = MemorySource([msg, msg])  # and a redelivery
+    config = ConsumerConfig(db_url=db_url, name="long", retry_backoff_base=0.001)
+    stats = Consumer(config, lambda s, m: calls.append(1), lambda: source).run(max_messages=2)
+    assert (stats.processed, stats.duplicates, stats.failed_attempts) == (1, 1, 0)
+    assert calls == [1]
