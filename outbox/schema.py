@@ -70,6 +70,10 @@ HEADERS_CHECK = (
 STORAGE_PARAMETERS = "outbox_storage_parameters"
 
 
+#: PostgreSQL truncates (or, for NOTIFY, refuses) longer identifiers.
+_MAX_IDENTIFIER = 63
+
+
 def validate_identifier(value: str, what: str) -> str:
     """Table and schema names become SQL identifiers and NOTIFY channels: keep them plain."""
     if not _IDENT.match(value):
@@ -96,8 +100,13 @@ class OutboxTables:
 
     @property
     def channel(self) -> str:
-        """The LISTEN/NOTIFY channel that writers notify on commit."""
-        return self.qualified_name.replace(".", "__")
+        """The LISTEN/NOTIFY channel that writers notify on commit: ``schema__table``, or,
+        when that is longer than PostgreSQL's 63-byte identifiers (a 30-character schema and
+        a 40-character table are both valid names), ``outbox_`` and a digest of it."""
+        name = self.qualified_name.replace(".", "__")
+        if len(name) <= _MAX_IDENTIFIER:
+            return name
+        return "outbox_" + hashlib.sha256(name.encode()).hexdigest()[:32]
 
     def lock_id(self, *parts: bytes) -> int:
         """A stable signed 64-bit advisory-lock id, namespaced by the table's name.
