@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -315,6 +316,13 @@ def relay_conninfo(config: RelayConfig) -> str:
         # it, those rows are sent again (duplicates, which at-least-once allows), never lost.
         "-c synchronous_commit=off",
     ]
-    params["options"] = " ".join(filter(None, [str(params.get("options", "")), *server_options]))
+    # libpq reads PGOPTIONS only when no `options` is given, and the relay gives one: keep
+    # the operator's session settings (set the standard way) in front of the relay's own.
+    params["options"] = " ".join(
+        filter(
+            None,
+            [os.environ.get("PGOPTIONS", ""), str(params.get("options", "")), *server_options],
+        )
+    )
     params.update(config.extra_db_options)
     return psycopg.conninfo.make_conninfo(**params)

@@ -95,3 +95,12 @@ def test_contradictions_are_configuration_errors(query: str, expect: str) -> Non
     with pytest.raises(ConfigurationError, match=expect) as info:
         relay_conninfo(RelayConfig(db_url=f"postgresql+psycopg://relay:s3cr3t@/app?{query}"))
     assert "s3cr3t" not in str(info.value)
+
+
+def test_pgoptions_are_kept_in_front_of_the_relays_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The relay passes `options`, which makes libpq ignore PGOPTIONS: it merges them.
+    monkeypatch.setenv("PGOPTIONS", "-c work_mem=5MB -c search_path=app")
+    config = RelayConfig(db_url="postgresql+psycopg://u@h:5432/db?options=-c%20jit%3Doff")
+    options = conninfo_to_dict(relay_conninfo(config))["options"]
+    assert str(options).startswith("-c work_mem=5MB -c search_path=app -c jit=off ")
+    assert "-c synchronous_commit=off" in str(options)
