@@ -446,7 +446,12 @@ def _client(make: Any, settings: Mapping[str, Any], on_error: Any) -> Any:
     try:
         return make({**settings, "error_cb": on_error, "logger": librdkafka_logger})
     except (KafkaException, ValueError, TypeError) as exc:
-        raise ConfigurationError(f"invalid Kafka setting: {_describe(exc)}") from exc
+        # librdkafka quotes the refused value, which may be a password: hide every value.
+        text = _describe(exc)
+        for value in sorted((str(v) for v in settings.values()), key=len, reverse=True):
+            if len(value) >= 3:
+                text = text.replace(value, "***")
+        raise ConfigurationError(f"invalid Kafka setting: {text}") from None
 
 
 def _ignore(_err: KafkaError) -> None:

@@ -111,3 +111,12 @@ def test_classify(err: KafkaError, kind: FailureKind) -> None:
     failure = classify(err)
     assert failure.kind is kind
     assert err.name() in failure.reason
+
+
+def test_a_refused_setting_does_not_echo_its_value() -> None:
+    from outbox.transport.kafka import KafkaTransport
+
+    with pytest.raises(ConfigurationError) as info:
+        KafkaTransport("127.0.0.1:9", {"security.protocol": "hunter2-secret"})
+    assert "hunter2" not in str(info.value) and "security.protocol" in str(info.value)
+    assert info.value.__cause__ is None
