@@ -136,6 +136,10 @@ async def _acommit(stmts: list[tuple[str, dict[str, Any]]], driver: Any) -> None
 
 
 def _on_rollback(conn: sa.Connection) -> None:
+    if conn.invalidated:
+        # The connection is gone (and conn.info with it): so are the buffered rows, with the
+        # transaction they belonged to. Raising here would break every rollback in the process.
+        return
     buf: _Buffer | None = conn.info.pop(_INFO, None)
     if buf is None or not buf.messages or not buf.began:
         return

@@ -34,7 +34,14 @@ def run_first(target: SyncTarget, stmt: sa.TextClause, params: dict[str, Any]) -
     conn = target.connection() if isinstance(target, Session) else target
     driver = conn.connection.driver_connection
     if isinstance(driver, psycopg.Connection):
-        cur = driver.execute(statements.to_driver_sql(stmt), params)
+        try:
+            cur = driver.execute(statements.to_driver_sql(stmt), params)
+        except psycopg.Error as exc:
+            if driver.broken or driver.closed:
+                # SQLAlchemy did not see the disconnect (the statement bypassed it): tell it,
+                # so that the caller's rollback ends cleanly and the pool drops the connection.
+                conn.invalidate(exc)
+            raise
         return cur.fetchone() if cur.description is not None else None
     result = conn.execute(stmt, params)
     return result.first() if result.returns_rows else None
