@@ -9,6 +9,7 @@ too, or ahead on the claims connection (``outbox.claims``).
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -18,13 +19,23 @@ import psycopg
 import sqlalchemy as sa
 
 from outbox import statements
-from outbox.exceptions import ConfigurationError, DatabaseUnavailableError, translate_db_errors
+from outbox.exceptions import (
+    DatabaseAccessError,
+    DatabaseUnavailableError,
+    translate_db_errors,
+)
 from outbox.schema import DEAD, OutboxTables
+
+logger = logging.getLogger("outbox.relay")
 
 
 def _int_array(ids: Sequence[int]) -> str:
     """A bigint[] literal: much cheaper to build than letting the driver adapt a list."""
     return "{" + ",".join(map(str, ids)) + "}"
+
+
+def _qualified(table: sa.Table) -> str:
+    return f"{table.schema}.{table.name}" if table.schema else table.name
 
 
 def prepare_session(conn: psycopg.Connection[Any]) -> None:
@@ -42,7 +53,7 @@ class LeaderSession:
 
     def __init__(self, conninfo: str, tables: OutboxTables, *, retain_sent: bool) -> None:
         self._conninfo = conninfo
-        self._lock_id = tables.leader_lock_id
+        self._tables = tables
         self.conn: psycopg.Connection[Any] | None = None
 
         def sql(build: Callable[[OutboxTables], sa.TextClause]) -> str:
@@ -58,6 +69,11 @@ class LeaderSession:
         self._mark = sql(statements.mark_sent if retain_sent else statements.delete_sent)
         self._fail = sql(statements.record_failures)
         self._lock = statements.to_driver_sql(statements.try_leader_lock())
+        self._epoch = sql(statements.leader_epoch)
+        self._new_epoch = sql(statements.new_leader_epoch)
+        self._holder = statements.to_driver_sql(statements.leader_lock_holder())
+        self._leader_privileges = sql(statements.missing_leader_privileges)
+        self._leader_table = _qualified(tables.leader)
         self._wait_lock = statements.to_driver_sql(statements.wait_leader_lock())
         self._lock_timeout = statements.to_driver_sql(statements.local_lock_timeout())
 
@@ -75,9 +91,18 @@ class LeaderSession:
                 if row is None or not row[1]:
                     conn.execute(self._probe)
                     prepare_session(conn)
+            if row is not None and not row[1]:
+                with translate_db_errors("check tables"):
+                    leader = conn.execute(self._leader_privileges).fetchone()
+                if leader is not None and leader[0]:
+                    raise DatabaseAccessError(
+                        f"the relay's role {row[0]!r} lacks {', '.join(leader[0])} on "
+                        f"{self._leader_table} (the leader epoch): GRANT SELECT, UPDATE ON "
+                        f"{self._leader_table} TO {row[0]}"
+                    )
             if row is not None and row[1]:
                 role, missing = row[0], ", ".join(row[1])
-                raise ConfigurationError(
+                raise DatabaseAccessError(
                     f"the relay's role {role!r} lacks {missing} on {self._table}: "
                     f"GRANT {self._needed.strip('{}').replace(',', ', ')} ON {self._table} "
                     f"TO {role}"
@@ -88,8 +113,10 @@ class LeaderSession:
         return conn
 
     def try_lead(self, wait: float = 0.0) -> bool:
-        """Connect and LISTEN if needed, then take the leader lock: at once or not at all, or
-        waiting up to ``wait`` seconds for the leader's session to end."""
+        """Connect and LISTEN if needed, then take the leader lock of the current epoch: at
+        once or not at all, or waiting up to ``wait`` seconds for the leader's session to end.
+        Not taken because a role that is not a relay holds it: move to a new epoch (the next
+        call takes that lock)."""
         if self.conn is None:
             conn = self.connect()
             with translate_db_errors("listen"):
@@ -97,20 +124,51 @@ class LeaderSession:
             self.conn = conn
         conn = self.conn
         with translate_db_errors("leader lock"):
+            row = conn.execute(self._epoch).fetchone()
+            epoch = int(row[0]) if row else 0
+            lock_id = self._tables.leader_lock_id(epoch)
             if wait <= 0:
-                row = conn.execute(self._lock, {"lock_id": self._lock_id}).fetchone()
-                return bool(row and row[0])
-            try:
-                # The timeout is local to this transaction: marks never inherit it.
-                with conn.transaction():
-                    ms = max(1, int(wait * 1000))
-                    conn.execute(
-                        self._lock_timeout, {"ms": str(ms), "statement_ms": str(ms + 5000)}
-                    )
-                    conn.execute(self._wait_lock, {"lock_id": self._lock_id})
-            except (psycopg.errors.LockNotAvailable, psycopg.errors.QueryCanceled):
-                return False  # lock_timeout (or a shorter statement_timeout) passed
-            return True
+                row = conn.execute(self._lock, {"lock_id": lock_id}).fetchone()
+                taken = bool(row and row[0])
+            else:
+                taken = self._wait_for(conn, lock_id, wait)
+            if not taken:
+                self._evict_squatter(conn, epoch, lock_id)
+        return taken
+
+    def _wait_for(self, conn: psycopg.Connection[Any], lock_id: int, wait: float) -> bool:
+        try:
+            # The timeouts are local to this transaction: marks never inherit them.
+            with conn.transaction():
+                ms = max(1, int(wait * 1000))
+                conn.execute(self._lock_timeout, {"ms": str(ms), "statement_ms": str(ms + 5000)})
+                conn.execute(self._wait_lock, {"lock_id": lock_id})
+        except (psycopg.errors.LockNotAvailable, psycopg.errors.QueryCanceled):
+            return False  # lock_timeout (or a shorter statement_timeout) passed
+        return True
+
+    def _evict_squatter(self, conn: psycopg.Connection[Any], epoch: int, lock_id: int) -> None:
+        """If the lock of ``epoch`` is held by a role that may not change the leader table
+        (so: not a relay), move every relay to a new epoch, whose lock that role cannot know
+        (it cannot read the table). A relay that holds the lock is never moved away from: it
+        has the privilege, so its epoch is never replaced."""
+        unsigned = lock_id & 0xFFFFFFFFFFFFFFFF
+        row = conn.execute(
+            self._holder,
+            {"leader": self._leader_table, "hi": unsigned >> 32, "lo": unsigned & 0xFFFFFFFF},
+        ).fetchone()
+        if row is None or row[2]:
+            return  # free now, or held by a relay: a standby waits
+        moved = conn.execute(self._new_epoch, {"epoch": epoch}).fetchone()
+        logger.error(
+            "the relays' leader lock is held by a role that is not a relay; moved to a new epoch",
+            extra={
+                "event": "relay.leader_lock_squatted",
+                "holder_pid": row[0],
+                "holder_role": row[1],
+                "moved": moved is not None,
+            },
+        )
 
     def next_retry_in(self) -> float | None:
         """Seconds until the earliest scheduled retry (by any leader), if there is one."""

@@ -92,6 +92,10 @@ class OutboxTables:
     messages: sa.Table
     #: Idempotency keys already processed, per consumer (events) or scope (commands).
     inbox: sa.Table
+    #: One row: the epoch of the relays' leader lock (revision ``outbox_0005``). Only relay
+    #: roles may read or change it, so a role that is not a relay cannot learn the lock to
+    #: take it first; a relay that finds the lock held by such a role moves to a new epoch.
+    leader: sa.Table
 
     @property
     def qualified_name(self) -> str:
@@ -121,10 +125,10 @@ class OutboxTables:
             h.update(part)
         return int.from_bytes(h.digest(), "big", signed=True)
 
-    @property
-    def leader_lock_id(self) -> int:
-        """The advisory lock that the active relay holds for as long as its session lives."""
-        return self.lock_id(b"relay-leader")
+    def leader_lock_id(self, epoch: int) -> int:
+        """The advisory lock that the active relay holds for as long as its session lives, in
+        leader epoch ``epoch`` (see :attr:`leader`)."""
+        return self.lock_id(b"relay-leader", str(epoch).encode())
 
 
 def define_tables(
@@ -232,7 +236,29 @@ def define_tables(
         info={STORAGE_PARAMETERS: dict(INBOX_STORAGE_PARAMETERS)},
     )
     sa.event.listen(inbox, "after_create", _set_storage_parameters)
-    return OutboxTables(metadata=md, messages=messages, inbox=inbox)
+    leader = sa.Table(
+        f"{table}_leader",
+        md,
+        sa.Column("one", sa.Boolean, nullable=False, server_default=sa.text("true")),
+        sa.Column("epoch", sa.BigInteger, nullable=False),
+        sa.PrimaryKeyConstraint("one", name=f"pk_{table}_leader"),
+        sa.CheckConstraint("one", name=f"ck_{table}_leader_one"),
+        schema=schema,
+    )
+    sa.event.listen(leader, "after_create", _seed_leader)
+    return OutboxTables(metadata=md, messages=messages, inbox=inbox, leader=leader)
+
+
+#: A random 63-bit epoch, from the server (no extension needed).
+NEW_EPOCH = "(('x' || substr(md5(gen_random_uuid()::text), 1, 16))::bit(64)::bigint >> 1)"
+
+
+def _seed_leader(target: sa.Table, connection: sa.Connection, **_: Any) -> None:
+    """``after_create``: the leader table's one row, as revision ``outbox_0005`` inserts it."""
+    if connection.dialect.name != "postgresql":
+        return
+    name = connection.dialect.identifier_preparer.format_table(target)
+    connection.execute(sa.text(f"INSERT INTO {name} (epoch) VALUES ({NEW_EPOCH})"))
 
 
 def _set_storage_parameters(target: sa.Table, connection: sa.Connection, **_: Any) -> None:

@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import psycopg as pg_psycopg
 
 from outbox.message import EncodedMessage
-from outbox.schema import DEAD, PENDING, RETRY, SENT, OutboxTables
+from outbox.schema import DEAD, NEW_EPOCH, PENDING, RETRY, SENT, OutboxTables
 
 _DIALECT = pg_psycopg.dialect()  # type: ignore[no-untyped-call]
 
@@ -234,6 +234,46 @@ def terminate_backend() -> sa.TextClause:
     """End the server session ``:pid`` (the consumer's own hung handler: its transaction,
     with the inbox claim, rolls back)."""
     return sa.text("SELECT pg_terminate_backend(:pid)")
+
+
+def _leader(tables: OutboxTables) -> str:
+    return _DIALECT.identifier_preparer.format_table(tables.leader)
+
+
+def leader_epoch(tables: OutboxTables) -> sa.TextClause:
+    """The current leader epoch (no row: 0). Only relay roles can read it."""
+    return sa.text(f"SELECT coalesce((SELECT epoch FROM {_leader(tables)}), 0)")
+
+
+def new_leader_epoch(tables: OutboxTables) -> sa.TextClause:
+    """Move the relays to a new epoch, if it is still ``:epoch`` (one of several relays that
+    noticed the same squatter wins; the others read the new epoch)."""
+    return sa.text(
+        f"UPDATE {_leader(tables)} SET epoch = {NEW_EPOCH} WHERE epoch = :epoch RETURNING epoch"
+    )
+
+
+def leader_lock_holder() -> sa.TextClause:
+    """Who holds advisory lock ``:lock_id`` in this database, and whether that role may
+    change ``:leader`` (the leader table: relays may). Reads pg_locks and pg_stat_activity,
+    which every role can."""
+    return sa.text(
+        "SELECT l.pid, a.usename, "
+        "has_table_privilege(a.usesysid, CAST(:leader AS regclass), 'UPDATE') "
+        "FROM pg_locks AS l JOIN pg_stat_activity AS a ON a.pid = l.pid "
+        "WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 "
+        "AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
+        "AND l.classid = CAST(CAST(:hi AS bigint) AS oid) "
+        "AND l.objid = CAST(CAST(:lo AS bigint) AS oid)"
+    )
+
+
+def missing_leader_privileges(tables: OutboxTables) -> sa.TextClause:
+    """Which of SELECT and UPDATE the current role lacks on the leader table."""
+    return sa.text(
+        "SELECT array(SELECT p FROM unnest(ARRAY['SELECT', 'UPDATE']) AS p "
+        f"WHERE NOT has_table_privilege({_literal(_leader(tables))}, p))"
+    )
 
 
 def try_leader_lock() -> sa.TextClause:

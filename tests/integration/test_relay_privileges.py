@@ -22,9 +22,11 @@ def limited_role(engine: sa.Engine) -> Iterator[str]:
     with engine.begin() as conn:
         conn.execute(sa.text(f"CREATE ROLE {role} LOGIN"))
         conn.execute(sa.text(f"GRANT SELECT, DELETE ON outbox_messages TO {role}"))
+        conn.execute(sa.text(f"GRANT SELECT, UPDATE ON outbox_messages_leader TO {role}"))
     yield role
     with engine.begin() as conn:
         conn.execute(sa.text(f"REVOKE ALL ON outbox_messages FROM {role}"))
+        conn.execute(sa.text(f"REVOKE ALL ON outbox_messages_leader FROM {role}"))
         conn.execute(sa.text(f"DROP ROLE {role}"))
 
 
@@ -57,3 +59,15 @@ def test_retaining_sent_rows_needs_no_delete(
     transport = MemoryTransport()
     config = RelayConfig(db_url=as_role(db_url, limited_role), retain_sent=True, **FAST)
     assert Relay(config, lambda: transport).run_once().sent == 1
+
+
+def test_the_leader_table_privileges_are_checked_too(
+    engine: sa.Engine, db_url: str, limited_role: str
+) -> None:
+    with engine.begin() as conn:
+        conn.execute(sa.text(f"GRANT UPDATE ON outbox_messages TO {limited_role}"))
+        conn.execute(sa.text(f"REVOKE UPDATE ON outbox_messages_leader FROM {limited_role}"))
+    relay = Relay(RelayConfig(db_url=as_role(db_url, limited_role), **FAST), MemoryTransport)
+    with pytest.raises(ConfigurationError, match="lacks UPDATE on outbox_messages_leader") as info:
+        relay.check()
+    assert f"GRANT SELECT, UPDATE ON outbox_messages_leader TO {limited_role}" in str(info.value)

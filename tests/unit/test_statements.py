@@ -96,7 +96,10 @@ def test_lock_ids_are_stable_and_namespaced() -> None:
     assert a.lock_id(b"t", b"k") != b.lock_id(b"t", b"k")
     # The separator keeps (topic, key) pairs apart.
     assert a.lock_id(b"ab", b"c") != a.lock_id(b"a", b"bc")
-    assert a.leader_lock_id != b.leader_lock_id
+    assert a.leader_lock_id(7) != b.leader_lock_id(7)
+    # A new epoch is a new lock; the same epoch, the same lock in every process.
+    assert a.leader_lock_id(7) != a.leader_lock_id(8)
+    assert a.leader_lock_id(7) == define_tables().leader_lock_id(7)
     assert -(2**63) <= a.lock_id(b"x") < 2**63
 
 
