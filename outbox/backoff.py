@@ -8,9 +8,10 @@ is due. The relay and the consumer hold a :class:`Retrying` per concern instead 
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,3 +69,31 @@ class Retrying:
     def remaining(self) -> float:
         """Seconds until the next try is due (0 if it is)."""
         return max(0.0, self.retry_at - self._clock())
+
+
+class DueTimes:
+    """Monotonic times at which something falls due (per-message retries): the relay wakes
+    for the earliest. Bounded: past ``limit`` pending times, new ones are dropped and the
+    fallback poll catches up with them."""
+
+    __slots__ = ("_clock", "_heap", "limit")
+
+    def __init__(self, limit: int = 10_000, clock: Callable[[], float] = time.monotonic) -> None:
+        self._heap: list[float] = []
+        self._clock = clock
+        self.limit = limit
+
+    def add(self, delays: Iterable[float]) -> None:
+        """Things fall due after each of ``delays`` seconds from now."""
+        now = self._clock()
+        for delay in set(delays):
+            if len(self._heap) >= self.limit:
+                return
+            heapq.heappush(self._heap, now + delay)
+
+    def next(self) -> float | None:
+        """The earliest time still to come (past ones are forgotten), or None."""
+        now = self._clock()
+        while self._heap and self._heap[0] <= now:
+            heapq.heappop(self._heap)
+        return self._heap[0] if self._heap else None

@@ -26,7 +26,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
-import heapq
 import logging
 import random
 import threading
@@ -37,7 +36,7 @@ from typing import Any
 import psycopg
 
 from outbox import statements
-from outbox.backoff import Retrying
+from outbox.backoff import DueTimes, Retrying
 from outbox.brokerlink import BrokerLink
 from outbox.claims import Claims, HeaderCache, Row
 from outbox.config import RelayConfig, relay_conninfo
@@ -103,6 +102,79 @@ class _Batch:
     def hold(self, row: Row) -> None:
         if row.key is not None:
             self.gate.hold((row.topic, row.key), self.held_keys)
+
+    def send(self, claim: int, headers: HeaderCache) -> None:
+        """Hand the rows of claim number ``claim`` to the transport, in id order, except those
+        whose key the gate holds back for that claim."""
+        transport, gate = self.transport, self.gate
+        unavailable = False
+        for row in self.rows:
+            if row.key is not None and gate.held and gate.blocks((row.topic, row.key), claim):
+                # An earlier message of this key failed or was not sent, and this claim ran
+                # before the table said so: send it later (skipped rows are not in flight:
+                # the next claims may return them).
+                continue
+            if unavailable:
+                self.hold(row)
+                continue
+            message = OutgoingMessage(
+                row.topic,
+                row.key,
+                row.payload,
+                [
+                    (HEADER_MESSAGE_ID, row.message_id.encode()),
+                    *headers(row.header_names, row.header_values),  # in stored order
+                ],
+            )
+            try:
+                transport.send(message, _Report(self, row))
+                if row.attempts:
+                    # A retry goes alone: if it fails again, the rest of its key must not be
+                    # in flight behind it (they would fail too, or overtake it).
+                    self.hold(row)
+            except MessageRejected as exc:
+                self.sent.append(row.id)
+                self.failed.append((row.id, str(exc)))
+                self.hold(row)
+                continue
+            except TransportUnavailable as exc:
+                # The rest of the batch stays pending; its keys wait so they keep their order.
+                self.transport_failures.append(str(exc))
+                self.fatal = self.fatal or transport.broken
+                unavailable = True
+                self.hold(row)
+                continue
+            self.sent.append(row.id)
+            self.outstanding += 1
+        # Every later claim excludes these ids while in flight, and the delete of a batch
+        # acknowledged in full reuses them: join them once.
+        self.sent_text = ",".join(map(str, self.sent))
+
+    def await_reports(self, deadline: float, *, stop: threading.Event, newest: bool) -> None:
+        """Serve delivery reports until every message is reported, ``stop`` is set, or
+        ``deadline`` passes (then the unreported ones count as a transport failure and hold
+        their keys). ``newest``: no batch is queued behind this one."""
+        while not self.done:
+            if stop.is_set():
+                return  # bounded by shutdown_timeout from here on, not by delivery_timeout
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                self.transport_failures.append("no delivery report before the deadline")
+                self.fatal = True
+                self.outstanding = 0
+                # Their keys wait like failed ones: a later claim must not send behind them.
+                unreported = set(self.sent) - {*self.acked, *(f[0] for f in self.failed)}
+                for row in self.rows:
+                    if row.id in unreported:
+                        self.hold(row)
+                return
+            if newest:
+                # Nothing queued behind it: send now rather than after linger.ms.
+                self.transport.flush(min(remaining, 0.1))
+            else:
+                # A newer batch is queued; flushing would wait for it too, and leave the
+                # broker idle while the next claim runs. Let librdkafka batch it.
+                self.transport.poll(min(remaining, 0.1))
 
 
 class _Report:
@@ -170,8 +242,8 @@ class Relay:
         self._gate = KeyGate()
         self._stop = threading.Event()
         self._woken = False
-        # When retries fall due (a heap of monotonic times): the relay wakes for each.
-        self._retry_due: list[float] = []
+        # When retries fall due: the relay wakes for each.
+        self._retry_due = DueTimes()
         self._standby_logged = False
         self._headers = HeaderCache()
 
@@ -291,79 +363,20 @@ class Relay:
         return "{" + ",".join(b.sent_text for b in self._inflight if b.sent) + "}"
 
     def _send(self, rows: list[Row], claim: int) -> _Batch:
-        transport = self._broker.transport()
-        gate = self._gate
-        batch = _Batch(rows=rows, transport=transport, gate=gate, started=time.monotonic())
-        unavailable = False
-        for row in rows:
-            if row.key is not None and gate.held and gate.blocks((row.topic, row.key), claim):
-                # An earlier message of this key failed or was not sent, and this claim ran
-                # before the table said so: send it later (skipped rows are not in flight:
-                # the next claims may return them).
-                continue
-            if unavailable:
-                batch.hold(row)
-                continue
-            message = OutgoingMessage(
-                row.topic,
-                row.key,
-                row.payload,
-                [
-                    (HEADER_MESSAGE_ID, row.message_id.encode()),
-                    *self._headers(row.header_names, row.header_values),  # in stored order
-                ],
-            )
-            try:
-                transport.send(message, _Report(batch, row))
-                if row.attempts:
-                    # A retry goes alone: if it fails again, the rest of its key must not be
-                    # in flight behind it (they would fail too, or overtake it).
-                    batch.hold(row)
-            except MessageRejected as exc:
-                batch.sent.append(row.id)
-                batch.failed.append((row.id, str(exc)))
-                batch.hold(row)
-                continue
-            except TransportUnavailable as exc:
-                # The rest of the batch stays pending; its keys wait so they keep their order.
-                batch.transport_failures.append(str(exc))
-                batch.fatal = batch.fatal or transport.broken
-                unavailable = True
-                batch.hold(row)
-                continue
-            batch.sent.append(row.id)
-            batch.outstanding += 1
-        # Every later claim excludes these ids while in flight, and the delete of a batch
-        # acknowledged in full reuses them: join them once.
-        batch.sent_text = ",".join(map(str, batch.sent))
+        batch = _Batch(
+            rows=rows, transport=self._broker.transport(), gate=self._gate, started=time.monotonic()
+        )
+        batch.send(claim, self._headers)
         return batch
 
     def _await(self, batch: _Batch) -> None:
-        transport = batch.transport
         # librdkafka reports every message within message.timeout.ms; the margin covers the
         # rest. Past it, give up on the stragglers (they stay unsent) and re-create the client.
-        deadline = batch.started + self.config.delivery_timeout + 5.0
-        while not batch.done:
-            if self._stop.is_set():
-                return  # bounded by shutdown_timeout from here on, not by delivery_timeout
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                batch.transport_failures.append("no delivery report before the deadline")
-                batch.fatal = True
-                batch.outstanding = 0
-                # Their keys wait like failed ones: a later claim must not send behind them.
-                unreported = set(batch.sent) - {*batch.acked, *(f[0] for f in batch.failed)}
-                for row in batch.rows:
-                    if row.id in unreported:
-                        batch.hold(row)
-                break
-            if batch is self._inflight[-1]:
-                # Nothing queued behind it: send now rather than after linger.ms.
-                transport.flush(min(remaining, 0.1))
-            else:
-                # A newer batch is queued; flushing would wait for it too, and leave the
-                # broker idle while the next claim runs. Let librdkafka batch it.
-                transport.poll(min(remaining, 0.1))
+        batch.await_reports(
+            batch.started + self.config.delivery_timeout + 5.0,
+            stop=self._stop,
+            newest=batch is self._inflight[-1],
+        )
 
     def _finish(self, batch: _Batch) -> None:
         batch.closed = True
@@ -389,10 +402,7 @@ class Relay:
                     if self._stop.is_set() or self._stop.wait(delay):
                         raise
             self._db.succeeded()
-            if failures and len(self._retry_due) < 10_000:  # beyond, the fallback poll catches up
-                now = time.monotonic()
-                for delay in set(delays):
-                    heapq.heappush(self._retry_due, now + delay)
+            self._retry_due.add(delays)
         self._gate.release(batch.held_keys, (b.held_keys for b in self._inflight))
         self.stats.batches += 1
         self.stats.sent += len(batch.acked)
@@ -443,7 +453,7 @@ class Relay:
         # Retries scheduled by an earlier leader: wake when the first falls due.
         due = self._session.next_retry_in()
         if due is not None:
-            heapq.heappush(self._retry_due, time.monotonic() + due)
+            self._retry_due.add([due])
         self._observe.leadership(True)
         return True
 
@@ -480,12 +490,10 @@ class Relay:
     def _wait_for_work(self) -> None:
         """Sleep until a writer's commit notifies us, a retry falls due, or the fallback poll
         interval passes. Issues no statements while it waits."""
-        now = time.monotonic()
-        deadline = now + self.config.poll_interval
-        while self._retry_due and self._retry_due[0] <= now:
-            heapq.heappop(self._retry_due)
-        if self._retry_due:
-            deadline = min(deadline, self._retry_due[0])
+        deadline = time.monotonic() + self.config.poll_interval
+        due = self._retry_due.next()
+        if due is not None:
+            deadline = min(deadline, due)
         if self._broker.health.failing:
             deadline = min(deadline, self._broker.health.retry_at)
         if not self._woken:

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from outbox.backoff import Backoff, Retrying
+from outbox.backoff import Backoff, DueTimes, Retrying
 
 
 def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random) -> float:
@@ -77,3 +77,16 @@ def test_retrying_counts_failures_and_knows_when_it_is_due() -> None:
     assert retry.due()
     retry.succeeded()
     assert not retry.failing and retry.failed() == 1.0  # starts over
+
+
+def test_due_times_wake_for_the_earliest_to_come_and_forget_past_ones() -> None:
+    clock = Clock()
+    due = DueTimes(limit=3, clock=clock)
+    assert due.next() is None
+    due.add([5.0, 1.0, 1.0, 3.0])  # the same delay twice is one wake-up
+    assert due.next() == clock.now + 1.0
+    clock.now += 2.0
+    assert due.next() == clock.now + 1.0  # the 3 s one; the 1 s one is past
+    due.add([10.0, 20.0])  # 10 s fits (3 pending); 20 s is dropped: the fallback poll covers it
+    clock.now += 10.0
+    assert due.next() is None
