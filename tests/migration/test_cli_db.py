@@ -1,6 +1,7 @@
 """``outbox db upgrade|downgrade|sql|versions-dir`` and ``outbox status``: the outbox table
 (revision ``outbox_0001``), the inbox (``outbox_0002``), their autovacuum settings
-(``outbox_0003``) and the ordered header arrays (``outbox_0004``)."""
+(``outbox_0003``), the ordered header arrays (``outbox_0004``) and the relays' leader epoch
+table (``outbox_0005``)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,9 @@ from tests.support.migration import drift, engine, scalars, tables_in
 FIRST = "outbox_0001"
 INBOX = "outbox_0002"
 AUTOVACUUM = "outbox_0003"
-HEAD = "outbox_0004"
+HEADERS = "outbox_0004"
+HEAD = "outbox_0005"
+LEADER_TABLE = f"{DEFAULT_TABLE}_leader"
 
 
 def _run(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
@@ -53,6 +56,7 @@ def test_upgrade_downgrade_status(empty_db_url: str) -> None:
     assert tables_in(url) == {
         f"public.{DEFAULT_TABLE}",
         f"public.{DEFAULT_INBOX_TABLE}",
+        f"public.{LEADER_TABLE}",
         f"public.{migrate.VERSION_TABLE}",
     }
     code, out, _ = _run("db", "upgrade", "--db-url", url)
@@ -71,7 +75,11 @@ def test_upgrade_downgrade_status(empty_db_url: str) -> None:
     code, _, err = _run("db", "downgrade", "--db-url", url)
     assert code == 2
     assert "--revision" in err
-    assert {f"public.{DEFAULT_TABLE}", f"public.{DEFAULT_INBOX_TABLE}"} <= tables_in(url)
+    assert {
+        f"public.{DEFAULT_TABLE}",
+        f"public.{DEFAULT_INBOX_TABLE}",
+        f"public.{LEADER_TABLE}",
+    } <= tables_in(url)
 
     code, out, _ = _run("db", "downgrade", "--db-url", url, "--revision", "base")
     assert code == 0
@@ -92,8 +100,10 @@ def test_custom_names_from_environment(empty_db_url: str) -> None:
     assert tables_in(empty_db_url) == {
         "msg.events_out",
         "msg.events_in",
+        "msg.events_out_leader",
         f"msg.{migrate.VERSION_TABLE}",
     }
+    assert scalars(empty_db_url, "SELECT count(epoch) FROM msg.events_out_leader") == [1]
 
     _insert(empty_db_url, 3, table="msg.events_out", status="retry")
     code, out, _ = _run("status", env=env)
@@ -117,6 +127,7 @@ def test_inbox_table_option(empty_db_url: str) -> None:
     assert tables_in(url) == {
         f"public.{DEFAULT_TABLE}",
         "public.dedup",
+        f"public.{LEADER_TABLE}",
         f"public.{migrate.VERSION_TABLE}",
     }
     eng = engine(url)
@@ -139,8 +150,17 @@ def test_inbox_table_option(empty_db_url: str) -> None:
     assert code == 2
     assert "name of its own" in err
 
-    # -1 from head only turns the header arrays back into jsonb, -1 again only resets the
-    # autovacuum settings; -1 again removes only the inbox.
+    # -1 from head only removes the leader table, -1 again only turns the header arrays back
+    # into jsonb, -1 again only resets the autovacuum settings; -1 again removes only the inbox.
+    code, out, _ = _run(
+        "db", "downgrade", "--db-url", url, "--inbox-table", "dedup", "--revision", "-1"
+    )
+    assert (code, out) == (0, f"outbox tables at revision {HEADERS}\n")
+    assert tables_in(url) == {
+        f"public.{DEFAULT_TABLE}",
+        "public.dedup",
+        f"public.{migrate.VERSION_TABLE}",
+    }
     code, out, _ = _run(
         "db", "downgrade", "--db-url", url, "--inbox-table", "dedup", "--revision", "-1"
     )
@@ -213,6 +233,7 @@ def test_autovacuum_settings(
     assert (code, out) == (0, f"outbox tables at revision {HEAD}\n")
     assert _reloptions(url, messages) == MESSAGES_RELOPTIONS
     assert _reloptions(url, inbox) == INBOX_RELOPTIONS
+    assert _reloptions(url, f"{messages}_leader") == []  # one row: nothing to vacuum
 
     eng = engine(url)
     try:
@@ -288,7 +309,18 @@ def test_sql_prints_ddl() -> None:
     )
     assert messages_settings in out
     assert inbox_settings in out
-    # In revision order: the outbox table, the inbox, the settings, each recorded as it is made.
+    # The leader table, and its one row with an epoch the server draws.
+    leader_table = f"CREATE TABLE {LEADER_TABLE} ("
+    leader_row = f"INSERT INTO {LEADER_TABLE} (epoch) VALUES ("
+    assert leader_table in out
+    assert "one BOOLEAN DEFAULT true NOT NULL" in out
+    assert "epoch BIGINT NOT NULL" in out
+    assert f"CONSTRAINT pk_{LEADER_TABLE} PRIMARY KEY (one)" in out
+    assert f"CONSTRAINT ck_{LEADER_TABLE}_one CHECK (one)" in out
+    assert out.count(leader_row) == 1
+    assert "gen_random_uuid()" in out.partition(leader_row)[2].partition(";")[0]
+    # In revision order: the outbox table, the inbox, the settings, the header arrays, the
+    # leader table, each recorded as it is made.
     assert (
         out.index(f"CREATE TABLE {DEFAULT_TABLE} (")
         < out.index(f"VALUES ('{FIRST}')")
@@ -299,6 +331,9 @@ def test_sql_prints_ddl() -> None:
         < out.index(f"SET version_num='{AUTOVACUUM}'")
         < out.index(f"ALTER TABLE {DEFAULT_TABLE} ADD COLUMN header_names text[]")
         < out.index(f"ALTER TABLE {DEFAULT_TABLE} DROP COLUMN headers;")
+        < out.index(f"SET version_num='{HEADERS}'")
+        < out.index(leader_table)
+        < out.index(leader_row)
         < out.index(f"SET version_num='{HEAD}'")
     )
     assert out.startswith("BEGIN;")
@@ -315,7 +350,11 @@ def test_sql_prints_ddl() -> None:
     assert "CREATE INDEX ix_events_in_expires_at ON msg.events_in USING brin (expires_at);" in out
     assert "ALTER TABLE msg.events_out SET (autovacuum_vacuum_scale_factor = 0," in out
     assert "ALTER TABLE msg.events_in SET (autovacuum_vacuum_scale_factor = 0.01," in out
+    assert "CREATE TABLE msg.events_out_leader (" in out
+    assert "CONSTRAINT pk_events_out_leader PRIMARY KEY (one)" in out
+    assert "INSERT INTO msg.events_out_leader (epoch) VALUES (" in out
     assert DEFAULT_INBOX_TABLE not in out
+    assert LEADER_TABLE not in out
     # The schema comes first: the version table lives in it.
     assert out.index("CREATE SCHEMA IF NOT EXISTS msg;") < out.index(
         f"CREATE TABLE msg.{migrate.VERSION_TABLE}"
@@ -326,15 +365,27 @@ def test_sql_prints_ddl() -> None:
     assert code == 0
     assert f"CREATE TABLE {DEFAULT_INBOX_TABLE} (" in out
     assert messages_settings in out
+    assert leader_table in out and leader_row in out
     assert f"CREATE TABLE {DEFAULT_TABLE} (" not in out
     assert f"CREATE TABLE {migrate.VERSION_TABLE}" not in out
     assert f"SET version_num='{HEAD}'" in out
 
-    # Only the settings, for tables installed at the inbox's revision.
+    # The settings, the header arrays and the leader table, for tables installed at the
+    # inbox's revision.
     code, out, _ = _run("db", "sql", "--revision", f"{INBOX}:{HEAD}")
     assert code == 0
     assert messages_settings in out and inbox_settings in out
-    assert "CREATE TABLE" not in out
+    assert f"ALTER TABLE {DEFAULT_TABLE} ADD COLUMN header_names text[]" in out
+    assert out.count("CREATE TABLE") == 1
+    assert leader_table in out and leader_row in out
+
+    # Only the leader table, for tables at the header arrays' revision.
+    code, out, _ = _run("db", "sql", "--revision", f"{HEADERS}:{HEAD}")
+    assert code == 0
+    assert out.count("CREATE TABLE") == 1
+    assert leader_table in out and leader_row in out
+    assert "ALTER TABLE" not in out
+    assert f"SET version_num='{HEAD}'" in out
 
 
 def test_sql_output_installs_the_same_table(empty_db_url: str) -> None:
@@ -367,6 +418,7 @@ def test_versions_dir() -> None:
     assert (path / "outbox_0002_inbox.py").is_file()
     assert (path / "outbox_0003_autovacuum.py").is_file()
     assert (path / "outbox_0004_header_list.py").is_file()
+    assert (path / "outbox_0005_leader_epoch.py").is_file()
     assert (path.parent / "env.py").is_file()
 
 
@@ -377,3 +429,4 @@ def test_console_script(empty_db_url: str) -> None:
     assert proc.stdout == f"outbox tables at revision {HEAD}\n"
     assert scalars(empty_db_url, f"SELECT count(*) FROM {DEFAULT_TABLE}") == [0]
     assert scalars(empty_db_url, f"SELECT count(*) FROM {DEFAULT_INBOX_TABLE}") == [0]
+    assert scalars(empty_db_url, f"SELECT count(epoch) FROM {LEADER_TABLE}") == [1]

@@ -1,5 +1,5 @@
-"""The tables the shipped revisions build (the outbox table and the inbox) are the tables
-``outbox.schema.define_tables`` declares.
+"""The tables the shipped revisions build (the outbox table, the inbox and the leader table of
+revision ``outbox_0005``) are the tables ``outbox.schema.define_tables`` declares.
 
 Two checks, because Alembic's autogenerate compares columns, types, defaults, nullability,
 indexes by name and columns, unique constraints, but neither check constraints nor the
@@ -9,7 +9,9 @@ predicates of partial indexes:
 * the catalog (storage parameters, columns, identity sequence, constraint definitions, full
   index definitions) of each migrated table against the one ``metadata.create_all`` builds (in
   a rolled-back savepoint on the same database). Autogenerate ignores storage parameters (the
-  autovacuum settings of revision ``outbox_0003``): only this half compares them.
+  autovacuum settings of revision ``outbox_0003``): only this half compares them;
+* the leader table's rows: the revision and ``define_tables`` (its ``after_create`` listener)
+  both seed exactly one row, with an epoch.
 
 ``test_drift_is_detected`` proves both checks fail when the declaration changes.
 """
@@ -22,6 +24,7 @@ import pytest
 import sqlalchemy as sa
 
 from outbox import migrate
+from outbox import schema as outbox_schema
 from outbox.schema import (
     DEFAULT_INBOX_TABLE,
     DEFAULT_TABLE,
@@ -29,7 +32,14 @@ from outbox.schema import (
     OutboxTables,
     define_tables,
 )
-from tests.support.migration import autogenerate_diff, catalog, drift, engine
+from tests.support.migration import (
+    SEEDED,
+    autogenerate_diff,
+    catalog,
+    drift,
+    engine,
+    leader_rows,
+)
 
 
 @pytest.mark.parametrize(
@@ -52,6 +62,8 @@ def test_migrations_match_declared_tables(
             # The comparison saw the real thing: named constraints and partial indexes.
             snap = catalog(conn, table, schema)
             inbox = catalog(conn, inbox_table, schema)
+            leader = catalog(conn, f"{table}_leader", schema)
+            rows = leader_rows(conn, declared.leader)
     finally:
         eng.dispose()
     constraints = {name: definition for name, _, definition, *_ in snap["constraints"]}
@@ -121,6 +133,24 @@ def test_migrations_match_declared_tables(
         "expires_at",
     ]
     assert inbox["identity"] == []
+
+    # The leader table (revision outbox_0005): one boolean key that can only be true (so one
+    # row at most), the epoch, no storage parameters; seeded with one row.
+    assert declared.leader.name == f"{table}_leader"
+    assert declared.leader.schema == schema
+    leader_constraints = {name: definition for name, _, definition, *_ in leader["constraints"]}
+    assert leader_constraints == {
+        f"pk_{table}_leader": "PRIMARY KEY (one)",
+        f"ck_{table}_leader_one": "CHECK (one)",
+    }
+    assert [name for name, _ in leader["indexes"]] == [f"pk_{table}_leader"]
+    assert [c[1:5] for c in leader["columns"]] == [
+        ("one", "boolean", True, "true"),
+        ("epoch", "bigint", True, ""),
+    ]
+    assert leader["identity"] == []
+    assert leader["table"] == [("r", "p", "")]
+    assert rows == SEEDED
 
 
 def test_inbox_is_compared_under_its_configured_name(empty_db_url: str) -> None:
@@ -219,6 +249,26 @@ def _inbox_server_default(t: sa.Table) -> None:
     default.arg = sa.text("clock_timestamp()")
 
 
+def _leader_check_constraint(t: sa.Table) -> None:
+    _check(t, "one").sqltext = sa.text("one IS NOT NULL")
+
+
+def _leader_server_default(t: sa.Table) -> None:
+    t.c.epoch.server_default = sa.DefaultClause(sa.text("0"))
+
+
+def _leader_nullable(t: sa.Table) -> None:
+    t.c.epoch.nullable = True
+
+
+def _leader_column_type(t: sa.Table) -> None:
+    t.c.epoch.type = sa.Numeric()
+
+
+def _leader_not_seeded(t: sa.Table) -> None:
+    sa.event.remove(t, "after_create", outbox_schema._seed_leader)
+
+
 def _storage_parameter(t: sa.Table) -> None:
     t.info[STORAGE_PARAMETERS]["autovacuum_vacuum_threshold"] = "5000"
 
@@ -250,6 +300,13 @@ MUTATIONS: dict[str, tuple[str, Callable[[sa.Table], None], str]] = {
     "inbox server default": ("inbox", _inbox_server_default, "columns"),
     "inbox storage parameter": ("inbox", _storage_parameter, "table"),
     "inbox no storage parameters": ("inbox", _no_storage_parameters, "table"),
+    "leader extra column": ("leader", _extra_column, "columns"),
+    "leader check constraint": ("leader", _leader_check_constraint, "constraints"),
+    "leader server default": ("leader", _leader_server_default, "columns"),
+    "leader nullable": ("leader", _leader_nullable, "columns"),
+    "leader column type": ("leader", _leader_column_type, "columns"),
+    # The seeded row: only the comparison of the rows sees a declaration without it.
+    "leader not seeded": ("leader", _leader_not_seeded, "rows"),
 }
 
 
@@ -282,7 +339,8 @@ def test_drift_is_detected(db_url: str, mutation: str) -> None:
     assert problems, f"a changed declaration ({mutation}) went unnoticed"
     which, _, part = MUTATIONS[mutation]
     table = getattr(define_tables(), which).name
-    assert any(p.startswith(f"catalog {part} of {table}:") for p in problems), problems
+    where = f"rows of {table} " if part == "rows" else f"catalog {part} of {table}:"
+    assert any(p.startswith(where) for p in problems), problems
 
 
 def test_autogenerate_alone_sees_column_changes(db_url: str) -> None:

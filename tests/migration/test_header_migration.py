@@ -1,7 +1,8 @@
 """Revision ``outbox_0004``: the ``headers jsonb`` object of existing rows becomes the ordered
 ``header_names`` / ``header_values`` arrays, which the relay then sends; the downgrade turns
 them back into an object where it can (order, repeated names and values that are not UTF-8
-text are lost)."""
+text are lost). The relay of this release needs the leader table of ``outbox_0005`` too: the
+tests that relay upgrade to head, through both revisions."""
 
 from __future__ import annotations
 
@@ -14,14 +15,15 @@ import sqlalchemy as sa
 
 from outbox import Outbox, Relay, RelayConfig, migrate, statements, uuid7
 from outbox.consumer import Consumer, ConsumerConfig
-from outbox.exceptions import DatabaseError
+from outbox.exceptions import DatabaseError, MissingTablesError
 from outbox.message import EncodedMessage
 from outbox.testing import drain
 from outbox.transport.memory import MemorySource, MemoryTransport
 from tests.support.migration import engine, qualified
 
 BEFORE = "outbox_0003"
-HEAD = "outbox_0004"
+HEADERS = "outbox_0004"
+HEAD = "outbox_0005"
 
 NAMES = [
     pytest.param("outbox_messages", None, id="default"),
@@ -124,6 +126,11 @@ def test_downgrade_keeps_what_jsonb_can_hold(
     finally:
         eng.dispose()
 
+    # Down to the revision before the arrays: the leader table goes first (outbox_0005), then
+    # the arrays (outbox_0004).
+    migrate.downgrade(url, table=table, schema=schema, revision=HEADERS)
+    assert migrate.current(url, schema=schema) == HEADERS
+    assert _rows(url, rel, "header_names")[0].header_names[:2] == ["content-type", "b"]
     migrate.downgrade(url, table=table, schema=schema, revision="-1")
     assert migrate.current(url, schema=schema) == BEFORE
     rows = _rows(url, rel, "headers")
@@ -177,8 +184,9 @@ def test_the_table_refuses_mismatched_or_null_headers(db_url: str) -> None:
 
 
 def test_a_relay_on_tables_before_the_revision_says_so_at_start(empty_db_url: str) -> None:
-    """This release's relay and consumer need ``outbox_0004``: their start-up check fails on
-    older tables instead of every claim or dead letter failing later."""
+    """This release's relay needs ``outbox_0005`` (the header arrays of ``outbox_0004`` and
+    the leader table), its consumer ``outbox_0004``: their start-up check fails on older
+    tables instead of every claim or dead letter failing later."""
     migrate.upgrade(empty_db_url, revision=BEFORE)
     relay = Relay(RelayConfig(db_url=empty_db_url), MemoryTransport)
     with pytest.raises(DatabaseError, match="header_names"):
@@ -186,5 +194,16 @@ def test_a_relay_on_tables_before_the_revision_says_so_at_start(empty_db_url: st
     consumer = Consumer(
         ConsumerConfig(db_url=empty_db_url, name="c"), lambda s, m: None, MemorySource
     )
-    with pytest.raises(DatabaseError, match="header_names"):
+    with pytest.raises(MissingTablesError, match="older than this version"):
         consumer.check()
+
+    # The header arrays, but no leader table yet: the relay cannot find its epoch; the
+    # consumer, which never leads, needs no more.
+    migrate.upgrade(empty_db_url, revision=HEADERS)
+    with pytest.raises(MissingTablesError, match="outbox db upgrade"):
+        relay.check()
+    consumer.check()
+
+    migrate.upgrade(empty_db_url)
+    relay.check()
+    consumer.check()

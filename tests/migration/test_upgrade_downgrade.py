@@ -1,7 +1,8 @@
 """``outbox.migrate``: upgrade, downgrade to base, upgrade again, on an empty database, with the
 default names and with a custom table, inbox table and schema; the revisions one at a time
 (``outbox_0001`` the outbox table, ``outbox_0002`` the inbox, ``outbox_0003`` their autovacuum
-settings, ``outbox_0004`` the ordered header arrays: see also test_header_migration.py)."""
+settings, ``outbox_0004`` the ordered header arrays: see also test_header_migration.py,
+``outbox_0005`` the relays' leader epoch table)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ from tests.support.migration import engine, qualified, scalars, schemas_in, tabl
 FIRST = "outbox_0001"
 INBOX = "outbox_0002"
 AUTOVACUUM = "outbox_0003"
-HEAD = "outbox_0004"
+HEADERS = "outbox_0004"
+HEAD = "outbox_0005"
 
 NAMES = [
     pytest.param(DEFAULT_TABLE, None, DEFAULT_INBOX_TABLE, id="default"),
@@ -52,6 +54,11 @@ def _insert(db_url: str, table: str, schema: str | None) -> None:
         eng.dispose()
 
 
+def _epochs(db_url: str, table: str, schema: str | None) -> list[Any]:
+    """The epochs in the leader table of ``table``: one, seeded by revision outbox_0005."""
+    return scalars(db_url, f"SELECT epoch FROM {qualified(f'{table}_leader', schema)}")
+
+
 def _insert_inbox(db_url: str, table: str, schema: str | None) -> None:
     eng = engine(db_url)
     try:
@@ -76,6 +83,7 @@ def test_upgrade_downgrade_upgrade(
     where = schema or "public"
     outbox_table = f"{where}.{table}"
     inbox_table = f"{where}.{inbox}"
+    leader_table = f"{where}.{table}_leader"
     version_table = f"{where}.{migrate.VERSION_TABLE}"
     assert migrate.current(url, schema=schema) is None
     assert tables_in(url) == set()
@@ -84,21 +92,26 @@ def test_upgrade_downgrade_upgrade(
 
     migrate.upgrade(url, **names)
     assert migrate.current(url, schema=schema) == HEAD
-    assert tables_in(url) == {outbox_table, inbox_table, version_table}
+    assert tables_in(url) == {outbox_table, inbox_table, leader_table, version_table}
     assert scalars(url, f"SELECT version_num FROM {version_table}") == [HEAD]
     oid = _oid(url, table, schema)
     inbox_oid = _oid(url, inbox, schema)
-    assert oid is not None and inbox_oid is not None
+    leader_oid = _oid(url, f"{table}_leader", schema)
+    assert oid is not None and inbox_oid is not None and leader_oid is not None
+    (epoch,) = _epochs(url, table, schema)
+    assert epoch is not None
 
-    # Again: a no-op. The tables are not recreated and keep their rows.
+    # Again: a no-op. The tables are not recreated and keep their rows (the epoch too).
     _insert(url, table, schema)
     _insert_inbox(url, inbox, schema)
     migrate.upgrade(url, **names)
     assert migrate.current(url, schema=schema) == HEAD
     assert _oid(url, table, schema) == oid
     assert _oid(url, inbox, schema) == inbox_oid
+    assert _oid(url, f"{table}_leader", schema) == leader_oid
     assert scalars(url, f"SELECT count(*) FROM {outbox_table}") == [1]
     assert scalars(url, f"SELECT count(*) FROM {inbox_table}") == [1]
+    assert _epochs(url, table, schema) == [epoch]
     assert scalars(url, f"SELECT version_num FROM {version_table}") == [HEAD]
 
     migrate.downgrade(url, **names, revision="base")
@@ -109,9 +122,12 @@ def test_upgrade_downgrade_upgrade(
 
     migrate.upgrade(url, **names)
     assert migrate.current(url, schema=schema) == HEAD
-    assert tables_in(url) == {outbox_table, inbox_table, version_table}
+    assert tables_in(url) == {outbox_table, inbox_table, leader_table, version_table}
     assert scalars(url, f"SELECT count(*) FROM {outbox_table}") == [0]
     assert scalars(url, f"SELECT count(*) FROM {inbox_table}") == [0]
+    # A new leader table, with a new random epoch.
+    (again,) = _epochs(url, table, schema)
+    assert again is not None and again != epoch
 
 
 @pytest.mark.parametrize(("table", "schema", "inbox"), NAMES)
@@ -119,14 +135,15 @@ def test_one_revision_at_a_time(
     empty_db_url: str, table: str, schema: str | None, inbox: str
 ) -> None:
     """An outbox installed before the inbox existed (``outbox_0001``) gets the inbox from the
-    second revision, keeping its messages; ``-1`` from head only turns the header arrays back
-    into jsonb, ``-1`` again only resets the autovacuum settings, ``-1`` again removes only the
-    inbox."""
+    second revision, keeping its messages; ``-1`` from head only removes the leader table,
+    ``-1`` again only turns the header arrays back into jsonb, ``-1`` again only resets the
+    autovacuum settings, ``-1`` again removes only the inbox."""
     url = empty_db_url
     names: dict[str, Any] = {"table": table, "schema": schema, "inbox_table": inbox}
     where = schema or "public"
     outbox_table = f"{where}.{table}"
     inbox_table = f"{where}.{inbox}"
+    leader_table = f"{where}.{table}_leader"
     version_table = f"{where}.{migrate.VERSION_TABLE}"
 
     migrate.upgrade(url, **names, revision=FIRST)
@@ -137,13 +154,22 @@ def test_one_revision_at_a_time(
 
     migrate.upgrade(url, **names)
     assert migrate.current(url, schema=schema) == HEAD
-    assert tables_in(url) == {outbox_table, inbox_table, version_table}
+    assert tables_in(url) == {outbox_table, inbox_table, leader_table, version_table}
     assert _oid(url, table, schema) == oid
     assert scalars(url, f"SELECT count(*) FROM {outbox_table}") == [1]
+    assert len(_epochs(url, table, schema)) == 1
     _insert_inbox(url, inbox, schema)
 
     migrate.downgrade(url, **names, revision="-1")
+    assert migrate.current(url, schema=schema) == HEADERS
+    assert tables_in(url) == {outbox_table, inbox_table, version_table}
+    assert _oid(url, table, schema) == oid
+    assert scalars(url, f"SELECT count(*) FROM {outbox_table}") == [1]
+    assert scalars(url, f"SELECT count(*) FROM {inbox_table}") == [1]
+
+    migrate.downgrade(url, **names, revision="-1")
     assert migrate.current(url, schema=schema) == AUTOVACUUM
+    assert tables_in(url) == {outbox_table, inbox_table, version_table}
     assert _oid(url, table, schema) == oid
     assert scalars(url, f"SELECT count(*) FROM {outbox_table}") == [1]
 
@@ -164,16 +190,46 @@ def test_one_revision_at_a_time(
     migrate.upgrade(url, **names, revision="+1")
     assert migrate.current(url, schema=schema) == AUTOVACUUM
     migrate.upgrade(url, **names, revision="+1")
-    assert migrate.current(url, schema=schema) == HEAD
+    assert migrate.current(url, schema=schema) == HEADERS
     assert tables_in(url) == {outbox_table, inbox_table, version_table}
+    migrate.upgrade(url, **names, revision="+1")
+    assert migrate.current(url, schema=schema) == HEAD
+    assert tables_in(url) == {outbox_table, inbox_table, leader_table, version_table}
     assert scalars(url, f"SELECT count(*) FROM {inbox_table}") == [0]
+    assert len(_epochs(url, table, schema)) == 1
     migrate.upgrade(url, **names)
     assert migrate.current(url, schema=schema) == HEAD
+    assert len(_epochs(url, table, schema)) == 1
 
     migrate.downgrade(url, **names, revision=FIRST)
     migrate.downgrade(url, **names, revision="-1")
     assert migrate.current(url, schema=schema) is None
     assert tables_in(url) == {version_table}
+
+
+@pytest.mark.parametrize(("table", "schema", "inbox"), NAMES)
+def test_leader_table_holds_one_row(
+    empty_db_url: str, table: str, schema: str | None, inbox: str
+) -> None:
+    """Revision ``outbox_0005`` seeds the leader table with one row, and the table holds no
+    other: its key can only be true."""
+    url = empty_db_url
+    migrate.upgrade(url, table=table, schema=schema, inbox_table=inbox)
+    leader = qualified(f"{table}_leader", schema)
+    assert scalars(url, f"SELECT one FROM {leader}") == [True]
+    eng = engine(url)
+    try:
+        for one, constraint in (
+            ("true", f"pk_{table}_leader"),
+            ("false", f"ck_{table}_leader_one"),
+        ):
+            with pytest.raises(sa.exc.IntegrityError, match=constraint), eng.begin() as conn:
+                conn.execute(sa.text(f"INSERT INTO {leader} (one, epoch) VALUES ({one}, 1)"))
+        with pytest.raises(sa.exc.IntegrityError, match="epoch"), eng.begin() as conn:
+            conn.execute(sa.text(f"UPDATE {leader} SET epoch = NULL"))
+    finally:
+        eng.dispose()
+    assert len(_epochs(url, table, schema)) == 1
 
 
 def test_custom_schema_is_separate_from_default(empty_db_url: str) -> None:
@@ -188,9 +244,11 @@ def test_custom_schema_is_separate_from_default(empty_db_url: str) -> None:
     assert tables_in(url) == {
         "messaging.events_out",
         f"messaging.{DEFAULT_INBOX_TABLE}",
+        "messaging.events_out_leader",
         f"messaging.{migrate.VERSION_TABLE}",
         f"public.{DEFAULT_TABLE}",
         f"public.{DEFAULT_INBOX_TABLE}",
+        f"public.{DEFAULT_TABLE}_leader",
         f"public.{migrate.VERSION_TABLE}",
     }
 
@@ -201,6 +259,7 @@ def test_custom_schema_is_separate_from_default(empty_db_url: str) -> None:
         f"messaging.{migrate.VERSION_TABLE}",
         f"public.{DEFAULT_TABLE}",
         f"public.{DEFAULT_INBOX_TABLE}",
+        f"public.{DEFAULT_TABLE}_leader",
         f"public.{migrate.VERSION_TABLE}",
     }
 
@@ -211,6 +270,7 @@ def test_custom_table_in_default_schema(empty_db_url: str) -> None:
     assert tables_in(empty_db_url) == {
         "public.events_out",
         f"public.{DEFAULT_INBOX_TABLE}",
+        "public.events_out_leader",
         f"public.{migrate.VERSION_TABLE}",
     }
 
@@ -225,6 +285,7 @@ def test_second_table_in_same_schema_is_refused(empty_db_url: str) -> None:
     assert tables_in(url) == {
         f"public.{DEFAULT_TABLE}",
         f"public.{DEFAULT_INBOX_TABLE}",
+        f"public.{DEFAULT_TABLE}_leader",
         f"public.{migrate.VERSION_TABLE}",
     }
     assert migrate.current(url) == HEAD
@@ -241,6 +302,7 @@ def test_inbox_under_another_name_is_refused(empty_db_url: str) -> None:
     assert tables_in(url) == {
         f"public.{DEFAULT_TABLE}",
         f"public.{DEFAULT_INBOX_TABLE}",
+        f"public.{DEFAULT_TABLE}_leader",
         f"public.{migrate.VERSION_TABLE}",
     }
     # At outbox_0001 there is no inbox yet: any name is fine, and the next step creates it.
@@ -250,6 +312,7 @@ def test_inbox_under_another_name_is_refused(empty_db_url: str) -> None:
     assert tables_in(url) == {
         f"public.{DEFAULT_TABLE}",
         "public.dedup",
+        f"public.{DEFAULT_TABLE}_leader",
         f"public.{migrate.VERSION_TABLE}",
     }
 
@@ -262,6 +325,8 @@ def test_upgrade_step_by_step(empty_db_url: str) -> None:
     assert migrate.current(empty_db_url) == INBOX
     migrate.upgrade(empty_db_url, revision=AUTOVACUUM)
     assert migrate.current(empty_db_url) == AUTOVACUUM
+    migrate.upgrade(empty_db_url, revision=HEADERS)
+    assert migrate.current(empty_db_url) == HEADERS
     migrate.upgrade(empty_db_url, revision=HEAD)
     assert migrate.current(empty_db_url) == HEAD
     migrate.upgrade(empty_db_url, revision="outbox@head")

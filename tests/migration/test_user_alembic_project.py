@@ -2,7 +2,8 @@
 the project's versions folder and :func:`outbox.migrate.versions_dir`; the outbox branch is
 recorded in the project's own ``alembic_version`` table (all its revisions, ``outbox_0001`` the
 outbox table, ``outbox_0002`` the inbox, ``outbox_0003`` their autovacuum settings,
-``outbox_0004`` the ordered header arrays, are on it);
+``outbox_0004`` the ordered header arrays, ``outbox_0005`` the relays' leader epoch table, are
+on it);
 ``outbox_table`` / ``outbox_schema`` / ``outbox_inbox_table`` in the ``[alembic]`` section choose
 the names.
 
@@ -42,8 +43,15 @@ from tests.support.migration import (
 FIRST = "outbox_0001"
 INBOX = "outbox_0002"
 AUTOVACUUM = "outbox_0003"
-HEAD = "outbox_0004"
-OUTBOX = {f"public.{DEFAULT_TABLE}", f"public.{DEFAULT_INBOX_TABLE}"}
+HEADERS = "outbox_0004"
+HEAD = "outbox_0005"
+OUTBOX = {
+    f"public.{DEFAULT_TABLE}",
+    f"public.{DEFAULT_INBOX_TABLE}",
+    f"public.{DEFAULT_TABLE}_leader",
+}
+#: The outbox's tables before revision outbox_0005.
+OUTBOX_WITHOUT_LEADER = {f"public.{DEFAULT_TABLE}", f"public.{DEFAULT_INBOX_TABLE}"}
 
 
 def _versions(url: str) -> set[str]:
@@ -67,6 +75,7 @@ def test_outbox_branch_in_user_project(tmp_path: Path, empty_db_url: str) -> Non
     command.upgrade(cfg, "outbox@head")
     assert tables_in(url) == {*OUTBOX, "public.alembic_version"}
     assert _versions(url) == {HEAD}
+    assert scalars(url, f"SELECT count(epoch) FROM {DEFAULT_TABLE}_leader") == [1]
 
     # Everything: the user's branch joins; the outbox's own version table is never made.
     command.upgrade(cfg, "heads")
@@ -78,12 +87,16 @@ def test_outbox_branch_in_user_project(tmp_path: Path, empty_db_url: str) -> Non
     # no difference between them and what the revisions built.
     command.check(cfg)
 
-    # One step down the outbox branch turns the header arrays back into jsonb, the next resets
-    # the autovacuum settings; the next removes only the inbox.
+    # One step down the outbox branch removes the leader table, the next turns the header
+    # arrays back into jsonb, the next resets the autovacuum settings; the next removes only
+    # the inbox.
+    command.downgrade(cfg, "outbox@-1")
+    assert tables_in(url) == {*OUTBOX_WITHOUT_LEADER, "public.alembic_version", "public.users"}
+    assert _versions(url) == {HEADERS, "app_0001"}
     command.downgrade(cfg, "outbox@-1")
     assert _versions(url) == {AUTOVACUUM, "app_0001"}
     command.downgrade(cfg, "outbox@-1")
-    assert tables_in(url) == {*OUTBOX, "public.alembic_version", "public.users"}
+    assert tables_in(url) == {*OUTBOX_WITHOUT_LEADER, "public.alembic_version", "public.users"}
     assert _versions(url) == {INBOX, "app_0001"}
     command.downgrade(cfg, "outbox@-1")
     assert tables_in(url) == {f"public.{DEFAULT_TABLE}", "public.alembic_version", "public.users"}
@@ -105,7 +118,8 @@ def test_outbox_branch_in_user_project(tmp_path: Path, empty_db_url: str) -> Non
     assert "app_0001 (app) (head)" in proc.stdout
     proc = _alembic(ini, "history")
     assert proc.returncode == 0, proc.stderr
-    assert f"{AUTOVACUUM} -> {HEAD} (outbox) (head)" in proc.stdout
+    assert f"{HEADERS} -> {HEAD} (outbox) (head)" in proc.stdout
+    assert f"{AUTOVACUUM} -> {HEADERS} (outbox)," in proc.stdout
     assert f"{INBOX} -> {AUTOVACUUM} (outbox)," in proc.stdout
     assert f"{FIRST} -> {INBOX} (outbox)," in proc.stdout
     assert f"<base> -> {FIRST} (outbox)," in proc.stdout
@@ -152,12 +166,20 @@ def test_names_from_alembic_ini(tmp_path: Path, empty_db_url: str) -> None:
     assert tables_in(url) == {
         "messaging.events_out",
         "messaging.events_in",
+        "messaging.events_out_leader",
         "public.alembic_version",
         "public.users",
     }
     assert _versions(url) == {HEAD, "app_0001"}
     command.check(Config(str(ini)))
 
+    command.downgrade(Config(str(ini)), "outbox@-1")
+    assert tables_in(url) == {
+        "messaging.events_out",
+        "messaging.events_in",
+        "public.alembic_version",
+        "public.users",
+    }
     command.downgrade(Config(str(ini)), "outbox@-3")
     assert tables_in(url) == {"messaging.events_out", "public.alembic_version", "public.users"}
     command.downgrade(Config(str(ini)), "outbox@base")

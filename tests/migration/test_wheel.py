@@ -26,14 +26,16 @@ from tests.support.migration import app_project, scalars, tables_in, user_projec
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
-HEAD = "outbox_0004"
+HEAD = "outbox_0005"
 REVISIONS = (
     "outbox_0001_messages.py",
     "outbox_0002_inbox.py",
     "outbox_0003_autovacuum.py",
     "outbox_0004_header_list.py",
+    "outbox_0005_leader_epoch.py",
 )
 CUSTOM = ("--table", "events_out", "--schema", "msg", "--inbox-table", "events_in")
+OUTBOX_TABLES = {"public.outbox_messages", "public.outbox_inbox", "public.outbox_messages_leader"}
 
 
 def _artifacts() -> set[Path]:
@@ -155,17 +157,22 @@ def test_wheel_installs_tables(wheel_venv: WheelVenv, empty_db_url: str, tmp_pat
     assert tables_in(empty_db_url) == {
         "public.outbox_messages",
         "public.outbox_inbox",
+        "public.outbox_messages_leader",
         "public.outbox_alembic_version",
     }
+    assert scalars(empty_db_url, "SELECT count(epoch) FROM outbox_messages_leader") == [1]
 
     proc = _run(
         [wheel_venv.outbox, "db", "upgrade", "--db-url", empty_db_url, *CUSTOM],
         tmp_path,
     )
     assert proc.returncode == 0, proc.stderr
-    assert {"msg.events_out", "msg.events_in", "msg.outbox_alembic_version"} <= tables_in(
-        empty_db_url
-    )
+    assert {
+        "msg.events_out",
+        "msg.events_in",
+        "msg.events_out_leader",
+        "msg.outbox_alembic_version",
+    } <= tables_in(empty_db_url)
 
     proc = _run([wheel_venv.outbox, "status", "--db-url", empty_db_url], tmp_path)
     assert (proc.returncode, proc.stdout) == (0, "")
@@ -174,6 +181,8 @@ def test_wheel_installs_tables(wheel_venv: WheelVenv, empty_db_url: str, tmp_pat
     assert proc.returncode == 0, proc.stderr
     assert "CREATE TABLE outbox_messages (" in proc.stdout
     assert "CREATE TABLE outbox_inbox (" in proc.stdout
+    assert "CREATE TABLE outbox_messages_leader (" in proc.stdout
+    assert "INSERT INTO outbox_messages_leader (epoch) VALUES (" in proc.stdout
 
 
 # How a user's alembic.ini can point at the wheel's revisions. The package-resource form
@@ -200,11 +209,11 @@ def test_version_locations_forms(wheel_venv: WheelVenv, empty_db_url: str, tmp_p
         proc = _alembic(wheel_venv, project, "upgrade", "outbox@head")
         if works:
             assert proc.returncode == 0, (name, proc.stderr)
-            assert {"public.outbox_messages", "public.outbox_inbox"} <= tables_in(url), name
+            assert tables_in(url) >= OUTBOX_TABLES, name
             assert scalars(url, "SELECT version_num FROM alembic_version") == [HEAD]
             proc = _alembic(wheel_venv, project, "downgrade", "outbox@base")
             assert proc.returncode == 0, (name, proc.stderr)
-            assert not {"public.outbox_messages", "public.outbox_inbox"} & tables_in(url), name
+            assert not OUTBOX_TABLES & tables_in(url), name
         else:
             assert proc.returncode != 0, name
             assert "Can't locate revision identified by 'outbox'" in proc.stdout + proc.stderr
@@ -226,7 +235,7 @@ def test_version_locations_forms(wheel_venv: WheelVenv, empty_db_url: str, tmp_p
     proc = _alembic(wheel_venv, project, "upgrade", "heads")
     assert proc.returncode == 0, proc.stderr
     assert set(scalars(url, "SELECT version_num FROM alembic_version")) == {HEAD, "app_0001"}
-    assert {"public.outbox_messages", "public.outbox_inbox", "public.users"} <= tables_in(url)
+    assert {*OUTBOX_TABLES, "public.users"} <= tables_in(url)
 
 
 def test_user_revisions_stay_out_of_the_installed_package(

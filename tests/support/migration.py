@@ -137,26 +137,41 @@ def catalog(
     return snap
 
 
+def leader_rows(conn: sa.Connection, leader: sa.Table) -> list[tuple[Any, ...]]:
+    """The leader table's rows as ``(one, epoch is not null)``: its epoch is random, so only
+    the shape of the seeded row compares (``[(True, True)]``: exactly one, with an epoch)."""
+    rel = qualified(leader.name, leader.schema)
+    return [tuple(r) for r in conn.execute(sa.text(f"SELECT one, epoch IS NOT NULL FROM {rel}"))]
+
+
+#: What revision ``outbox_0005`` and ``define_tables`` both leave in the leader table.
+SEEDED = [(True, True)]
+
+
 def drift(conn: sa.Connection, tables: OutboxTables) -> list[str]:
     """Differences between the tables in the database (as the migrations built them) and
-    ``tables`` (the outbox table and the inbox): what Alembic's autogenerate sees, plus a
-    comparison of each table's catalog with the one that ``metadata.create_all`` produces
-    (which also covers index predicates and check constraints, which autogenerate does not
-    compare). Leaves the database as it was."""
+    ``tables`` (the outbox table, the inbox and the leader table): what Alembic's autogenerate
+    sees, plus a comparison of each table's catalog with the one that ``metadata.create_all``
+    produces (which also covers index predicates and check constraints, which autogenerate
+    does not compare), plus the leader table's seeded row (exactly one, with an epoch, on
+    both sides). Leaves the database as it was."""
     problems = [f"autogenerate: {d}" for d in autogenerate_diff(conn, tables)]
     compared = []
-    for t in (tables.messages, tables.inbox):
+    for t in (tables.messages, tables.inbox, tables.leader):
         rel = qualified(t.name, t.schema)
         if conn.execute(sa.text("SELECT to_regclass(:rel)"), {"rel": rel}).scalar() is None:
             problems.append(f"missing table {rel}")
         else:
             compared.append(t)
+    seeded = tables.leader in compared
     migrated = {t.name: catalog(conn, t.name, t.schema) for t in compared}
+    migrated_rows = leader_rows(conn, tables.leader) if seeded else []
     with conn.begin_nested() as sp:
         for t in compared:
             conn.execute(sa.text(f"DROP TABLE {qualified(t.name, t.schema)}"))
         tables.metadata.create_all(conn, tables=compared)
         declared = {t.name: catalog(conn, t.name, t.schema) for t in compared}
+        declared_rows = leader_rows(conn, tables.leader) if seeded else []
         sp.rollback()
     for t in compared:
         for part in _CATALOG:
@@ -166,6 +181,12 @@ def drift(conn: sa.Connection, tables: OutboxTables) -> list[str]:
                     f"  migrations: {migrated[t.name][part]}\n"
                     f"  declared:   {declared[t.name][part]}"
                 )
+    if seeded and not migrated_rows == declared_rows == SEEDED:
+        problems.append(
+            f"rows of {tables.leader.name} (one, epoch is not null), {SEEDED} expected:\n"
+            f"  migrations: {migrated_rows}\n"
+            f"  declared:   {declared_rows}"
+        )
     return problems
 
 
@@ -180,8 +201,8 @@ from outbox.schema import define_tables
 
 config = context.config
 
-# The application's own models, with the outbox tables (outbox and inbox) declared on the same
-# metadata so that `alembic check` covers them too.
+# The application's own models, with the outbox tables (outbox, inbox, leader epoch) declared
+# on the same metadata so that `alembic check` covers them too.
 target_metadata = sa.MetaData()
 sa.Table(
     "users",
