@@ -22,6 +22,7 @@ from outbox import statements
 from outbox.exceptions import (
     DatabaseAccessError,
     DatabaseUnavailableError,
+    MissingTablesError,
     translate_db_errors,
 )
 from outbox.schema import DEAD, OutboxTables
@@ -92,8 +93,15 @@ class LeaderSession:
                     conn.execute(self._probe)
                     prepare_session(conn)
             if row is not None and not row[1]:
-                with translate_db_errors("check tables"):
-                    leader = conn.execute(self._leader_privileges).fetchone()
+                try:
+                    with translate_db_errors("check tables"):
+                        leader = conn.execute(self._leader_privileges).fetchone()
+                except MissingTablesError:
+                    raise MissingTablesError(
+                        f"the outbox tables are older than this version (no {self._leader_table}"
+                        "): run `outbox db upgrade --db-url URL` (or `alembic upgrade "
+                        "outbox@head`) first"
+                    ) from None
                 if leader is not None and leader[0]:
                     raise DatabaseAccessError(
                         f"the relay's role {row[0]!r} lacks {', '.join(leader[0])} on "

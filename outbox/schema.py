@@ -206,8 +206,10 @@ def define_tables(
     )
     sa.event.listen(messages, "after_create", _set_storage_parameters)
     validate_identifier(inbox_table, "inbox table name")
-    if inbox_table == table:
-        raise ConfigurationError("the inbox table needs a name of its own")
+    if inbox_table in (table, f"{table}_leader"):
+        raise ConfigurationError(
+            f"the inbox table needs a name of its own (not {table!r} nor {table}_leader)"
+        )
     inbox = sa.Table(
         inbox_table,
         md,

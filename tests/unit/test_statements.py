@@ -109,3 +109,9 @@ def test_identifiers_are_validated(bad: str) -> None:
         define_tables(table=bad)
     with pytest.raises(ConfigurationError):
         define_tables(schema=bad)
+
+
+def test_the_inbox_cannot_share_a_name_with_the_other_tables() -> None:
+    for name in ("events", "events_leader"):
+        with pytest.raises(ConfigurationError, match="needs a name of its own"):
+            define_tables(table="events", inbox_table=name)
