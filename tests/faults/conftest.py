@@ -18,7 +18,6 @@ import dataclasses
 import os
 import random
 import shutil
-import threading
 import time
 import uuid
 from collections.abc import Iterator, Mapping
@@ -32,7 +31,7 @@ from sqlalchemy.orm import Session
 
 from outbox import Outbox, OutboxError, migrate
 from tests.acceptance.conftest import relays  # noqa: F401 (the fixture, for these tests too)
-from tests.support.delivery import Committed
+from tests.support.delivery import Committed, Writers
 from tests.support.events import event
 from tests.support.pgcluster import PgCluster, clusters, unavailable
 
@@ -151,10 +150,10 @@ def is_unique_violation(exc: BaseException | None) -> bool:
 RETRYABLE = (OutboxError, sqlalchemy.exc.SQLAlchemyError, psycopg.Error)
 
 
-class RetryingWriters:
+class RetryingWriters(Writers):
     """Threads that keep publishing, each key owned by one thread that numbers its messages
     1, 2, 3 ... (1 to 3 per transaction; odd threads with ``Outbox(at_commit=True)``), as
-    ``tests.acceptance.conftest.Writers`` mode "owned" -- but a transaction that fails (the
+    ``tests.support.delivery.Writers`` mode "owned" -- but a transaction that fails (the
     server restarted, paused, failed over) is tried again with the same message ids until it
     commits. A retry that finds its message id taken (unique violation) proves an earlier try
     committed and only its COMMIT's answer was lost. So ``committed`` holds every message
@@ -172,55 +171,15 @@ class RetryingWriters:
         retry_pause: float = 0.05,
         give_up_after: float = 90.0,
     ) -> None:
-        self.engine = engine
-        self.topic = topic
-        self.keys = [f"key-{i:02d}" for i in range(keys)]
-        self.pause = pause
+        super().__init__(engine, topic, keys=keys, threads=threads, pause=pause, seed=seed)
         self.retry_pause = retry_pause
         self.give_up_after = give_up_after
-        self.committed: list[Committed] = []
+        self.join_timeout = give_up_after + 30
         #: Failed tries, and how many of the retries found their earlier try committed.
         self.failures = 0
         self.committed_unseen = 0
         #: The longest time one transaction took from its first try to its commit.
         self.longest_wait = 0.0
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._errors: list[BaseException] = []
-        self._threads = [
-            threading.Thread(target=self._run, args=(i, seed * 1000 + i), daemon=True)
-            for i in range(threads)
-        ]
-
-    def start(self) -> RetryingWriters:
-        for t in self._threads:
-            t.start()
-        return self
-
-    def stop(self) -> list[Committed]:
-        self._stop.set()
-        for t in self._threads:
-            t.join(self.give_up_after + 30)
-        if self._errors:
-            raise self._errors[0]
-        return self.committed
-
-    def count(self) -> int:
-        with self._lock:
-            return len(self.committed)
-
-    def snapshot(self) -> list[Committed]:
-        """The messages committed so far (the writers keep going)."""
-        with self._lock:
-            return list(self.committed)
-
-    def wait_for(self, n: int, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while self.count() < n:
-            if self._errors:
-                raise self._errors[0]
-            assert time.monotonic() < deadline, f"writers committed only {self.count()}/{n}"
-            time.sleep(0.02)
 
     def _run(self, index: int, seed: int) -> None:
         rng = random.Random(seed)

@@ -12,6 +12,7 @@ import random
 import threading
 import time
 from collections.abc import Callable
+from typing import TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
@@ -39,6 +40,9 @@ class Committed:
     seq: int
     #: time.monotonic() before its transaction began.
     began: float
+
+
+W = TypeVar("W", bound="Writers")
 
 
 class Writers:
@@ -90,15 +94,18 @@ class Writers:
                     {"keys": self.keys},
                 )
 
-    def start(self) -> Writers:
+    def start(self: W) -> W:
         for t in self._threads:
             t.start()
         return self
 
+    #: How long stop() waits for each thread.
+    join_timeout = 30.0
+
     def stop(self) -> list[Committed]:
         self._stop.set()
         for t in self._threads:
-            t.join(30)
+            t.join(self.join_timeout)
         if self._errors:
             raise self._errors[0]
         return self.committed
