@@ -9,6 +9,7 @@ import dataclasses
 import functools
 import os
 import re
+import urllib.parse
 from collections.abc import Mapping
 from typing import Any
 
@@ -108,7 +109,14 @@ def parse_db_url(url: str) -> sa.URL:
         )
     if not parsed.database:
         raise ConfigurationError("the database URL names no database: add /DBNAME")
+    if _SQLALCHEMY_2_0 and "%" in parsed.database:
+        # SQLAlchemy 2.1 decodes a percent-encoded database name, 2.0 passes it on as is
+        # (d%40b would be a database of that name): decode it the same way on both.
+        parsed = parsed.set(database=urllib.parse.unquote(parsed.database))
     return parsed.set(drivername="postgresql+psycopg")
+
+
+_SQLALCHEMY_2_0 = sa.__version__.startswith("2.0.")
 
 
 @functools.cache
