@@ -18,6 +18,7 @@ from outbox.consumer import Consumer, ConsumerConfig
 from outbox.logs import JsonFormatter
 from outbox.transport.base import IncomingMessage
 from outbox.transport.memory import MemorySource
+from tests.support.incoming import message
 
 
 @pytest.fixture
@@ -25,17 +26,6 @@ def writes(engine: sa.Engine) -> sa.Engine:
     with engine.begin() as conn:
         conn.execute(sa.text("CREATE TABLE writes (what text NOT NULL)"))
     return engine
-
-
-def message(n: int = 0) -> IncomingMessage:
-    return IncomingMessage(
-        topic="orders",
-        partition=0,
-        offset=n,
-        key=b"k",
-        value=json.dumps({"n": n}).encode(),
-        headers=[("message-id", f"m-{n}".encode())],
-    )
 
 
 def run(db_url: str, handler: Any, *messages: IncomingMessage, attempts: int = 3) -> Any:

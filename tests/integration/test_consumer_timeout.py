@@ -5,7 +5,6 @@ exit status is tested in tests/acceptance/test_consumer_hang.py)."""
 
 from __future__ import annotations
 
-import json
 import random
 import threading
 from collections.abc import Iterator
@@ -14,21 +13,10 @@ import pytest
 import sqlalchemy as sa
 
 from outbox.consumer import EXIT_HANDLER_HUNG, Consumer, ConsumerConfig, _Watchdog
-from outbox.transport.base import IncomingMessage
 from outbox.transport.memory import MemorySource
 from tests.support import handlers
+from tests.support.incoming import message
 from tests.support.waits import wait_until
-
-
-def message(n: int) -> IncomingMessage:
-    return IncomingMessage(
-        topic="orders",
-        partition=0,
-        offset=n,
-        key=b"k",
-        value=json.dumps({"n": n}).encode(),
-        headers=[("message-id", f"m-{n}".encode())],
-    )
 
 
 def consumer(db_url: str, source: MemorySource, handler: object, **config: object) -> Consumer:
