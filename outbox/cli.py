@@ -42,7 +42,6 @@ from outbox.exceptions import (
     ConfigurationError,
     DatabaseUnavailableError,
     OutboxError,
-    TransportUnavailable,
     translate_db_errors,
 )
 from outbox.inbox import Inbox
@@ -237,14 +236,6 @@ def _relay(
                     "database unreachable at start, will keep trying",
                     extra={"event": "relay.database_unreachable_at_start", "error": str(exc)},
                 )
-            if not stopper.requested:
-                try:
-                    factory().check(5.0)  # the same client: the relay's first call gets it back
-                except TransportUnavailable as exc:
-                    logger.warning(
-                        "broker unreachable at start, will keep trying",
-                        extra={"event": "relay.broker_unreachable_at_start", "error": str(exc)},
-                    )
             stats = relay.run()
     except OutboxError as exc:
         fail(exc)

@@ -267,8 +267,14 @@ class Relay:
         try:
             # Connect the producer now (metadata, producer id): the first messages after a
             # start would otherwise wait for it. A broker that is down is handled later.
-            with contextlib.suppress(TransportError):
-                self._broker.transport().check(min(self.config.delivery_timeout, 5.0))
+            if not self._stop.is_set():
+                try:
+                    self._broker.transport().check(min(self.config.delivery_timeout, 5.0))
+                except TransportError as exc:
+                    logger.warning(
+                        "broker unreachable at start, will keep trying",
+                        extra={"event": "relay.broker_unreachable_at_start", "error": str(exc)},
+                    )
             while not self._stop.is_set():
                 try:
                     if not self._ensure_leader(wait=self.config.leader_retry_interval):
