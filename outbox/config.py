@@ -251,6 +251,13 @@ class RelayConfig:
         return Backoff(self.db_backoff_base, self.db_backoff_max)
 
 
+def session_options(url_options: object, *ours: str) -> str:
+    """libpq's ``options`` with ``ours`` added. libpq reads PGOPTIONS only when no ``options``
+    is given: keep the operator's session settings (PGOPTIONS, then the URL's) in front."""
+    parts = [os.environ.get("PGOPTIONS", ""), str(url_options or ""), *ours]
+    return " ".join(part for part in parts if part)
+
+
 def relay_conninfo(config: RelayConfig) -> str:
     """The libpq connection string of the relay's sessions: the URL's parameters, plus
     keepalives and session settings that its guarantees rest on.
@@ -324,13 +331,6 @@ def relay_conninfo(config: RelayConfig) -> str:
         # it, those rows are sent again (duplicates, which at-least-once allows), never lost.
         "-c synchronous_commit=off",
     ]
-    # libpq reads PGOPTIONS only when no `options` is given, and the relay gives one: keep
-    # the operator's session settings (set the standard way) in front of the relay's own.
-    params["options"] = " ".join(
-        filter(
-            None,
-            [os.environ.get("PGOPTIONS", ""), str(params.get("options", "")), *server_options],
-        )
-    )
+    params["options"] = session_options(params.get("options"), *server_options)
     params.update(config.extra_db_options)
     return psycopg.conninfo.make_conninfo(**params)

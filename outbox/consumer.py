@@ -32,7 +32,7 @@ from sqlalchemy.orm import Session
 
 from outbox import deadletter, statements
 from outbox.backoff import Backoff, Retrying
-from outbox.config import parse_db_url
+from outbox.config import parse_db_url, session_options
 from outbox.exceptions import (
     ConfigurationError,
     DatabaseAccessError,
@@ -228,18 +228,9 @@ class Consumer:
         url = parse_db_url(config.db_url)
         connect_args: dict[str, Any] = {}
         if config.handler_timeout is not None:
-            # The URL's and PGOPTIONS' own session settings are kept (an explicit `options`
-            # would otherwise replace them).
             ms = max(1, int(config.handler_timeout * 1000))
-            connect_args["options"] = " ".join(
-                filter(
-                    None,
-                    [
-                        os.environ.get("PGOPTIONS", ""),
-                        str(url.query.get("options", "")),
-                        f"-c statement_timeout={ms}",
-                    ],
-                )
+            connect_args["options"] = session_options(
+                url.query.get("options"), f"-c statement_timeout={ms}"
             )
         self._engine = sa.create_engine(url, pool_pre_ping=True, connect_args=connect_args)
         self._watchdog = _Watchdog(self, config.handler_timeout)
