@@ -25,7 +25,7 @@ from outbox.exceptions import (
     MissingTablesError,
     translate_db_errors,
 )
-from outbox.schema import DEAD, OutboxTables
+from outbox.schema import DEAD, OutboxTables, qualified
 
 logger = logging.getLogger("outbox.relay")
 
@@ -33,10 +33,6 @@ logger = logging.getLogger("outbox.relay")
 def _int_array(ids: Sequence[int]) -> str:
     """A bigint[] literal: much cheaper to build than letting the driver adapt a list."""
     return "{" + ",".join(map(str, ids)) + "}"
-
-
-def _qualified(table: sa.Table) -> str:
-    return f"{table.schema}.{table.name}" if table.schema else table.name
 
 
 def prepare_session(conn: psycopg.Connection[Any]) -> None:
@@ -61,7 +57,7 @@ class LeaderSession:
             return statements.to_driver_sql(build(tables))
 
         self._probe = sql(statements.probe_tables)
-        self._privileges = sql(statements.missing_privileges)
+        self._privileges = statements.to_driver_sql(statements.missing_privileges())
         # Marking sent deletes (or, retaining sent rows, updates); failures update.
         self._needed = "{SELECT,UPDATE}" if retain_sent else "{SELECT,UPDATE,DELETE}"
         self._table = tables.qualified_name
@@ -73,8 +69,7 @@ class LeaderSession:
         self._epoch = sql(statements.leader_epoch)
         self._new_epoch = sql(statements.new_leader_epoch)
         self._holder = statements.to_driver_sql(statements.leader_lock_holder())
-        self._leader_privileges = sql(statements.missing_leader_privileges)
-        self._leader_table = _qualified(tables.leader)
+        self._leader_table = qualified(tables.leader)
         self._wait_lock = statements.to_driver_sql(statements.wait_leader_lock())
         self._lock_timeout = statements.to_driver_sql(statements.local_lock_timeout())
 
@@ -85,40 +80,40 @@ class LeaderSession:
         with translate_db_errors("connect"):
             conn = psycopg.connect(self._conninfo, autocommit=True)
         try:
+            # Privileges first: probing the table without SELECT would only say "permission
+            # denied" (has_table_privilege needs none).
+            self._require(conn, self._table, self._needed)
+            self._require(conn, self._leader_table, "{SELECT,UPDATE}", " (the leader epoch)")
             with translate_db_errors("check tables"):
-                # Privileges first: probing the table without SELECT would only say
-                # "permission denied" (has_table_privilege needs none).
-                row = conn.execute(self._privileges, {"needed": self._needed}).fetchone()
-                if row is None or not row[1]:
-                    conn.execute(self._probe)
-                    prepare_session(conn)
-            if row is not None and not row[1]:
-                try:
-                    with translate_db_errors("check tables"):
-                        leader = conn.execute(self._leader_privileges).fetchone()
-                except MissingTablesError:
-                    raise MissingTablesError(
-                        f"the outbox tables are older than this version (no {self._leader_table}"
-                        "): run `outbox db upgrade --db-url URL` (or `alembic upgrade "
-                        "outbox@head`) first"
-                    ) from None
-                if leader is not None and leader[0]:
-                    raise DatabaseAccessError(
-                        f"the relay's role {row[0]!r} lacks {', '.join(leader[0])} on "
-                        f"{self._leader_table} (the leader epoch): GRANT SELECT, UPDATE ON "
-                        f"{self._leader_table} TO {row[0]}"
-                    )
-            if row is not None and row[1]:
-                role, missing = row[0], ", ".join(row[1])
-                raise DatabaseAccessError(
-                    f"the relay's role {role!r} lacks {missing} on {self._table}: "
-                    f"GRANT {self._needed.strip('{}').replace(',', ', ')} ON {self._table} "
-                    f"TO {role}"
-                )
+                conn.execute(self._probe)
+                prepare_session(conn)
         except BaseException:
             conn.close()
             raise
         return conn
+
+    def _require(
+        self, conn: psycopg.Connection[Any], table: str, needed: str, what: str = ""
+    ) -> None:
+        """Raise a one-line error naming the privileges of ``needed`` the role lacks on
+        ``table``, and the GRANT that gives them."""
+        try:
+            with translate_db_errors("check tables"):
+                row = conn.execute(self._privileges, {"table": table, "needed": needed}).fetchone()
+        except MissingTablesError:
+            if table != self._leader_table:
+                raise
+            raise MissingTablesError(
+                f"the outbox tables are older than this version (no {table}): run "
+                "`outbox db upgrade --db-url URL` (or `alembic upgrade outbox@head`) first"
+            ) from None
+        if row is not None and row[1]:
+            role, missing = row[0], ", ".join(row[1])
+            grant = needed.strip("{}").replace(",", ", ")
+            raise DatabaseAccessError(
+                f"the relay's role {role!r} lacks {missing} on {table}{what}: "
+                f"GRANT {grant} ON {table} TO {role}"
+            )
 
     def try_lead(self, wait: float = 0.0) -> bool:
         """Connect and LISTEN if needed, then take the leader lock of the current epoch: at

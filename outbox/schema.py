@@ -84,6 +84,11 @@ def validate_identifier(value: str, what: str) -> str:
     return value
 
 
+def qualified(table: sa.Table) -> str:
+    """``schema.name``, or ``name`` in the search path."""
+    return f"{table.schema}.{table.name}" if table.schema else table.name
+
+
 @dataclasses.dataclass(frozen=True)
 class OutboxTables:
     """The outbox's tables on one ``MetaData``, plus names derived from them."""
@@ -99,8 +104,7 @@ class OutboxTables:
 
     @property
     def qualified_name(self) -> str:
-        t = self.messages
-        return f"{t.schema}.{t.name}" if t.schema else t.name
+        return qualified(self.messages)
 
     @property
     def channel(self) -> str:
