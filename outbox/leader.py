@@ -83,9 +83,10 @@ class LeaderSession:
             # Privileges first: probing the table without SELECT would only say "permission
             # denied" (has_table_privilege needs none).
             self._require(conn, self._table, self._needed)
-            self._require(conn, self._leader_table, "{SELECT,UPDATE}", " (the leader epoch)")
             with translate_db_errors("check tables"):
-                conn.execute(self._probe)
+                conn.execute(self._probe)  # the columns of this release (outbox_0004)
+            self._require(conn, self._leader_table, "{SELECT,UPDATE}", " (the leader epoch)")
+            with translate_db_errors("connect"):
                 prepare_session(conn)
         except BaseException:
             conn.close()
