@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from collections.abc import Callable
 
 from outbox.backoff import Backoff, Retrying
+from outbox.breaker import State, Transition
 from outbox.exceptions import TransportError
 from outbox.observe import RelayObserver
 from outbox.transport.base import Transport
@@ -24,9 +26,11 @@ class BrokerLink:
         "_factory",
         "_observe",
         "_probe_timeout",
+        "_since",
         "_transport",
         "failures_in_row",
         "health",
+        "state",
     )
 
     def __init__(
@@ -45,6 +49,10 @@ class BrokerLink:
         #: Batches in a row that the broker failed (unlike ``health``, not reset by a probe
         #: that succeeds): ``--once`` gives up after a few.
         self.failures_in_row = 0
+        #: As the consumer's circuit breaker: ``open`` while backing off, ``half_open`` while
+        #: a probe is out, ``closed`` when the broker answers.
+        self.state: State = "closed"
+        self._since = 0.0
 
     def transport(self) -> Transport:
         """The current client, created on first use (and after a discard)."""
@@ -58,6 +66,9 @@ class BrokerLink:
         delay = self.health.failed()
         self.failures_in_row += 1
         self._observe.broker_unavailable(reason, delay, self.health.failures)
+        if self.state == "closed":
+            self._since = time.monotonic()
+        self._change("open", reason, delay)
         if fatal or (self._transport is not None and self._transport.broken):
             self.discard()
 
@@ -65,6 +76,7 @@ class BrokerLink:
         """A batch got acknowledgements: the broker works."""
         self.health.succeeded()
         self.failures_in_row = 0
+        self._closed()
 
     def ready(self, *, busy: bool) -> bool:
         """Whether to send now: always while healthy; after failures, once the backoff has
@@ -74,6 +86,7 @@ class BrokerLink:
             return True
         if busy or not self.health.due():
             return False
+        self._change("half_open", "backoff over, probing the broker", 0.0)
         try:
             self.transport().check(self._probe_timeout)
         except TransportError as exc:
@@ -81,7 +94,19 @@ class BrokerLink:
             return False
         self.health.succeeded()
         self._observe.broker_available()
+        self._closed()
         return True
+
+    def _closed(self) -> None:
+        if self.state != "closed":
+            self._change("closed", "the broker answers", time.monotonic() - self._since)
+
+    def _change(self, state: State, reason: str, seconds: float) -> None:
+        if state == self.state:
+            return  # one report per transition, not per failure
+        self.state = state
+        failures = self.health.failures
+        self._observe.breaker_changed(Transition(state, reason, failures, 0, 0, seconds))
 
     def discard(self) -> None:
         """Drop the client without waiting for what it still holds (purged, unacknowledged:

@@ -17,9 +17,11 @@ import sqlalchemy as sa
 
 from outbox import logs, migrate
 from outbox.admin import counts
+from outbox.breaker import BreakerPolicy
 from outbox.cli_options import (
     Stopper,
     backoff_options,
+    breaker_options,
     db_options,
     errors,
     fail,
@@ -35,6 +37,7 @@ from outbox.consumer import (
     EXIT_HANDLER_HUNG,
     Consumer,
     ConsumerConfig,
+    load_exception,
     load_handler,
     message_id_key,
 )
@@ -392,6 +395,7 @@ def purge(db_url: str, table: str, schema: str | None, inbox_table: str, batch_s
         default=None,
         help="Stop after this many seconds without a message (counted once the group is joined)",
     ),
+    breaker_options(_CONSUMER.breaker),
     log_options,
 )
 def consume(
@@ -418,6 +422,15 @@ def consume(
     handler_timeout: float,
     max_messages: int | None,
     idle_timeout: float | None,
+    transient: tuple[str, ...],
+    breaker_failures: int,
+    breaker_failure_rate: float,
+    breaker_window: float,
+    breaker_open: float,
+    breaker_open_max: float,
+    retry_budget: float,
+    clock_skew: float,
+    on_expired: str | None,
     log_level: str,
     log_format: str,
 ) -> None:
@@ -428,6 +441,8 @@ def consume(
     topic_list = [t for item in topics for t in item.split()]
     try:
         fn = load_handler(handler, app_dir)
+        expired_fn = load_handler(on_expired, app_dir) if on_expired else None
+        transient_types = [load_exception(t, app_dir) for item in transient for t in item.split()]
         key: Any = load_handler(key_extractor, app_dir) if key_extractor else message_id_key
         source = first_client(lambda: KafkaSource(bootstrap_servers, group, topic_list, overrides))
         if redelivery_horizon_days is None:
@@ -458,8 +473,19 @@ def consume(
             redelivery_horizon=None
             if horizon_s is None or math.isinf(horizon_s)
             else datetime.timedelta(seconds=horizon_s),
+            breaker=BreakerPolicy(
+                failures=breaker_failures,
+                failure_rate=breaker_failure_rate,
+                window=breaker_window,
+                open_base=breaker_open,
+                open_max=max(breaker_open, breaker_open_max),
+                retry_budget=retry_budget,
+            ),
+            clock_skew=clock_skew,
         )
-        consumer = Consumer(config, fn, source, key=key)
+        consumer = Consumer(
+            config, fn, source, key=key, transient=transient_types, on_expired=expired_fn
+        )
         stopper.attach(consumer.stop)
         stats = consumer.run(max_messages=max_messages, idle_timeout=idle_timeout)
     except OutboxError as exc:

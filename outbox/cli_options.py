@@ -255,6 +255,92 @@ def backoff_options(what: str, env: str, base: float, cap: float) -> Callable[[F
     )
 
 
+def breaker_options(default: Any) -> Callable[[F], F]:
+    """The consumer's circuit breaker, retry budget and deadline options; ``default``: a
+    :class:`~outbox.breaker.BreakerPolicy` with the defaults to show."""
+    return options(
+        click.option(
+            "--transient",
+            "transient",
+            multiple=True,
+            envvar="OUTBOX_TRANSIENT",
+            help="Exception type (package.module.Class) meaning the handler's dependency is "
+            "down, not the message: no attempt counted, the breaker decides; repeatable "
+            "(outbox.DownstreamUnavailable always is) [OUTBOX_TRANSIENT, space-separated]",
+        ),
+        click.option(
+            "--breaker-failures",
+            type=click.IntRange(1),
+            default=default.failures,
+            show_default=True,
+            envvar="OUTBOX_BREAKER_FAILURES",
+            help="Transient failures in a row that open the circuit breaker "
+            "[OUTBOX_BREAKER_FAILURES]",
+        ),
+        click.option(
+            "--breaker-failure-rate",
+            type=click.FloatRange(0, 1, min_open=True),
+            default=default.failure_rate,
+            show_default=True,
+            envvar="OUTBOX_BREAKER_FAILURE_RATE",
+            help="...or the fraction of the window's attempts failing transiently "
+            "[OUTBOX_BREAKER_FAILURE_RATE]",
+        ),
+        click.option(
+            "--breaker-window",
+            type=click.FloatRange(min=1),
+            default=default.window,
+            show_default=True,
+            envvar="OUTBOX_BREAKER_WINDOW",
+            help="Seconds of the sliding window for the failure rate and the retry budget "
+            "[OUTBOX_BREAKER_WINDOW]",
+        ),
+        click.option(
+            "--breaker-open",
+            type=click.FloatRange(min=0.01),
+            default=default.open_base,
+            show_default=True,
+            envvar="OUTBOX_BREAKER_OPEN",
+            help="First open period of the breaker, seconds (full jitter, doubling on each "
+            "failed probe) [OUTBOX_BREAKER_OPEN]",
+        ),
+        click.option(
+            "--breaker-open-max",
+            type=click.FloatRange(min=0.01),
+            default=default.open_max,
+            show_default=True,
+            envvar="OUTBOX_BREAKER_OPEN_MAX",
+            help="Longest open period, seconds [OUTBOX_BREAKER_OPEN_MAX]",
+        ),
+        click.option(
+            "--retry-budget",
+            type=click.FloatRange(0, 1),
+            default=default.retry_budget,
+            show_default=True,
+            envvar="OUTBOX_RETRY_BUDGET",
+            help="Retries of unclassified failures allowed, as a fraction of the window's "
+            "attempts; past it failures count as an outage [OUTBOX_RETRY_BUDGET]",
+        ),
+        click.option(
+            "--clock-skew",
+            type=click.FloatRange(0, 86400, max_open=True),
+            default=1.0,
+            show_default=True,
+            envvar="OUTBOX_CLOCK_SKEW",
+            help="Seconds past a message's deadline before it counts as expired "
+            "[OUTBOX_CLOCK_SKEW]",
+        ),
+        click.option(
+            "--on-expired",
+            envvar="OUTBOX_ON_EXPIRED",
+            default=None,
+            help="package.module:function(session, message) run instead of the handler for a "
+            "message past its deadline (default: dead-letter it, reason expired) "
+            "[OUTBOX_ON_EXPIRED]",
+        ),
+    )
+
+
 class Stopper:
     """Routes SIGTERM/SIGINT to whatever must stop (the relay, the consumer) once it exists;
     a signal received earlier, even before the heavy imports (``outbox._entry``), stops it as

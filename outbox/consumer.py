@@ -8,6 +8,11 @@ inbox skips it. A handler that raises is retried with backoff and full jitter; a
 ``max_attempts`` (or at once for :class:`PoisonMessage`) the message goes to the dead-letter
 topic — published through the outbox in the same transaction that claims its key, so the
 dead-lettering itself happens once — and the partition moves on.
+
+A failure of what the handler calls (:class:`DownstreamUnavailable`, or a ``transient=`` type)
+counts no attempt: the circuit breaker (:mod:`outbox.breaker`) retries, then pauses the
+partitions until the dependency answers. A message past its deadline (``publish(ttl=...)``)
+is not handled: it is dead-lettered with reason ``expired``, or given to ``on_expired``.
 """
 
 from __future__ import annotations
@@ -32,11 +37,13 @@ from sqlalchemy.orm import Session
 
 from outbox import deadletter, statements
 from outbox.backoff import Backoff, Retrying
+from outbox.breaker import Breaker, BreakerPolicy, Transition
 from outbox.config import parse_db_url, session_options
 from outbox.exceptions import (
     ConfigurationError,
     DatabaseAccessError,
     DatabaseUnavailableError,
+    DownstreamUnavailable,
     HandlerUndidItsWork,
     MissingTablesError,
     PoisonMessage,
@@ -47,7 +54,7 @@ from outbox.exceptions import (
     translate_db_errors,
 )
 from outbox.inbox import Inbox
-from outbox.message import HEADER_MESSAGE_ID
+from outbox.message import HEADER_DEADLINE, HEADER_MESSAGE_ID, parse_deadline
 from outbox.observe import ConsumerObserver, LogConsumer, Outcome, fanout, message_fields
 from outbox.outbox import Outbox
 from outbox.schema import DEFAULT_INBOX_TABLE, DEFAULT_TABLE, validate_identifier
@@ -107,6 +114,21 @@ def load_handler(path: str, app_dir: str | None = None) -> Handler:
     return handler
 
 
+def load_exception(path: str, app_dir: str | None = None) -> type[BaseException]:
+    """Import an exception type named ``package.module.Class`` (or ``package.module:Class``)."""
+    if ":" not in path:
+        module, _, name = path.rpartition(".")
+        path = f"{module}:{name}" if module else path
+    try:
+        found: Any = load_handler(path, app_dir)
+    except ConfigurationError as exc:
+        raise ConfigurationError(f"--transient: {exc}") from None
+    if not (isinstance(found, type) and issubclass(found, BaseException)):
+        raise ConfigurationError(f"--transient {path!r} is not an exception type")
+    kind: type[BaseException] = found
+    return kind
+
+
 class _HandlerSession(Session):
     """The handler's session, joined to the runner's transaction (``rollback_only``): its
     ``commit()`` flushes but leaves the transaction to the runner, so the writes commit with
@@ -163,6 +185,11 @@ class ConsumerConfig:
     #: How long a message can come back (e.g. the topics' retention), if known: a shorter
     #: ``retention`` gets a warning at start-up.
     redelivery_horizon: datetime.timedelta | None = None
+    #: When transient failures open the circuit breaker, and the retry budget.
+    breaker: BreakerPolicy = dataclasses.field(default_factory=BreakerPolicy)
+    #: A message counts as expired only this many seconds past its deadline: the tolerance
+    #: for the publisher's clock running ahead of the consumer's.
+    clock_skew: float = 1.0
 
     def __post_init__(self) -> None:
         parse_db_url(self.db_url)
@@ -181,6 +208,8 @@ class ConsumerConfig:
         validate_identifier(self.table, "table name")
         if self.handler_timeout is not None and not self.handler_timeout > 0:
             raise ConfigurationError("handler_timeout must be positive (or None: no limit)")
+        if not 0 <= self.clock_skew < 86400:
+            raise ConfigurationError("clock_skew must be at least 0 seconds (and under a day)")
 
     @property
     def retry_backoff(self) -> Backoff:
@@ -197,11 +226,25 @@ class ConsumerStats:
     duplicates: int = 0
     dead_lettered: int = 0
     failed_attempts: int = 0
+    #: Failures of the handler's dependencies (no attempt counted).
+    transient_failures: int = 0
+    #: Messages past their deadline (dead-lettered, or given to ``on_expired``).
+    expired: int = 0
+    #: Times the circuit breaker opened, and seconds it kept the partitions paused.
+    breaker_opened: int = 0
+    paused_seconds: float = 0.0
 
 
 class Consumer:
     """Runs ``handler(session, message)`` once per message, with the inbox. Not thread-safe;
-    :meth:`stop` may be called from any thread or a signal handler."""
+    :meth:`stop` may be called from any thread or a signal handler.
+
+    ``transient``: exception types that mean "the dependency is down, not this message", as
+    :class:`DownstreamUnavailable` does (e.g. ``httpx.TransportError``). ``on_expired``: called
+    as ``on_expired(session, message)`` instead of the handler for a message past its deadline
+    (in the transaction that records it in the inbox); without it, such a message is
+    dead-lettered with reason ``expired``.
+    """
 
     def __init__(
         self,
@@ -212,13 +255,24 @@ class Consumer:
         key: KeyExtractor = message_id_key,
         rng: random.Random | None = None,
         observers: Sequence[ConsumerObserver] = (),
+        transient: Sequence[type[BaseException]] = (),
+        on_expired: Handler | None = None,
     ) -> None:
+        for kind in transient:
+            if not (isinstance(kind, type) and issubclass(kind, BaseException)):
+                raise ConfigurationError(f"transient={kind!r}: expected exception types")
         self.config = config
         self.handler = handler
+        self.on_expired = on_expired
         self.stats = ConsumerStats()
+        self._transient: tuple[type[BaseException], ...] = (DownstreamUnavailable, *transient)
         self._source_factory = source_factory
         self._key = key
         self._rng = rng or random.Random()
+        self._breaker = Breaker(config.breaker, self._rng)
+        #: A message the breaker sent back (its position) and its attempts so far: they
+        #: count on when it comes again.
+        self._carried: tuple[str, int, int, int] | None = None
         self._observe = fanout(LogConsumer(), observers)
         self._stop = threading.Event()
         self._outbox = Outbox(
@@ -294,6 +348,10 @@ class Consumer:
             while not self._stop.is_set():
                 if max_messages is not None and handled >= max_messages:
                     break
+                if self._breaker.state == "open":
+                    self._wait_open(source)
+                    last = time.monotonic()  # waiting for the dependency is not idle
+                    continue
                 message = source.poll(0.5)
                 if not joined and source.joined:
                     joined = True
@@ -310,33 +368,77 @@ class Consumer:
                 last = time.monotonic()
                 outcome = self._handle(message)
                 if outcome is None:
-                    break  # stopping in the middle of retries: not processed, redelivered
+                    # Stopping in the middle of retries (not processed: redelivered), or the
+                    # breaker opened (the message is rewound, the partitions paused).
+                    continue
                 source.processed(message)
                 self._observe.message_finished(message, outcome, time.monotonic() - last)
                 handled += 1
         finally:
+            if self._breaker.state != "closed":
+                self.stats.paused_seconds = self._breaker.paused_seconds + self._breaker.open_for()
             source.close()
             self._engine.dispose()
             self._observe.stopped(self.stats)
         return self.stats
 
+    @property
+    def breaker_state(self) -> str:
+        """``closed``, ``open`` or ``half_open`` (the readiness endpoint's "degraded")."""
+        return self._breaker.state
+
+    def _wait_open(self, source: Source) -> None:
+        """While the breaker is open: keep the group membership (the source is paused), and
+        go half-open when the open period is over."""
+        remaining = self._breaker.remaining()
+        if remaining > 0:
+            source.poll(min(remaining, 0.5))
+            return
+        self._report(self._breaker.half_open())
+        source.resume()
+
+    def _report(self, transition: Transition) -> None:
+        if transition.state == "open":
+            self.stats.breaker_opened += 1
+        elif transition.state == "closed":
+            self.stats.paused_seconds = self._breaker.paused_seconds
+        self._observe.breaker_changed(transition)
+
     # -- one message ----------------------------------------------------------------------------
 
     def _handle(self, message: IncomingMessage) -> Outcome | None:
-        """Process ``message`` to the end: its outcome. None only when asked to stop before
-        it could be done."""
+        """Process ``message`` to the end: its outcome. None when it could not be done: asked
+        to stop, or the breaker opened (the message is rewound and comes again)."""
         key = self._key(message)
         if key is None:
             logger.error(
                 "message has no idempotency key, dead-lettering",
                 extra={"event": "consumer.no_key", **message_fields(message)},
             )
-            return self._dead_letter(message, None, "no idempotency key (message-id header)", 0)
+            return self._dead_letter(
+                message, None, "no idempotency key (message-id header)", 0, kind="no-key"
+            )
         attempts = Retrying(self.config.retry_backoff, self._rng)
+        carried = self._carried
+        position = (message.topic, message.partition, message.offset)
+        if carried is not None and carried[:3] == position:
+            attempts.failures = carried[3]
+        self._carried = None
+        waits = Retrying(self.config.retry_backoff, self._rng)  # between transient failures
         outage = Retrying(self.config.db_backoff, self._rng)
         while True:
             try:
-                if not self._run_handler(message, key, attempts.failures + 1):
+                handler = self.handler
+                expired = self._expired(message)
+                if expired is not None:
+                    if self.on_expired is None:
+                        self.stats.expired += 1
+                        return self._dead_letter(
+                            message, key, expired, attempts.failures, kind="expired"
+                        )
+                    handler = self.on_expired
+                self._breaker.attempt()
+                if not self._run_handler(message, key, attempts.failures + 1, handler):
                     self.stats.duplicates += 1
                     logger.debug(
                         "duplicate skipped",
@@ -347,11 +449,16 @@ class Consumer:
                         },
                     )
                     return "duplicate"
+                if expired is not None:
+                    self.stats.expired += 1
                 self.stats.processed += 1
+                transition = self._breaker.succeeded()
+                if transition is not None:
+                    self._report(transition)
                 return "processed"
             except PoisonMessage as exc:
                 return self._dead_letter(
-                    message, key, f"PoisonMessage: {exc}", attempts.failures + 1, exc
+                    message, key, f"PoisonMessage: {exc}", attempts.failures + 1, exc, kind="poison"
                 )
             except Exception as exc:
                 if isinstance(
@@ -362,17 +469,78 @@ class Consumer:
                     if not self._wait_for_database(exc, outage):
                         return None
                     continue
+                reason = f"{type(exc).__name__}: {first_line(exc)}"
+                if isinstance(exc, self._transient):
+                    self.stats.transient_failures += 1
+                    if not self._transient_failure(message, key, reason, waits, attempts, exc):
+                        return None
+                    continue
                 # The handler's own failure (a statement it ran past the time limit too).
                 self.stats.failed_attempts += 1
-                reason = f"{type(exc).__name__}: {first_line(exc)}"
                 if attempts.failures + 1 >= self.config.max_attempts:
-                    return self._dead_letter(message, key, reason, attempts.failures + 1, exc)
-                delay = attempts.failed()
-                self._observe.attempt_failed(message, key, attempts.failures, reason, delay, exc)
-                if self._stop.wait(delay):
+                    return self._dead_letter(
+                        message, key, reason, attempts.failures + 1, exc, kind="attempts"
+                    )
+                if self._breaker.retry_allowed():
+                    delay = attempts.failed()
+                    self._observe.attempt_failed(
+                        message, key, attempts.failures, reason, delay, exc
+                    )
+                    if self._stop.wait(delay):
+                        return None
+                    continue
+                # The retry budget is spent: many messages fail, so this is an outage. A
+                # half-open probe still counts its attempt: an unclassified failure may be
+                # this message's own, which must not block its partition forever.
+                if self._breaker.state == "half_open":
+                    attempts.failed()
+                reason = f"retry budget spent: {reason}"
+                if not self._transient_failure(message, key, reason, waits, attempts, exc):
                     return None
 
-    def _run_handler(self, message: IncomingMessage, key: str, attempts: int = 1) -> bool:
+    def _transient_failure(
+        self,
+        message: IncomingMessage,
+        key: str,
+        reason: str,
+        waits: Retrying,
+        attempts: Retrying,
+        exc: BaseException,
+    ) -> bool:
+        """A failure of the dependency: tell the breaker. True to try the message again now;
+        False when the breaker opened (the message is rewound, the partitions paused) or the
+        consumer is stopping."""
+        transition = self._breaker.transient_failure(reason)
+        if transition is not None:
+            self._source.pause()
+            self._source.rewind(message)
+            self._carried = (message.topic, message.partition, message.offset, attempts.failures)
+            self._report(transition)
+            return False
+        delay = waits.failed()
+        self._observe.transient_failure(message, key, reason, delay, exc)
+        return not self._stop.wait(delay)
+
+    def _expired(self, message: IncomingMessage) -> str | None:
+        """Why ``message`` is past its deadline, or None; :class:`PoisonMessage` if its
+        deadline header cannot be read."""
+        raw = message.header(HEADER_DEADLINE)
+        if raw is None:
+            return None
+        try:
+            deadline = parse_deadline(raw)
+        except (ValueError, UnicodeDecodeError):
+            raise PoisonMessage(
+                f"unreadable {HEADER_DEADLINE} header {raw[:64]!r}: expected RFC 3339 with a zone"
+            ) from None
+        late = time.time() - deadline
+        if late <= self.config.clock_skew:
+            return None
+        return f"expired: {raw.decode()} passed {late:.3f} s ago"
+
+    def _run_handler(
+        self, message: IncomingMessage, key: str, attempts: int, handler: Handler
+    ) -> bool:
         """Claim ``key`` and run the handler in one transaction that this runner owns; False
         if the key was claimed before (a duplicate). The handler's session joins that
         transaction (see :class:`_HandlerSession`): its own ``commit()`` only flushes, and
@@ -387,7 +555,7 @@ class Consumer:
                 _HandlerSession(bind=conn, join_transaction_mode="rollback_only") as session,
                 self._watchdog.watching(message, key, attempts, _backend_pid(conn)),
             ):
-                self.handler(session, message)
+                handler(session, message)
                 if session.undone is not None:
                     raise HandlerUndidItsWork(_undone_message(session.undone))
                 session.commit()  # flushes; the claim and the writes commit together below
@@ -406,6 +574,8 @@ class Consumer:
         reason: str,
         attempts: int,
         exc: BaseException | None = None,
+        *,
+        kind: str,
     ) -> Outcome | None:
         """Publish ``message`` to the dead-letter topic through the outbox, claiming its key in
         the same transaction, so that dead-lettering happens once. Any message can be stored
@@ -423,6 +593,7 @@ class Consumer:
                     topic=topic,
                     consumer=self.config.name,
                     reason=reason,
+                    kind=kind,
                     attempts=attempts,
                     key=key,
                     failure=failure,
@@ -466,6 +637,7 @@ class Consumer:
                 "key": key,
                 "dead_letter_topic": topic,
                 "attempts": attempts,
+                "reason": kind,
                 "error": reason,
                 **message_fields(message),
             },
@@ -551,7 +723,7 @@ class _Watchdog:
                 with consumer._engine.connect() as conn:
                     conn.execute(statements.terminate_backend(), {"pid": pid})
                     conn.commit()
-            if consumer._dead_letter(message, key, reason, attempts) is not None:
+            if consumer._dead_letter(message, key, reason, attempts, kind="hung") is not None:
                 consumer._source.processed(message)
                 consumer._source.commit()
         except Exception:

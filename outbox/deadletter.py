@@ -49,6 +49,11 @@ MAX_INBOX_KEY = 512
 ESCAPED_NAME = "dlq-header-b64:"
 #: The one header of the minimal form.
 ENVELOPE = "dlq-envelope"
+#: Why a message was dead-lettered (the ``dlq-reason`` header; ``reason`` in the envelope):
+#: ``poison`` (:class:`~outbox.PoisonMessage`), ``attempts`` (max_attempts failures),
+#: ``expired`` (past its deadline), ``no-key`` (no idempotency key), ``hung`` (the handler
+#: outlived its time limit).
+KINDS = ("poison", "attempts", "expired", "no-key", "hung")
 _MAX_ERROR = 1000
 _SUFFIX = ".dlq"
 
@@ -89,18 +94,26 @@ def letter(
     attempts: int,
     key: str | None,
     failure: str | None = None,
+    kind: str = "poison",
 ) -> EncodedMessage:
     """The full dead letter; the minimal one when ``failure`` says why the full one could not
-    be stored."""
+    be stored. ``kind``: one of :data:`KINDS`."""
     if failure is None:
         return full(
-            message, topic=topic, consumer=consumer, reason=reason, attempts=attempts, key=key
+            message,
+            topic=topic,
+            consumer=consumer,
+            reason=reason,
+            attempts=attempts,
+            key=key,
+            kind=kind,
         )
     return minimal(
         message,
         topic=topic,
         consumer=consumer,
         reason=reason,
+        kind=kind,
         attempts=attempts,
         key=key,
         failure=failure,
@@ -115,6 +128,7 @@ def full(
     reason: str,
     attempts: int,
     key: str | None,
+    kind: str = "poison",
 ) -> EncodedMessage:
     """The dead letter that keeps the original message (see the module's docstring)."""
     headers: list[tuple[str, bytes]] = []
@@ -125,6 +139,7 @@ def full(
         ("dlq-original-partition", str(message.partition).encode()),
         ("dlq-original-offset", str(message.offset).encode()),
         ("dlq-consumer", _text(consumer)),
+        ("dlq-reason", kind.encode()),
         ("dlq-error", _text(reason[:_MAX_ERROR])),
         ("dlq-attempts", str(attempts).encode()),
     ]
@@ -142,6 +157,7 @@ def minimal(
     attempts: int,
     key: str | None,
     failure: str,
+    kind: str = "poison",
 ) -> EncodedMessage:
     """The dead letter written when the full one could not be (see the module's docstring)."""
     envelope: dict[str, Any] = {
@@ -150,6 +166,7 @@ def minimal(
         "offset": message.offset,
         "consumer": consumer,
         "attempts": attempts,
+        "reason": kind,
         "error": reason,
         "dead_letter_error": failure,
         "idempotency_key": key,

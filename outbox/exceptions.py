@@ -82,6 +82,13 @@ class PoisonMessage(OutboxError):
     once, without retries."""
 
 
+class DownstreamUnavailable(OutboxError):
+    """Raised by a handler when what it calls (a payment provider, another service) is down or
+    overloaded: not this message's fault. It counts no attempt and dead-letters nothing; the
+    consumer's circuit breaker retries, then pauses consumption until the dependency answers
+    (see :mod:`outbox.breaker`). ``Consumer(transient=...)`` treats other types the same way."""
+
+
 class HandlerUndidItsWork(OutboxError):
     """The handler rolled back or closed its session, undoing its writes: the message is not
     done. Counted as a failed attempt; raise an exception instead."""

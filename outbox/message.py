@@ -20,6 +20,9 @@ from outbox.exceptions import PayloadError
 HEADER_MESSAGE_ID = "message-id"
 #: Kafka header carrying the payload's media type.
 HEADER_CONTENT_TYPE = "content-type"
+#: Kafka header carrying the message's deadline (``publish(deadline=...)`` or ``ttl=``), as
+#: RFC 3339 UTC with milliseconds: a consumer does not run its handler past it.
+HEADER_DEADLINE = "outbox-deadline"
 _RESERVED_HEADERS = frozenset({HEADER_MESSAGE_ID})
 
 #: The longest header name ``publish`` accepts, in UTF-8 bytes. Kafka sets no limit; this
@@ -51,6 +54,9 @@ class Message:
     in the order given (repeated names too); values are ``str`` (UTF-8) or ``bytes``, names
     non-empty ``str`` of at most :data:`MAX_HEADER_NAME` UTF-8 bytes, without NUL characters
     or lone surrogates. ``message_id`` defaults to a new time-ordered UUID (version 7).
+    ``deadline`` (a timezone-aware ``datetime``) or ``ttl`` (a ``timedelta`` or seconds from
+    now): past it, consumers do not run their handler but dead-letter the message with reason
+    ``expired`` (header :data:`HEADER_DEADLINE`).
     """
 
     topic: str
@@ -59,6 +65,8 @@ class Message:
     headers: Headers | None = None
     message_id: uuid.UUID | None = None
     content_type: str | None = None
+    deadline: datetime.datetime | None = None
+    ttl: datetime.timedelta | float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -208,6 +216,50 @@ def encode_payload(payload: Any) -> tuple[bytes | None, str | None]:
     return _utf8(text, "payload"), JSON
 
 
+def format_deadline(deadline: datetime.datetime) -> bytes:
+    """``deadline`` as the header holds it: RFC 3339, UTC, milliseconds."""
+    utc = deadline.astimezone(datetime.timezone.utc)
+    return utc.strftime("%Y-%m-%dT%H:%M:%S.").encode() + b"%03dZ" % (utc.microsecond // 1000)
+
+
+def parse_deadline(value: bytes) -> float:
+    """The header's deadline as a POSIX timestamp; ``ValueError`` if it is not RFC 3339 with a
+    time zone."""
+    text = value.decode("ascii")
+    if text.endswith(("Z", "z")):
+        text = text[:-1] + "+00:00"  # fromisoformat takes "Z" only from Python 3.11
+    parsed = datetime.datetime.fromisoformat(text)
+    if parsed.tzinfo is None or "T" not in text.upper():
+        raise ValueError(f"not an RFC 3339 time with a zone: {value!r}")
+    return parsed.timestamp()
+
+
+def _deadline(message: Message) -> bytes | None:
+    deadline, ttl = message.deadline, message.ttl
+    if deadline is not None and ttl is not None:
+        raise PayloadError("pass deadline= or ttl=, not both")
+    if ttl is not None:
+        if isinstance(ttl, datetime.timedelta):
+            seconds = ttl.total_seconds()
+        elif isinstance(ttl, (int, float)) and not isinstance(ttl, bool):
+            seconds = float(ttl)
+        else:
+            raise PayloadError(f"ttl must be a timedelta or seconds, not {type(ttl).__name__}")
+        if not 0 < seconds < 10 * 366 * 86400:
+            raise PayloadError(f"ttl must be positive (and under ten years), not {seconds:g} s")
+        deadline = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(
+            seconds=seconds
+        )
+    if deadline is None:
+        return None
+    if not isinstance(deadline, datetime.datetime) or deadline.tzinfo is None:
+        raise PayloadError(
+            "deadline must be a timezone-aware datetime, e.g. "
+            "datetime.now(timezone.utc) + timedelta(minutes=5)"
+        )
+    return format_deadline(deadline)
+
+
 def valid_topic(topic: object) -> bool:
     """Whether Kafka accepts ``topic`` as a topic name."""
     # fullmatch: with match, "$" would accept a trailing newline. "." and ".." are not
@@ -246,6 +298,21 @@ def encode(message: Message) -> EncodedMessage:
     if ctype is not None:
         # First, right after the message-id the relay sends: see docs/reference.md.
         headers.insert(0, (HEADER_CONTENT_TYPE, ctype))
+    deadline = _deadline(message)
+    if deadline is not None:
+        # deadline= wins over a header of the same name: one deadline only.
+        headers = [(n, v) for n, v in headers if n.lower() != HEADER_DEADLINE]
+        headers.append((HEADER_DEADLINE, deadline))
+    else:
+        for name, value in headers:
+            if name.lower() == HEADER_DEADLINE:
+                try:
+                    parse_deadline(value)
+                except ValueError:
+                    raise PayloadError(
+                        f"header {name!r} must be an RFC 3339 time with a zone, e.g. "
+                        "2026-01-31T12:00:00.000Z; or pass deadline= or ttl="
+                    ) from None
     message_id = message.message_id if message.message_id is not None else uuid7()
     if not isinstance(message_id, uuid.UUID):
         raise PayloadError(f"message_id must be a uuid.UUID, not {type(message_id).__name__}")

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 if TYPE_CHECKING:
+    from outbox.breaker import Transition
     from outbox.transport.base import IncomingMessage
 
 _relay_log = logging.getLogger("outbox.relay")
@@ -67,6 +68,10 @@ class RelayObserver:
     def broker_available(self) -> None:
         """A probe reached the broker again after failures."""
 
+    def breaker_changed(self, transition: Transition) -> None:
+        """The broker's state changed: ``open`` (sends pause after a failure), ``half_open``
+        (a probe goes out), ``closed`` (the broker answers); as the consumer's breaker."""
+
     def producer_recreated(self) -> None:
         """The broker client was discarded (fatal state or outage); a new one will be made."""
 
@@ -106,6 +111,22 @@ class ConsumerObserver:
     ) -> None:
         """The handler raised ``exception`` (``error``: its one-line form) at the message with
         idempotency key ``key``; it is tried again in ``retry_in`` seconds."""
+
+    def transient_failure(
+        self,
+        message: IncomingMessage,
+        key: str,
+        error: str,
+        retry_in: float,
+        exception: BaseException | None = None,
+    ) -> None:
+        """The handler's dependency failed (:class:`~outbox.DownstreamUnavailable`, a
+        ``transient=`` type, or the retry budget is spent); no attempt is counted and the
+        message is tried again in ``retry_in`` seconds (the breaker stayed closed)."""
+
+    def breaker_changed(self, transition: Transition) -> None:
+        """The circuit breaker changed state (``transition.state``: ``open``, ``half_open``,
+        ``closed``); see :class:`outbox.breaker.Transition` for the counts it carries."""
 
     def database_unavailable(self, error: str, retry_in: float) -> None:
         """The database could not be reached; no attempt is counted."""
@@ -187,6 +208,9 @@ class LogRelay(RelayObserver):
     def broker_available(self) -> None:
         _relay_log.info("broker reachable again", extra={"event": "relay.broker_available"})
 
+    def breaker_changed(self, transition: Transition) -> None:
+        _log_transition(_relay_log, "relay", transition)
+
     def producer_recreated(self) -> None:
         _relay_log.warning(
             "re-creating the broker client", extra={"event": "relay.producer_recreated"}
@@ -252,6 +276,28 @@ class LogConsumer(ConsumerObserver):
             },
         )
 
+    def transient_failure(
+        self,
+        message: IncomingMessage,
+        key: str,
+        error: str,
+        retry_in: float,
+        exception: BaseException | None = None,
+    ) -> None:
+        _consumer_log.warning(
+            "dependency failed, retrying without counting an attempt",
+            extra={
+                "event": "consumer.transient_failure",
+                "key": key,
+                "error": error,
+                "retry_in_s": round(retry_in, 2),
+                **message_fields(message),
+            },
+        )
+
+    def breaker_changed(self, transition: Transition) -> None:
+        _log_transition(_consumer_log, "consumer", transition)
+
     def database_unavailable(self, error: str, retry_in: float) -> None:
         _consumer_log.warning(
             "database unavailable, retrying",
@@ -266,3 +312,22 @@ class LogConsumer(ConsumerObserver):
         _consumer_log.info(
             "consumer stopped", extra={"event": "consumer.stopped", **dataclasses.asdict(stats)}
         )
+
+
+def _log_transition(log: logging.Logger, who: str, t: Transition) -> None:
+    """One line per breaker transition: ``<who>.breaker_open|half_open|closed``."""
+    fields: dict[str, Any] = {
+        "event": f"{who}.breaker_{t.state}",
+        "reason": t.reason,
+        "failures_in_row": t.failures_in_row,
+        "window_attempts": t.window_attempts,
+        "window_failures": t.window_failures,
+    }
+    if t.state == "open":
+        fields["retry_in_s"] = round(t.seconds, 2)
+        log.warning("circuit breaker open", extra=fields)
+    elif t.state == "closed":
+        fields["paused_s"] = round(t.seconds, 2)
+        log.info("circuit breaker closed", extra=fields)
+    else:
+        log.info("circuit breaker half-open", extra=fields)

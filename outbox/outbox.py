@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import uuid
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, TypeAlias, cast
@@ -90,13 +91,16 @@ class Outbox:
         headers: Headers | None = None,
         message_id: uuid.UUID | None = None,
         content_type: str | None = None,
+        deadline: datetime.datetime | None = None,
+        ttl: datetime.timedelta | float | None = None,
     ) -> uuid.UUID:
         """Publish one message in ``session``'s transaction; returns its message id.
 
         Raises :class:`~outbox.PayloadError` at once, before anything is written, when the
-        topic, key, headers or payload are invalid.
+        topic, key, headers or payload are invalid. ``deadline`` (timezone-aware) or ``ttl``
+        (a ``timedelta`` or seconds from now): consumers do not handle the message past it.
         """
-        msg = Message(topic, payload, key, headers, message_id, content_type)
+        msg = Message(topic, payload, key, headers, message_id, content_type, deadline, ttl)
         return self.publish_many(session, [msg])[0]
 
     def publish_many(self, session: SyncTarget, messages: Iterable[Message]) -> list[uuid.UUID]:
@@ -125,9 +129,11 @@ class Outbox:
         headers: Headers | None = None,
         message_id: uuid.UUID | None = None,
         content_type: str | None = None,
+        deadline: datetime.datetime | None = None,
+        ttl: datetime.timedelta | float | None = None,
     ) -> uuid.UUID:
         """:meth:`publish` for an ``AsyncSession`` or ``AsyncConnection``."""
-        msg = Message(topic, payload, key, headers, message_id, content_type)
+        msg = Message(topic, payload, key, headers, message_id, content_type, deadline, ttl)
         return (await self.apublish_many(session, [msg]))[0]
 
     async def apublish_many(

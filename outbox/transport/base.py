@@ -122,5 +122,18 @@ class Source(Protocol):
     def commit(self) -> None:
         """Commit the positions of processed messages now (synchronously)."""
 
+    def pause(self) -> None:
+        """Stop handing out messages from every assigned partition, and from those assigned
+        later, until :meth:`resume`; the member stays in its group meanwhile (:meth:`poll`
+        keeps it there and returns None)."""
+
+    def resume(self) -> None:
+        """Undo :meth:`pause`."""
+
+    def rewind(self, message: IncomingMessage) -> None:
+        """Hand ``message`` out again, before anything after it in its partition: the first
+        :meth:`poll` after :meth:`resume` returns it, unless its partition was revoked meanwhile
+        (then the partition's next owner reads it from the committed position)."""
+
     def close(self) -> None:
         """Commit, leave the group and release resources."""

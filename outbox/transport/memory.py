@@ -116,12 +116,24 @@ class MemorySource:
         self.closed = False
         self.joined = True
         self.reachable = True
+        self.paused = False
 
     def check(self, timeout: float) -> None:
         pass
 
     def poll(self, timeout: float) -> IncomingMessage | None:
+        if self.paused:
+            return None
         return self.messages.popleft() if self.messages else None
+
+    def pause(self) -> None:
+        self.paused = True
+
+    def resume(self) -> None:
+        self.paused = False
+
+    def rewind(self, message: IncomingMessage) -> None:
+        self.messages.appendleft(message)
 
     def processed(self, message: IncomingMessage) -> None:
         self._stored[(message.topic, message.partition)] = message.offset + 1

@@ -136,6 +136,7 @@ def test_a_poison_message_without_a_key_is_dead_lettered_with_its_bytes(
         ("dlq-original-partition", b"0"),
         ("dlq-original-offset", b"1"),
         ("dlq-consumer", b"payments"),
+        ("dlq-reason", b"no-key"),
         ("dlq-error", b"no idempotency key (message-id header)"),
         ("dlq-attempts", b"0"),
     ]
@@ -263,6 +264,7 @@ def test_a_dead_letter_that_cannot_be_stored_falls_back_to_the_minimal_form(
         "offset": 1,
         "consumer": "payments",
         "attempts": 2,
+        "reason": "attempts",
         "error": envelope["error"],
         "dead_letter_error": envelope["dead_letter_error"],
         "idempotency_key": LONG_ID.decode(),
