@@ -1,0 +1,107 @@
+"""KafkaSource's pause, resume and rewind on the real broker, which the consumer's circuit
+breaker rests on: paused, the member stays in its group and gets nothing; the rewound message
+comes back first; partitions assigned while paused start paused."""
+
+from __future__ import annotations
+
+import collections
+import time
+
+from confluent_kafka import Producer
+
+from outbox.transport.base import IncomingMessage
+from outbox.transport.kafka import KafkaSource
+from tests.support.broker import Broker
+from tests.support.waits import wait_until
+
+GROUP_SETTINGS = {"session.timeout.ms": "2000", "heartbeat.interval.ms": "500"}
+
+
+def produce(broker: Broker, topic: str, n: int) -> None:
+    producer = Producer({"bootstrap.servers": broker.bootstrap})
+    for i in range(n):
+        producer.produce(topic, value=str(i).encode(), key=f"k{i % 8}".encode())
+    producer.flush(10)
+
+
+def poll_until(source: KafkaSource, seconds: float) -> list[IncomingMessage]:
+    got: list[IncomingMessage] = []
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        m = source.poll(0.1)
+        if m is not None:
+            got.append(m)
+    return got
+
+
+def first_message(source: KafkaSource) -> IncomingMessage:
+    found: list[IncomingMessage] = []
+
+    def polled() -> bool:
+        m = source.poll(0.2)
+        if m is not None:
+            found.append(m)
+        return bool(found)
+
+    wait_until(polled, timeout=30, what="a first message")
+    return found[0]
+
+
+def in_partition_order(messages: list[IncomingMessage]) -> bool:
+    offsets: dict[int, list[int]] = collections.defaultdict(list)
+    for m in messages:
+        offsets[m.partition].append(m.offset)
+    return all(o == sorted(o) for o in offsets.values())
+
+
+def test_paused_source_hands_out_nothing_then_the_rewound_message_first(
+    broker: Broker,
+) -> None:
+    topic = broker.create_topic(partitions=4)
+    produce(broker, topic, 40)
+    source = KafkaSource(broker.bootstrap, f"g-{topic}", [topic], GROUP_SETTINGS)
+    try:
+        m = first_message(source)
+        source.pause()
+        source.rewind(m)
+        assert poll_until(source, 3.0) == []  # in the group, heartbeating, and silent
+        source.resume()
+        rest = poll_until(source, 5.0)
+        assert rest and rest[0] == m
+        everything = rest
+        assert sorted(int(x.value or b"") for x in everything) == list(range(40))
+        assert in_partition_order(everything)
+        assert source.assignments == 1  # no rebalance while paused
+    finally:
+        source.close()
+
+
+def test_partitions_assigned_while_paused_start_paused(broker: Broker) -> None:
+    topic = broker.create_topic(partitions=4)
+    group = f"g-{topic}"
+    a = KafkaSource(broker.bootstrap, group, [topic], GROUP_SETTINGS)
+    b = KafkaSource(broker.bootstrap, group, [topic], GROUP_SETTINGS)
+    try:
+        # Both join (nothing to read yet), then a pauses and b leaves: a is given b's
+        # partitions while paused.
+        wait_until(
+            lambda: (a.poll(0.1), b.poll(0.1)) and a.joined and b.joined,
+            timeout=30,
+            what="both members joined",
+        )
+        a.pause()
+        before = a.assignments
+        b.close()
+        produce(broker, topic, 40)
+        wait_until(
+            lambda: a.poll(0.1) is None and a.assignments > before,
+            timeout=30,
+            what="a rebalance giving a every partition",
+        )
+        assert poll_until(a, 3.0) == []
+        a.resume()
+        got = poll_until(a, 5.0)
+        assert sorted(int(x.value or b"") for x in got) == list(range(40))
+        assert in_partition_order(got)
+    finally:
+        a.close()
