@@ -441,7 +441,7 @@ def consume(
     topic_list = [t for item in topics for t in item.split()]
     try:
         fn = load_handler(handler, app_dir)
-        expired_fn = load_handler(on_expired, app_dir) if on_expired else None
+        expired_fn = load_handler(on_expired, app_dir, "--on-expired") if on_expired else None
         transient_types = [load_exception(t, app_dir) for item in transient for t in item.split()]
         key: Any = load_handler(key_extractor, app_dir) if key_extractor else message_id_key
         source = first_client(lambda: KafkaSource(bootstrap_servers, group, topic_list, overrides))

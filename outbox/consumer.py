@@ -84,7 +84,7 @@ def json_value(message: IncomingMessage) -> Any:
         raise PoisonMessage(f"value is not JSON: {exc}") from exc
 
 
-def load_handler(path: str, app_dir: str | None = None) -> Handler:
+def load_handler(path: str, app_dir: str | None = None, what: str = "handler") -> Handler:
     """Import ``package.module:function``; :class:`ConfigurationError` with what is wrong.
 
     Modules are looked up in ``app_dir`` (default: the working directory) first, as
@@ -93,7 +93,7 @@ def load_handler(path: str, app_dir: str | None = None) -> Handler:
     """
     module_name, sep, attr = path.partition(":")
     if not sep or not module_name or not attr:
-        raise ConfigurationError(f"invalid handler {path!r}: expected package.module:function")
+        raise ConfigurationError(f"invalid {what} {path!r}: expected package.module:function")
     folder = os.path.abspath(app_dir if app_dir is not None else os.getcwd())
     if app_dir is not None and not os.path.isdir(folder):
         raise ConfigurationError(f"--app-dir {app_dir!r} is not a directory")
@@ -102,27 +102,26 @@ def load_handler(path: str, app_dir: str | None = None) -> Handler:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ConfigurationError(f"cannot import handler module {module_name!r}: {exc}") from exc
+        raise ConfigurationError(f"cannot import {what} module {module_name!r}: {exc}") from exc
     target: Any = module
     for part in attr.split("."):
         if not hasattr(target, part):
-            raise ConfigurationError(f"handler {path!r}: {module_name} has no {attr!r}")
+            raise ConfigurationError(f"{what} {path!r}: {module_name} has no {attr!r}")
         target = getattr(target, part)
     if not callable(target):
-        raise ConfigurationError(f"handler {path!r} is not callable")
+        raise ConfigurationError(f"{what} {path!r} is not callable")
     handler: Handler = target
     return handler
 
 
 def load_exception(path: str, app_dir: str | None = None) -> type[BaseException]:
     """Import an exception type named ``package.module.Class`` (or ``package.module:Class``)."""
-    if ":" not in path:
-        module, _, name = path.rpartition(".")
-        path = f"{module}:{name}" if module else path
-    try:
-        found: Any = load_handler(path, app_dir)
-    except ConfigurationError as exc:
-        raise ConfigurationError(f"--transient: {exc}") from None
+    module, _, name = path.partition(":") if ":" in path else path.rpartition(".")
+    if not module or not name:
+        raise ConfigurationError(
+            f"invalid --transient {path!r}: expected package.module.ExceptionClass"
+        )
+    found: Any = load_handler(f"{module}:{name}", app_dir, what="--transient")
     if not (isinstance(found, type) and issubclass(found, BaseException)):
         raise ConfigurationError(f"--transient {path!r} is not an exception type")
     kind: type[BaseException] = found

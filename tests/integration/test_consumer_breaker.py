@@ -21,6 +21,7 @@ from outbox.message import HEADER_DEADLINE, format_deadline
 from outbox.observe import ConsumerObserver
 from outbox.transport.base import IncomingMessage
 from outbox.transport.memory import MemorySource
+from tests.support.cli import run_cli
 from tests.support.handlers import create_effects_table, record_effect
 from tests.support.incoming import message
 
@@ -343,3 +344,32 @@ def test_transient_must_be_exception_types(db_url: str) -> None:
             MemorySource,
             transient=["httpx.TransportError"],  # type: ignore[list-item]
         )
+
+
+@pytest.mark.parametrize(
+    ("option", "expected"),
+    [
+        (["--transient", "nosuch.Error"], "error: cannot import --transient module 'nosuch'"),
+        (["--transient", "builtins.len"], "error: --transient 'builtins.len' is not an exception"),
+        (["--on-expired", "tests.support.handlers:nope"], "error: --on-expired 'tests.support"),
+        (["--breaker-failure-rate", "0"], "Invalid value for '--breaker-failure-rate'"),
+        (["--retry-budget", "2"], "Invalid value for '--retry-budget'"),
+        (["--clock-skew", "-1"], "Invalid value for '--clock-skew'"),
+    ],
+)
+def test_consume_refuses_careless_breaker_options_with_one_line(
+    db_url: str, option: list[str], expected: str
+) -> None:
+    result = run_cli(
+        "outbox",
+        [
+            "consume",
+            *("--db-url", db_url, "--bootstrap-servers", "127.0.0.1:1"),
+            *("--group", "g", "--topic", "t", "--handler", "tests.support.handlers:record_effect"),
+            *option,
+        ],
+        import_tests=True,
+    )
+    assert result.returncode == 2, result.stderr
+    assert expected in result.stderr
+    assert "Traceback" not in result.stderr

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from outbox import ConfigurationError
-from outbox.consumer import load_handler
+from outbox.consumer import load_exception, load_handler
 from tests.support import handlers
 
 
@@ -75,3 +75,27 @@ def test_app_dir_names_the_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert load_handler("appdir_handlers:handle", app_dir=str(folder))(None, None) == 7  # type: ignore[arg-type]
     with pytest.raises(ConfigurationError, match="is not a directory"):
         load_handler("appdir_handlers:handle", app_dir=str(folder / "missing"))
+
+
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [
+        ("ValueError", "invalid --transient 'ValueError': expected package.module.ExceptionClass"),
+        ("nosuch.Error", "cannot import --transient module 'nosuch'"),
+        ("builtins.NoSuchError", "--transient 'builtins:NoSuchError': builtins has no"),
+        ("tests.support.handlers.record_effect", "is not an exception type"),
+        ("tests.support.handlers:FLAKY_EVERY", "is not callable"),
+    ],
+)
+def test_transient_names_an_exception_type(path: str, expected: str) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        load_exception(path)
+    assert expected in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_transient_in_both_spellings() -> None:
+    assert load_exception("builtins.ConnectionError") is ConnectionError
+    assert load_exception("outbox.exceptions:DownstreamUnavailable").__name__ == (
+        "DownstreamUnavailable"
+    )
