@@ -29,8 +29,10 @@ from outbox.cli_options import (
     inbox_option,
     kafka_options,
     log_options,
+    metrics_options,
     options,
     parse_settings,
+    serve_metrics,
 )
 from outbox.config import RelayConfig, parse_db_url
 from outbox.consumer import (
@@ -46,6 +48,14 @@ from outbox.exceptions import (
     DatabaseUnavailableError,
     OutboxError,
     translate_db_errors,
+)
+from outbox.health import (
+    ConsumerHealth,
+    HealthServer,
+    RelayHealth,
+    consumer_stale_after,
+    health_routes,
+    relay_stale_after,
 )
 from outbox.inbox import Inbox
 from outbox.outbox import Outbox
@@ -175,6 +185,7 @@ _relay_options = options(
         envvar="OUTBOX_RETAIN_SENT",
         help="Keep sent rows (status 'sent') instead of deleting them [OUTBOX_RETAIN_SENT]",
     ),
+    metrics_options,
     log_options,
 )
 
@@ -198,6 +209,8 @@ def _relay(
     leader_retry_interval: float,
     delivery_timeout: float,
     retain_sent: bool,
+    metrics_port: int | None,
+    metrics_host: str,
     log_level: str,
     log_format: str,
 ) -> None:
@@ -205,6 +218,7 @@ def _relay(
     stopper = Stopper()
     overrides = parse_settings(kafka_settings)
     overrides.setdefault("message.timeout.ms", str(int(delivery_timeout * 1000)))
+    server: HealthServer | None = None
     try:
         config = RelayConfig(
             db_url=db_url,
@@ -223,8 +237,10 @@ def _relay(
             delivery_timeout=delivery_timeout,
             retain_sent=retain_sent,
         )
+        health = RelayHealth(relay_stale_after(config))
+        server = serve_metrics(metrics_host, metrics_port, health_routes(health.health))
         factory = first_client(lambda: KafkaTransport(bootstrap_servers, overrides))
-        relay = Relay(config, factory)
+        relay = Relay(config, factory, observers=[health] if server else [])
         stopper.attach(relay.stop)
         if once:
             relay.check()
@@ -242,6 +258,9 @@ def _relay(
             stats = relay.run()
     except OutboxError as exc:
         fail(exc)
+    finally:
+        if server is not None:
+            server.close()
     click.echo(
         f"sent {stats.sent}, failed attempts {stats.failed_attempts}, parked {stats.parked}",
         err=True,
@@ -396,6 +415,7 @@ def purge(db_url: str, table: str, schema: str | None, inbox_table: str, batch_s
         help="Stop after this many seconds without a message (counted once the group is joined)",
     ),
     breaker_options(_CONSUMER.breaker),
+    metrics_options,
     log_options,
 )
 def consume(
@@ -431,6 +451,8 @@ def consume(
     retry_budget: float,
     clock_skew: float,
     on_expired: str | None,
+    metrics_port: int | None,
+    metrics_host: str,
     log_level: str,
     log_format: str,
 ) -> None:
@@ -439,7 +461,10 @@ def consume(
     stopper = Stopper()
     overrides = parse_settings(kafka_settings)
     topic_list = [t for item in topics for t in item.split()]
+    server: HealthServer | None = None
     try:
+        health = ConsumerHealth(consumer_stale_after(handler_timeout or None))
+        server = serve_metrics(metrics_host, metrics_port, health_routes(health.health))
         fn = load_handler(handler, app_dir)
         expired_fn = load_handler(on_expired, app_dir, "--on-expired") if on_expired else None
         transient_types = [load_exception(t, app_dir) for item in transient for t in item.split()]
@@ -484,12 +509,21 @@ def consume(
             clock_skew=clock_skew,
         )
         consumer = Consumer(
-            config, fn, source, key=key, transient=transient_types, on_expired=expired_fn
+            config,
+            fn,
+            source,
+            key=key,
+            transient=transient_types,
+            on_expired=expired_fn,
+            observers=[health] if server else [],
         )
         stopper.attach(consumer.stop)
         stats = consumer.run(max_messages=max_messages, idle_timeout=idle_timeout)
     except OutboxError as exc:
         fail(exc)
+    finally:
+        if server is not None:
+            server.close()
     click.echo(
         f"processed {stats.processed}, duplicates {stats.duplicates}, "
         f"dead-lettered {stats.dead_lettered}",

@@ -4,11 +4,13 @@ into one line and an exit status (0 done, 1 failed, 2 usage or configuration err
 
 from __future__ import annotations
 
+import errno
 import functools
 import re
 import signal
+import socket
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar, cast
 
 import click
@@ -16,6 +18,7 @@ import click
 from outbox import logs
 from outbox.config import read_db_url, read_kafka_properties
 from outbox.exceptions import ConfigurationError, OutboxError
+from outbox.health import HealthServer, Route
 from outbox.schema import DEFAULT_INBOX_TABLE, DEFAULT_TABLE
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -339,6 +342,48 @@ def breaker_options(default: Any) -> Callable[[F], F]:
             "[OUTBOX_ON_EXPIRED]",
         ),
     )
+
+
+metrics_options = options(
+    click.option(
+        "--metrics-port",
+        type=click.IntRange(1, 65535),
+        default=None,
+        envvar="OUTBOX_METRICS_PORT",
+        metavar="PORT",
+        help="Serve /healthz (liveness) and /readyz (readiness) over HTTP on this port "
+        "(default: no server) [OUTBOX_METRICS_PORT]",
+    ),
+    click.option(
+        "--metrics-host",
+        default="0.0.0.0",  # noqa: S104 -- probes come from outside the container
+        show_default=True,
+        envvar="OUTBOX_METRICS_HOST",
+        help="Address the --metrics-port server listens on [OUTBOX_METRICS_HOST]",
+    ),
+)
+
+
+def serve_metrics(host: str, port: int | None, routes: Mapping[str, Route]) -> HealthServer | None:
+    """Start the ``--metrics-port`` server (None without a port). An address it cannot listen
+    on is a :class:`ConfigurationError` naming the option, e.g. ``--metrics-port 9000:
+    address in use``."""
+    if port is None:
+        return None
+    try:
+        return HealthServer(routes, host, port).start()
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            why = f"--metrics-port {port}: address in use"
+        elif exc.errno == errno.EACCES:
+            why = f"--metrics-port {port}: permission denied"
+        elif isinstance(exc, socket.gaierror):
+            why = f"--metrics-host {host}: unknown host"
+        elif exc.errno == errno.EADDRNOTAVAIL:
+            why = f"--metrics-host {host}: not an address of this machine"
+        else:
+            why = f"--metrics-host {host} --metrics-port {port}: {exc.strerror or exc}"
+        raise ConfigurationError(why) from exc
 
 
 class Stopper:

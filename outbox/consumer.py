@@ -345,6 +345,7 @@ class Consumer:
                     extra={"event": "consumer.broker_unreachable", "error": str(exc)},
                 )
             while not self._stop.is_set():
+                self._observe.tick()
                 if max_messages is not None and handled >= max_messages:
                     break
                 if self._breaker.state == "open":

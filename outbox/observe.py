@@ -46,8 +46,16 @@ class BatchOutcome:
 class RelayObserver:
     """Hooks called by :class:`~outbox.Relay`. Every hook is optional."""
 
+    def tick(self) -> None:
+        """The loop comes round (a claim, a wake-up while idle, a standby's wait on the leader
+        lock): a sign of life, for liveness checks."""
+
     def leadership(self, leader: bool) -> None:
         """This relay became the leader (True) or stopped being it (False)."""
+
+    def standby(self) -> None:
+        """This relay waited for the leader lock and another relay holds it (called after
+        every wait, so every ``leader_retry_interval`` seconds while a standby)."""
 
     def claimed(self, rows: int, ahead: bool) -> None:
         """A claim returned ``rows`` rows (0 when nothing is due); ``ahead``: it ran on the
@@ -92,6 +100,10 @@ Outcome = Literal["processed", "duplicate", "dead_lettered"]
 
 class ConsumerObserver:
     """Hooks called by :class:`outbox.consumer.Consumer`. Every hook is optional."""
+
+    def tick(self) -> None:
+        """The loop comes round (once per message, or per poll of at most 0.5 s while idle or
+        paused): a sign of life, for liveness checks."""
 
     def joined(self) -> None:
         """The consumer joined its group and got its first assignment."""
@@ -172,9 +184,20 @@ def fanout(first: ObserverT, observers: Sequence[ObserverT]) -> ObserverT:
 class LogRelay(RelayObserver):
     """The relay's log lines for what it reports to observers."""
 
+    def __init__(self) -> None:
+        self._standby_logged = False
+
     def leadership(self, leader: bool) -> None:
         if leader:
+            self._standby_logged = False
             _relay_log.info("relay is the leader", extra={"event": "relay.leader"})
+
+    def standby(self) -> None:
+        if not self._standby_logged:  # once, not after every wait on the lock
+            self._standby_logged = True
+            _relay_log.info(
+                "relay is a standby: another relay is the leader", extra={"event": "relay.standby"}
+            )
 
     def batch_finished(self, outcome: BatchOutcome) -> None:
         if _relay_log.isEnabledFor(logging.DEBUG):

@@ -244,7 +244,6 @@ class Relay:
         self._woken = False
         # When retries fall due: the relay wakes for each.
         self._retry_due = DueTimes()
-        self._standby_logged = False
         self._headers = HeaderCache()
 
     # -- public -------------------------------------------------------------------------------
@@ -276,6 +275,7 @@ class Relay:
                         extra={"event": "relay.broker_unreachable_at_start", "error": str(exc)},
                     )
             while not self._stop.is_set():
+                self._observe.tick()
                 try:
                     if not self._ensure_leader(wait=self.config.leader_retry_interval):
                         continue  # it waited on the lock; stop is checked between waits
@@ -307,6 +307,7 @@ class Relay:
                 )
             self._broker.transport().check(self.config.delivery_timeout)
             while not self._stop.is_set():
+                self._observe.tick()
                 progressed = self._step()
                 # One transport failure may be a re-created client or a moved leader; a few
                 # in a row (with backoff between them) mean the broker is not there.
@@ -440,16 +441,10 @@ class Relay:
         if self._leader:
             return True
         if not self._session.try_lead(wait):
-            if not self._standby_logged:
-                logger.info(
-                    "relay is a standby: another relay is the leader",
-                    extra={"event": "relay.standby"},
-                )
-                self._standby_logged = True
+            self._observe.standby()
             return False
         self._leader = True
         self._db.succeeded()
-        self._standby_logged = False
         self._woken = True  # look for work at once
         if not self._claims.connected:
             # Now rather than at the first claim that runs ahead: connecting takes longer
