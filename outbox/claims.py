@@ -41,6 +41,8 @@ class Row:
     header_names: bytes
     header_values: bytes
     attempts: int
+    #: ``created_at`` as POSIX seconds (for the commit-to-acknowledge latency).
+    created: float = 0.0
 
 
 #: bytea's binary loader (psycopg's C one when installed) returns a value's bytes as they came:

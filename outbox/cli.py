@@ -10,12 +10,13 @@ from __future__ import annotations
 import datetime
 import logging
 import math
+from collections.abc import Callable
 from typing import Any
 
 import click
 import sqlalchemy as sa
 
-from outbox import logs, migrate
+from outbox import logs, metrics, migrate
 from outbox.admin import counts
 from outbox.breaker import BreakerPolicy
 from outbox.cli_options import (
@@ -238,9 +239,15 @@ def _relay(
             retain_sent=retain_sent,
         )
         health = RelayHealth(relay_stale_after(config))
-        server = serve_metrics(metrics_host, metrics_port, health_routes(health.health))
+        routes = health_routes(health.health)
+        observers: list[Any] = [health]
+        if metrics_port is not None:
+            observers += _metrics(
+                routes, lambda: metrics.RelayMetrics(metrics.relay_table_gauges(config))
+            )
+        server = serve_metrics(metrics_host, metrics_port, routes)
         factory = first_client(lambda: KafkaTransport(bootstrap_servers, overrides))
-        relay = Relay(config, factory, observers=[health] if server else [])
+        relay = Relay(config, factory, observers=observers if server else [])
         stopper.attach(relay.stop)
         if once:
             relay.check()
@@ -265,6 +272,21 @@ def _relay(
         f"sent {stats.sent}, failed attempts {stats.failed_attempts}, parked {stats.parked}",
         err=True,
     )
+
+
+def _metrics(routes: dict[str, Any], make: Callable[[], Any]) -> list[Any]:
+    """Add ``/metrics`` to ``routes``: the observers to pass (none without prometheus-client,
+    then ``/metrics`` answers 501 and a warning says what to install)."""
+    if not metrics.available():
+        logger.warning(
+            "prometheus-client is not installed: /metrics answers 501",
+            extra={"event": "metrics.unavailable", "install": "sqlalchemy-outbox[metrics]"},
+        )
+        routes["/metrics"] = metrics.missing
+        return []
+    observer = make()
+    routes["/metrics"] = observer.render
+    return [observer]
 
 
 _relay_help = """Publish committed outbox rows to Kafka, at least once and in order per key.
@@ -464,7 +486,13 @@ def consume(
     server: HealthServer | None = None
     try:
         health = ConsumerHealth(consumer_stale_after(handler_timeout or None))
-        server = serve_metrics(metrics_host, metrics_port, health_routes(health.health))
+        routes = health_routes(health.health)
+        observers: list[Any] = [health]
+        if metrics_port is not None:
+            observers += _metrics(routes, metrics.ConsumerMetrics)
+            # Consumer lag comes from librdkafka's statistics.
+            overrides.setdefault("statistics.interval.ms", "5000")
+        server = serve_metrics(metrics_host, metrics_port, routes)
         fn = load_handler(handler, app_dir)
         expired_fn = load_handler(on_expired, app_dir, "--on-expired") if on_expired else None
         transient_types = [load_exception(t, app_dir) for item in transient for t in item.split()]
@@ -515,8 +543,11 @@ def consume(
             key=key,
             transient=transient_types,
             on_expired=expired_fn,
-            observers=[health] if server else [],
+            observers=observers if server else [],
         )
+        for observer in observers:
+            if isinstance(observer, metrics.ConsumerMetrics):
+                observer.watch(consumer)
         stopper.attach(consumer.stop)
         stats = consumer.run(max_messages=max_messages, idle_timeout=idle_timeout)
     except OutboxError as exc:

@@ -383,6 +383,15 @@ class Consumer:
         return self.stats
 
     @property
+    def source(self) -> Source | None:
+        """The broker source while :meth:`run` runs (for metrics: lag, commits)."""
+        return getattr(self, "_source", None)
+
+    @property
+    def breaker(self) -> Breaker:
+        return self._breaker
+
+    @property
     def breaker_state(self) -> str:
         """``closed``, ``open`` or ``half_open`` (the readiness endpoint's "degraded")."""
         return self._breaker.state

@@ -61,8 +61,18 @@ class RelayObserver:
         """A claim returned ``rows`` rows (0 when nothing is due); ``ahead``: it ran on the
         claims connection while the previous batch was awaited."""
 
+    def claim_finished(self, rows: int, ahead: bool, seconds: float) -> None:
+        """Right after :meth:`claimed`: how long the claim took (for a claim that ran ahead,
+        the wait for its rows)."""
+
     def batch_finished(self, outcome: BatchOutcome) -> None:
         """A batch was recorded in the table."""
+
+    def messages_acked(self, topics: Sequence[str], created: list[float], acked_at: float) -> None:
+        """A batch's acknowledged messages, once recorded: their topics and creation times
+        (POSIX seconds, the database's clock at their transaction's start), and when they were
+        acknowledged. Called only for observers that override it (it costs a pass over the
+        batch)."""
 
     def send_failed(self, outbox_id: int, reason: str) -> None:
         """The broker refused the message of row ``outbox_id``: an attempt was counted."""

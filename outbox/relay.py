@@ -223,6 +223,10 @@ class Relay:
         self.tables = define_tables(table=config.table, schema=config.schema)
         self.stats = RelayStats()
         self._observe = fanout(LogRelay(), observers)
+        # messages_acked costs a pass over each batch: only for observers that want it.
+        self._acks_wanted = any(
+            type(o).messages_acked is not RelayObserver.messages_acked for o in observers
+        )
         conninfo = relay_conninfo(config)
         self._session = LeaderSession(conninfo, self.tables, retain_sent=config.retain_sent)
         self._claims = Claims(
@@ -333,8 +337,10 @@ class Relay:
         if len(self._inflight) < self.config.max_inflight_batches and self._broker.ready(
             busy=bool(self._inflight)
         ):
+            started = time.monotonic()
             rows, claim, ahead = self._take_claim()
             self._observe.claimed(len(rows), ahead)
+            self._observe.claim_finished(len(rows), ahead, time.monotonic() - started)
             if rows:
                 claimed_full = len(rows) == self.config.batch_size
                 self._inflight.append(self._send(rows, claim))
@@ -419,6 +425,12 @@ class Relay:
             self._observe.send_failed(row_id, reason)
         for row in parked:
             self._observe.parked(row[0], row[2])
+        if self._acks_wanted and batch.acked:
+            acked_ids = set(batch.acked)
+            done = [r for r in batch.rows if r.id in acked_ids]
+            self._observe.messages_acked(
+                [r.topic for r in done], [r.created for r in done], time.time()
+            )
         if batch.transport_failures:
             self.stats.transport_failures += 1
             self._broker.failed(batch.transport_failures[0], fatal=batch.fatal)

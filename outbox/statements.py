@@ -132,7 +132,7 @@ def claim(tables: OutboxTables) -> sa.TextClause:
     t = _table(tables)
     sql = f"""
 SELECT o.id, CAST(o.message_id AS text), o.topic, o.key, o.payload, o.header_names,
-       o.header_values, o.attempts
+       o.header_values, o.attempts, CAST(extract(epoch FROM o.created_at) AS float8)
 FROM {t} AS o
 WHERE o.status IN ('{PENDING}', '{RETRY}')
   AND (o.status = '{PENDING}' OR o.next_attempt_at <= now())

@@ -5,6 +5,7 @@ Kafka client errors are translated here into the library's exceptions and failur
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Mapping
@@ -309,7 +310,14 @@ class KafkaSource:
             **CONSUMER_REQUIRED,
             "bootstrap.servers": bootstrap_servers,
             "group.id": group_id,
+            # Lag per partition (metrics), when statistics.interval.ms is set.
+            "stats_cb": self._on_stats,
+            "on_commit": self._on_commit,
         }
+        #: Messages behind each assigned partition's end, from librdkafka's statistics.
+        self.lag: dict[tuple[str, int], int] = {}
+        #: Offset commits that succeeded.
+        self.commits = 0
         self._consumer = _client(confluent_kafka.Consumer, conf, self._on_error)
         #: True once this member has joined the group and got its assignment (even an empty
         #: one): until then no message can come, so the runner does not count it as idle.
@@ -346,6 +354,24 @@ class KafkaSource:
                 "kafka consumer error",
                 extra={"event": "kafka.error", "error": f"{err.name()}: {err.str()}"},
             )
+
+    def _on_stats(self, stats: str) -> None:
+        try:
+            topics = json.loads(stats).get("topics", {})
+            lag: dict[tuple[str, int], int] = {}
+            for topic, info in topics.items():
+                for partition, p in info.get("partitions", {}).items():
+                    n = p.get("consumer_lag", -1)
+                    # -1: unknown (not assigned, or no committed/fetched offset yet).
+                    if int(partition) >= 0 and n is not None and n >= 0:
+                        lag[(topic, int(partition))] = int(n)
+            self.lag = lag
+        except (ValueError, AttributeError, TypeError):
+            logger.debug("unreadable librdkafka statistics", extra={"event": "kafka.bad_stats"})
+
+    def _on_commit(self, err: Any, partitions: Any) -> None:
+        if err is None:
+            self.commits += 1
 
     def _on_assign(self, consumer: Any, partitions: Any) -> None:
         # confluent-kafka still applies the assignment itself after this callback returns:
