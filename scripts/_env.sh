@@ -54,3 +54,33 @@ stamp_covers() {  # $1 = stamp file, $2 = checksum, $3 = extras wanted (comma-se
     [[ ",$have_extras," == *",$x,"* ]] || return 1
   done
 }
+
+ensure_test_tools() {
+  # Debian's pgbouncer (the pooler tests) and prometheus (for promtool: the alert rules'
+  # tests), installed only when missing, as root, with apt-get there; otherwise the tests that
+  # need them skip and say why. OUTBOX_TEST_NO_APT=1: never install. Never fails the run.
+  local missing=() policy=/usr/sbin/policy-rc.d added_policy=0
+  command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+  [ -x /usr/sbin/pgbouncer ] || command -v pgbouncer >/dev/null 2>&1 || missing+=(pgbouncer)
+  [ "${#missing[@]}" = 0 ] && return 0
+  if [ -n "${OUTBOX_TEST_NO_APT:-}" ] || [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then
+    echo "== not installing ${missing[*]} (needs root and apt-get): the tests that use them skip" >&2
+    return 0
+  fi
+  echo "== installing ${missing[*]} (apt-get)"
+  # The packages' services must not start (a Prometheus on :9090, a PgBouncer on :6432): with
+  # no policy-rc.d in place, one that refuses every start for the time of the install.
+  if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod +x "$policy" && added_policy=1
+  fi
+  local log; log="$(mktemp)"
+  local apt=(env DEBIAN_FRONTEND=noninteractive apt-get -q -y -o Dpkg::Use-Pty=0 install --no-install-recommends)
+  if ! "${apt[@]}" "${missing[@]}" >"$log" 2>&1; then
+    # Stale or absent package lists: update once and try again.
+    { apt-get -q update && "${apt[@]}" "${missing[@]}"; } >>"$log" 2>&1 \
+      || { echo "== could not install ${missing[*]} (see $log): the tests that use them skip" >&2; log=""; }
+  fi
+  [ -n "$log" ] && rm -f "$log"
+  [ "$added_policy" = 1 ] && rm -f "$policy"
+  return 0
+}
