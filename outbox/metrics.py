@@ -18,8 +18,10 @@ database nothing more.
 from __future__ import annotations
 
 import bisect
+import collections
 import contextlib
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -86,11 +88,23 @@ class BulkHistogram:
             return
         values.sort()
         counts = [bisect.bisect_right(values, b) for b in self.bounds]
-        total = sum(values)
+        self._add(counts, len(values), sum(values))
+
+    def observe_ages(self, times: list[float], now: float) -> None:
+        """Observe ``now - t`` for each of ``times`` (sorted in place) without computing one:
+        ``now - t <= bound`` exactly when ``t >= now - bound``."""
+        if not times:
+            return
+        times.sort()  # the relay's rows come in id order: nearly sorted already
+        n = len(times)
+        counts = [n - bisect.bisect_left(times, now - b) for b in self.bounds]
+        self._add(counts, n, now * n - math.fsum(times))
+
+    def _add(self, counts: list[int], n: int, total: float) -> None:
         with self._lock:
-            for i, n in enumerate(counts):
-                self._counts[i] += n
-            self._count += len(values)
+            for i, c in enumerate(counts):
+                self._counts[i] += c
+            self._count += n
             self._sum += total
 
     def family(self) -> Any:
@@ -293,12 +307,9 @@ class RelayMetrics(_Base, RelayObserver):
             self._retries.inc(outcome.failed - outcome.parked)
 
     def messages_acked(self, topics: Sequence[str], created: list[float], acked_at: float) -> None:
-        counts: dict[str, int] = {}
-        for topic in topics:
-            counts[topic] = counts.get(topic, 0) + 1
-        for topic, n in counts.items():
+        for topic, n in collections.Counter(topics).items():  # counted in C
             self._sent(topic).inc(n)
-        self._latency.observe_many([max(0.0, acked_at - c) for c in created])
+        self._latency.observe_ages(created, acked_at)
 
     def send_failed(self, outbox_id: int, reason: str) -> None:
         self._failures("message").inc()

@@ -27,6 +27,7 @@ import collections
 import contextlib
 import dataclasses
 import logging
+import operator
 import random
 import threading
 import time
@@ -60,6 +61,8 @@ from outbox.transport.base import FailureKind, OutgoingMessage, Transport
 logger = logging.getLogger(__name__)
 
 _ONCE_BROKER_FAILURES = 3
+_TOPIC = operator.attrgetter("topic")
+_CREATED = operator.attrgetter("created")
 
 TransportFactory = Callable[[], Transport]
 
@@ -426,8 +429,10 @@ class Relay:
         for row in parked:
             self._observe.parked(row[0], row[2])
         if self._acks_wanted and batch.acked:
-            acked_ids = set(batch.acked)
-            done = [r for r in batch.rows if r.id in acked_ids]
+            done = batch.rows
+            if len(batch.acked) != len(done):
+                acked_ids = set(batch.acked)
+                done = [r for r in done if r.id in acked_ids]
             self._observe.messages_acked(
                 [r.topic for r in done], [r.created for r in done], time.time()
             )
