@@ -434,7 +434,7 @@ class Relay:
                 acked_ids = set(batch.acked)
                 done = [r for r in done if r.id in acked_ids]
             self._observe.messages_acked(
-                [r.topic for r in done], [r.created for r in done], time.time()
+                list(map(_TOPIC, done)), list(map(_CREATED, done)), time.time()
             )
         if batch.transport_failures:
             self.stats.transport_failures += 1
