@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -248,7 +248,12 @@ class _Clock(RelayObserver):
             self.done_at = time.perf_counter()
 
 
-def relay_drain(bootstrap: str, extra: dict[str, str], **config: Any) -> float:
+def relay_drain(
+    bootstrap: str,
+    extra: dict[str, str],
+    observers: Sequence[RelayObserver] = (),
+    **config: Any,
+) -> float:
     """The relay's steady state, like the two limits: connected and leading before the clock
     starts (as the direct producer is created and warmed up before its clock), and the clock
     stops when the last row is marked sent (as the direct one stops at its last
@@ -256,7 +261,9 @@ def relay_drain(bootstrap: str, extra: dict[str, str], **config: Any) -> float:
     n = count(sa.create_engine(DB_URL))
     transport = KafkaTransport(bootstrap, kafka_settings(extra))
     clock = _Clock(n)
-    relay = Relay(RelayConfig(db_url=DB_URL, **config), lambda: transport, observers=[clock])
+    relay = Relay(
+        RelayConfig(db_url=DB_URL, **config), lambda: transport, observers=[clock, *observers]
+    )
     transport.check(10)
     check = transport.check
     transport.check = lambda timeout: None  # type: ignore[method-assign]  # just done
@@ -301,6 +308,46 @@ def bench_throughput(broker: Broker, engine: sa.Engine, extra: dict[str, str]) -
     print(
         f"  relay / min(direct, drain), per round: {', '.join(f'{r:.2f}' for r in ratios)}; "
         f"median {statistics.median(ratios):.2f}   (target >= 0.5)"
+    )
+
+
+def bench_metrics(broker: Broker, engine: sa.Engine, extra: dict[str, str]) -> None:
+    """The relay with and without its metrics (what --metrics-port adds: RelayMetrics as an
+    observer, its SQL gauges, and a scrape every 0.5 s, ten times Prometheus' usual rate)."""
+    from outbox.metrics import RelayMetrics, relay_table_gauges
+
+    topic = broker.create_topic(partitions=PARTITIONS)
+    print(f"\n== metrics overhead: {EVENTS} events, relay with vs without --metrics-port")
+    results: dict[str, list[float]] = {"without": [], "with": []}
+    for _ in range(5):  # interleaved
+        for mode in ("without", "with"):
+            fill(engine, topic)
+            if mode == "without":
+                results[mode].append(relay_drain(broker.bootstrap, extra))
+                continue
+            metrics = RelayMetrics(relay_table_gauges(RelayConfig(db_url=DB_URL), 5.0))
+            done = threading.Event()
+
+            def scrape(m: RelayMetrics = metrics, stop: threading.Event = done) -> None:
+                while not stop.wait(0.5):
+                    m.render()
+
+            scraper = threading.Thread(target=scrape, daemon=True)
+            scraper.start()
+            try:
+                results[mode].append(relay_drain(broker.bootstrap, extra, [metrics]))
+            finally:
+                done.set()
+                scraper.join()
+    for mode, runs in results.items():
+        print(
+            f"  {mode:8} median {statistics.median(runs):>9,.0f} events/s   "
+            f"(runs: {', '.join(f'{x:,.0f}' for x in runs)})"
+        )
+    ratios = [w / o for w, o in zip(results["with"], results["without"], strict=True)]
+    print(
+        f"  with / without, per round: {', '.join(f'{r:.2f}' for r in ratios)}; "
+        f"median {statistics.median(ratios):.2f}   (target >= 0.95)"
     )
 
 
@@ -735,6 +782,8 @@ def main() -> None:
                 bench_consumer(broker, engine)
             elif name == "notify":
                 bench_notify(engine)
+            elif name == "metrics":
+                bench_metrics(broker, engine, extra)
             else:
                 parser.error(f"unknown benchmark {name}")
     finally:
