@@ -35,7 +35,7 @@ import sqlalchemy as sa
 import sqlalchemy.exc
 from sqlalchemy.orm import Session
 
-from outbox import deadletter, statements
+from outbox import deadletter, statements, tracing
 from outbox.backoff import Backoff, Retrying
 from outbox.breaker import Breaker, BreakerPolicy, Transition
 from outbox.config import parse_db_url, session_options
@@ -554,8 +554,13 @@ class Consumer:
         if the key was claimed before (a duplicate). The handler's session joins that
         transaction (see :class:`_HandlerSession`): its own ``commit()`` only flushes, and
         nothing commits before the whole handler has run. (Not a savepoint per message: two
-        round trips that cost the consumer a quarter of its throughput.)"""
-        with self._engine.connect() as conn, conn.begin():
+        round trips that cost the consumer a quarter of its throughput.) The whole attempt is
+        the ``process`` span when tracing is on (see :mod:`outbox.tracing`)."""
+        with (
+            tracing.processing(message, self.config.name),
+            self._engine.connect() as conn,
+            conn.begin(),
+        ):
             # A key the inbox cannot hold (too long, a NUL) is claimed by its digest, as its
             # dead letter would be: a 600-byte message-id is handled, not retried to death.
             if not self._inbox.claim(conn, self.config.name, deadletter.inbox_key(key) or key):

@@ -22,6 +22,7 @@ from sqlalchemy import event
 from sqlalchemy.orm import Session, SessionTransaction, object_session, sessionmaker
 from sqlalchemy.orm.exc import UnmappedInstanceError
 
+from outbox import tracing
 from outbox.message import Headers, Message, encode
 
 if TYPE_CHECKING:
@@ -61,9 +62,14 @@ class EventSource:
         Validated and encoded now, like :meth:`Outbox.publish`: raises
         :class:`~outbox.PayloadError` at once, and later changes to ``payload`` are not seen.
         """
-        e = encode(Message(topic, payload, key, headers, message_id, content_type))
-        # The encoded form encodes to itself (its content-type header is kept as it is): the
-        # entity keeps a snapshot rather than the caller's mutable payload.
+        # The trace context is taken now, in the code that records the event (the create span),
+        # not at the flush that writes it.
+        [e] = tracing.created(
+            [encode(Message(topic, payload, key, headers, message_id, content_type))]
+        )
+        # The encoded form encodes to itself (its content-type header is kept as it is, and its
+        # traceparent stops publish from making another): the entity keeps a snapshot rather
+        # than the caller's mutable payload.
         msg = Message(e.topic, e.payload, e.key, e.headers, e.message_id)
         self.__dict__.setdefault(_ATTR, []).append((next(_seq), msg))
         try:

@@ -11,7 +11,7 @@ import psycopg
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from outbox import deferred, statements
+from outbox import deferred, statements, tracing
 from outbox.exceptions import DatabaseUnavailableError, translate_db_errors
 from outbox.message import Headers, Message, encode
 from outbox.schema import DEFAULT_INBOX_TABLE, DEFAULT_TABLE, OutboxTables, define_tables
@@ -105,7 +105,7 @@ class Outbox:
 
     def publish_many(self, session: SyncTarget, messages: Iterable[Message]) -> list[uuid.UUID]:
         """Publish several messages in one round trip, in the given order."""
-        encoded = [encode(m) for m in messages]
+        encoded = tracing.created([encode(m) for m in messages])
         if encoded:
             if self.at_commit:
                 with translate_db_errors("publish"):
@@ -140,7 +140,7 @@ class Outbox:
         self, session: AsyncTarget, messages: Iterable[Message]
     ) -> list[uuid.UUID]:
         """:meth:`publish_many` for an ``AsyncSession`` or ``AsyncConnection``."""
-        encoded = [encode(m) for m in messages]
+        encoded = tracing.created([encode(m) for m in messages])
         if encoded:
             if self.at_commit:
                 with translate_db_errors("publish"):
