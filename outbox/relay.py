@@ -36,7 +36,7 @@ from typing import Any
 
 import psycopg
 
-from outbox import statements
+from outbox import statements, tracing
 from outbox.backoff import DueTimes, Retrying
 from outbox.brokerlink import BrokerLink
 from outbox.claims import Claims, HeaderCache, Row
@@ -97,6 +97,8 @@ class _Batch:
     # Keys this batch holds back (a failed or unsent message); released once it is recorded.
     held_keys: set[Key] = dataclasses.field(default_factory=set)
     sent_text: str = ""
+    # Its "send" spans, when tracing is on (outbox.tracing).
+    trace: tracing.Sending | None = None
 
     @property
     def done(self) -> bool:
@@ -383,6 +385,7 @@ class Relay:
             rows=rows, transport=self._broker.transport(), gate=self._gate, started=time.monotonic()
         )
         batch.send(claim, self._headers)
+        batch.trace = tracing.sending(batch.rows, batch.sent, batch.started)  # once per batch
         return batch
 
     def _await(self, batch: _Batch) -> None:
@@ -396,6 +399,8 @@ class Relay:
 
     def _finish(self, batch: _Batch) -> None:
         batch.closed = True
+        if batch.trace is not None:
+            batch.trace.finished(batch.failed, batch.transport_failures, batch.fatal)
         failures = batch.failed
         parked: list[tuple[Any, ...]] = []
         if batch.acked or failures:
@@ -491,6 +496,8 @@ class Relay:
         # messages from us arriving after its own would break per-key order.
         for batch in self._inflight:
             batch.closed = True
+            if batch.trace is not None:
+                batch.trace.abandoned()
         self._inflight.clear()
         self._gate.clear()
         self._claims.close()
