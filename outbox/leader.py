@@ -20,9 +20,11 @@ import sqlalchemy as sa
 
 from outbox import statements
 from outbox.exceptions import (
+    ConfigurationError,
     DatabaseAccessError,
     DatabaseUnavailableError,
     MissingTablesError,
+    first_line,
     translate_db_errors,
 )
 from outbox.schema import DEAD, OutboxTables, qualified
@@ -42,6 +44,70 @@ def prepare_session(conn: psycopg.Connection[Any]) -> None:
 
 
 _NO_IDLE_SESSION_TIMEOUT = statements.to_driver_sql(statements.no_idle_session_timeout())
+
+#: The relay refuses a pool that does not give it a server session of its own.
+SESSION_NEEDED = (
+    "the relay needs a session connection (LISTEN and its leader lock): point --db-url at "
+    "PostgreSQL or a session-mode pool, not PgBouncer in transaction mode"
+)
+# Which server session runs a statement: the backend's pid and its server's start (two servers
+# behind one multi-host URL may both have a backend with that pid).
+_BACKEND = "SELECT pg_backend_pid(), pg_postmaster_start_time()"
+
+
+def connect_session(conninfo: str) -> psycopg.Connection[Any]:
+    """An autocommit connection; a pool that refuses the relay's server options (PgBouncer
+    knows no ``options`` startup parameter) is a :class:`ConfigurationError`, not an outage
+    to wait out."""
+    try:
+        return psycopg.connect(conninfo, autocommit=True)
+    except psycopg.OperationalError as exc:
+        if "unsupported startup parameter" not in str(exc):
+            raise
+        refused = first_line(exc).rpartition("FATAL:")[2].strip()
+        raise ConfigurationError(
+            f"a connection pool refused the relay's session options ({refused}): "
+            f"{SESSION_NEEDED}; with PgBouncer in session mode, add options to "
+            "ignore_startup_parameters"
+        ) from exc
+
+
+def check_own_session(conn: psycopg.Connection[Any], conninfo: str, rounds: int = 2) -> None:
+    """Raise :class:`ConfigurationError` unless ``conn`` keeps one server session to itself.
+
+    A pool in transaction (or statement) mode, PgBouncer's for one, hands the server session
+    to other clients between transactions: the LISTEN, the leader lock and the session's
+    settings would stay behind with whichever client gets it next. A second, short connection
+    (``conninfo``) shows it: it lands on ``conn``'s server session, or ``conn`` moves to another
+    while the second one holds a transaction open. A session of its own shows neither, ever.
+    In a quiet pool either order of handing out idle server connections is caught: the most
+    recently used first (PgBouncer's default) gives the second connection ``conn``'s session at
+    once; the oldest first (``server_round_robin``) within two rounds. Traffic from other
+    clients only shuffles the sessions more. Costs a connection and up to ten statements, once
+    per connect."""
+    name = psycopg.conninfo.conninfo_to_dict(conninfo).get("application_name")
+
+    def backend(c: psycopg.Connection[Any]) -> tuple[Any, ...]:
+        return tuple(c.execute(_BACKEND).fetchone() or ())
+
+    mine = backend(conn)
+    try:
+        with psycopg.connect(
+            conninfo, autocommit=True, application_name=f"{name or 'outbox'} probe"
+        ) as other:
+            shared = backend(other) == mine
+            for _ in range(rounds):
+                if shared:
+                    break
+                with other.transaction():
+                    shared = backend(other) == mine or backend(conn) != mine
+    except psycopg.Error as exc:
+        # Statement mode: "transaction blocks not allowed in statement pooling mode".
+        if "pooling mode" not in str(exc):
+            raise
+        shared = True
+    if shared:
+        raise ConfigurationError(SESSION_NEEDED)
 
 
 class LeaderSession:
@@ -78,8 +144,10 @@ class LeaderSession:
         does (the caller owns it). Checked before anything is sent: a missing privilege found
         at the first mark would re-send a batch at every restart."""
         with translate_db_errors("connect"):
-            conn = psycopg.connect(self._conninfo, autocommit=True)
+            conn = connect_session(self._conninfo)
         try:
+            with translate_db_errors("connect"):
+                check_own_session(conn, self._conninfo)  # before any session state is set
             # Privileges first: probing the table without SELECT would only say "permission
             # denied" (has_table_privilege needs none).
             self._require(conn, self._table, self._needed)
