@@ -4,6 +4,10 @@
   -> Kafka "orders" -> payments consumer (inbox: once per order) -> payment + PaymentCaptured in
   one transaction -> outbox-relay -> Kafka "payments" -> this script reads them back.
 
+With the OpenTelemetry SDK installed, every process writes its spans to a temporary folder
+(examples/trace_to_files) and the demo prints one order's trace, from its HTTP request to the
+payments topic.
+
 Uses the PostgreSQL server at OUTBOX_DEMO_PG (default 127.0.0.1:5432, user postgres), where it
 (re)creates the database ``outbox_demo``, and starts a Tansu broker (Kafka protocol) unless
 OUTBOX_DEMO_KAFKA names an existing Kafka.
@@ -19,6 +23,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -35,6 +40,7 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 from sqlalchemy.orm import Session
 
+sys.path.insert(0, str(Path(__file__).parent / "trace_to_files"))
 sys.path.insert(0, str(Path(__file__).parent))
 import payments
 from orders_app import Order
@@ -141,7 +147,46 @@ def post(port: int, key: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]
         return err.code, json.loads(err.read()), False
 
 
+def start_tracing(folder: str) -> bool:
+    """With the OpenTelemetry SDK installed, this process (the orders service) writes its spans
+    to ``folder``; the relay and the consumer will too (see :func:`traced`)."""
+    try:
+        import spanfiles  # needs the SDK
+    except ImportError:
+        return False
+    spanfiles.configure(folder, "orders-service")
+    return True
+
+
+def traced(env: dict[str, str], folder: str | None, service: str) -> dict[str, str]:
+    """``env`` for a process that writes its spans to ``folder`` (None: tracing is off)."""
+    if folder is None:
+        return env
+    path = os.pathsep.join([env["PYTHONPATH"], str(HERE / "trace_to_files")])
+    return {**env, "PYTHONPATH": path, "SPAN_FILES": folder, "OTEL_SERVICE_NAME": service}
+
+
+def first_trace(folder: str) -> str:
+    """The trace of the first order, from the HTTP request on: each span's name, in order."""
+    import spanfiles
+
+    spans = spanfiles.read(folder)
+    first = next((s for s in spans if s["name"] == "POST /orders"), None)
+    if first is None:
+        return "no trace recorded"
+    names: list[str] = []
+    for span in spanfiles.chain(spans, first["trace_id"]):
+        # A redelivered copy is processed again (and skipped by the inbox).
+        names.append(span["name"] + (" (again)" if span["name"] in names else ""))
+    return f"{first['trace_id']}: {' -> '.join(names)}"
+
+
 def main() -> int:
+    with tempfile.TemporaryDirectory(prefix="outbox-demo-spans-") as folder:
+        return run(folder if start_tracing(folder) else None)
+
+
+def run(spans: str | None) -> int:
     step("database")
     db_url = fresh_database()
     subprocess.run([BIN / "outbox", "db", "upgrade", "--db-url", db_url], check=True)
@@ -191,7 +236,7 @@ def main() -> int:
                     "--log-level",
                     "warning",
                 ],
-                env=env,
+                env=traced(env, spans, "outbox-relay"),
             )
         )
         procs.append(
@@ -216,7 +261,7 @@ def main() -> int:
                     "--log-level",
                     "warning",
                 ],
-                env=env,
+                env=traced(env, spans, "payments"),
                 stderr=subprocess.PIPE,
             )
         )
@@ -266,6 +311,8 @@ def main() -> int:
         print(f"rolled-back event seen:   {'YES (bug)' if declined else 'no'}")
         print(f"outbox rows left:         {left}")
         print(f"relay / consumer exit:    {codes[0]} / {codes[1]}   ({elapsed:.1f} s)")
+        if spans is not None:
+            print(f"trace {first_trace(spans)}")
         ok = (
             len(placed) == ORDERS
             and in_order

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 import uuid
 
@@ -27,3 +28,13 @@ def test_demo_runs_the_full_flow(broker: Broker) -> None:
     assert "order per customer ok" in proc.stdout
     assert "payments captured:        100 (20 redelivered events skipped" in proc.stdout
     assert "PaymentCaptured in Kafka: 100 unique" in proc.stdout
+    # The test extra installs the OpenTelemetry SDK: the demo follows the first order's trace.
+    suffix = env["OUTBOX_DEMO_TOPIC_SUFFIX"]
+    chain = " -> ".join(
+        f"{op} {topic}{suffix}"
+        for topic in ("orders", "payments")
+        for op in (("create", "send", "process") if topic == "orders" else ("create", "send"))
+    )
+    assert re.search(rf"^trace [0-9a-f]{{32}}: POST /orders -> {chain}\b", proc.stdout, re.M), (
+        proc.stdout
+    )
