@@ -71,11 +71,12 @@ class _Api:
         provider = self.trace.get_tracer_provider()
         if provider is not self._provider:
             self._provider = provider
-            self._tracer = (
-                None
-                if isinstance(provider, self._unset)
-                else provider.get_tracer("outbox", _version())
-            )
+            tracer = None
+            if not isinstance(provider, self._unset):
+                tracer = provider.get_tracer("outbox", _version())
+                if isinstance(tracer, self.trace.NoOpTracer):
+                    tracer = None  # an SDK that is disabled (OTEL_SDK_DISABLED)
+            self._tracer = tracer
         return self._tracer
 
 

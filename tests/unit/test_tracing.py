@@ -11,6 +11,7 @@ import uuid
 
 import pytest
 from opentelemetry import baggage, context, trace
+from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
@@ -200,6 +201,13 @@ def test_api_without_sdk_is_off_and_leaves_no_header(monkeypatch: pytest.MonkeyP
         [msg] = tracing.created(encoded(Message("t", {})))
         assert traceparent(msg.headers) is None
         assert tracing.processing(IncomingMessage("t", 0, 0, None, None, []), "c") is tracing._OFF
+
+
+def test_a_disabled_sdk_is_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OTEL_SDK_DISABLED", "true")
+    monkeypatch.setattr(trace, "_TRACER_PROVIDER", TracerProvider())
+    assert not tracing.live()
+    assert tracing.sending([], [1], 0.0) is None
 
 
 def test_no_opentelemetry_installed_publishes_without_it() -> None:
