@@ -77,30 +77,34 @@ def check_own_session(conn: psycopg.Connection[Any], conninfo: str, rounds: int 
 
     A pool in transaction (or statement) mode, PgBouncer's for one, hands the server session
     to other clients between transactions: the LISTEN, the leader lock and the session's
-    settings would stay behind with whichever client gets it next. A second, short connection
-    (``conninfo``) shows it: it lands on ``conn``'s server session, or ``conn`` moves to another
-    while the second one holds a transaction open. A session of its own shows neither, ever.
-    In a quiet pool either order of handing out idle server connections is caught: the most
-    recently used first (PgBouncer's default) gives the second connection ``conn``'s session at
-    once; the oldest first (``server_round_robin``) within two rounds. Traffic from other
-    clients only shuffles the sessions more. Costs a connection and up to ten statements, once
-    per connect."""
+    settings would stay behind with whichever client gets it next. It shows when ``conn``'s
+    statements run on another backend, or when a second, short connection (``conninfo``) lands
+    on ``conn``'s; a session of its own shows neither, ever. In a quiet pool one of the first
+    two tries catches either order of handing out idle server connections: oldest first
+    (``server_round_robin``) moves ``conn`` to another at its second statement when two or more
+    are idle; most recently used first (PgBouncer's default), or a single idle one, gives the
+    second connection ``conn``'s at once. Then ``rounds`` times the second connection holds a
+    transaction open while ``conn`` runs a statement (traffic from other clients only
+    shuffles the sessions more). Costs a connection and up to eleven statements, once per
+    connect."""
     name = psycopg.conninfo.conninfo_to_dict(conninfo).get("application_name")
 
     def backend(c: psycopg.Connection[Any]) -> tuple[Any, ...]:
         return tuple(c.execute(_BACKEND).fetchone() or ())
 
     mine = backend(conn)
+    shared = backend(conn) != mine
     try:
-        with psycopg.connect(
-            conninfo, autocommit=True, application_name=f"{name or 'outbox'} probe"
-        ) as other:
-            shared = backend(other) == mine
-            for _ in range(rounds):
-                if shared:
-                    break
-                with other.transaction():
-                    shared = backend(other) == mine or backend(conn) != mine
+        if not shared:
+            with psycopg.connect(
+                conninfo, autocommit=True, application_name=f"{name or 'outbox'} probe"
+            ) as other:
+                shared = backend(other) == mine
+                for _ in range(rounds):
+                    if shared:
+                        break
+                    with other.transaction():
+                        shared = backend(other) == mine or backend(conn) != mine
     except psycopg.Error as exc:
         # Statement mode: "transaction blocks not allowed in statement pooling mode".
         if "pooling mode" not in str(exc):
