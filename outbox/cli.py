@@ -16,8 +16,7 @@ from typing import Any
 import click
 import sqlalchemy as sa
 
-from outbox import logs, metrics, migrate
-from outbox.admin import counts
+from outbox import cli_admin, logs, metrics, migrate
 from outbox.breaker import BreakerPolicy
 from outbox.cli_options import (
     Stopper,
@@ -186,6 +185,7 @@ _relay_options = options(
         envvar="OUTBOX_RETAIN_SENT",
         help="Keep sent rows (status 'sent') instead of deleting them [OUTBOX_RETAIN_SENT]",
     ),
+    cli_admin.purge_sent_option,
     metrics_options,
     log_options,
 )
@@ -210,6 +210,7 @@ def _relay(
     leader_retry_interval: float,
     delivery_timeout: float,
     retain_sent: bool,
+    purge_sent_after: float | None,
     metrics_port: int | None,
     metrics_host: str,
     log_level: str,
@@ -237,6 +238,7 @@ def _relay(
             leader_retry_interval=leader_retry_interval,
             delivery_timeout=delivery_timeout,
             retain_sent=retain_sent,
+            purge_sent_after=purge_sent_after,
         )
         health = RelayHealth(relay_stale_after(config))
         routes = health_routes(health.health)
@@ -296,15 +298,6 @@ until nothing is due. Several relays may run: one is the leader, the others wait
 
 main.command("relay", help=_relay_help)(_relay_options(_relay))
 relay_main = click.command("outbox-relay", help=_relay_help)(_relay_options(_relay))
-
-
-@main.command()
-@db_options
-@errors
-def status(db_url: str, table: str, schema: str | None) -> None:
-    """Count messages by status (pending, retry, dead, sent)."""
-    for name, (n, oldest) in sorted(counts(db_url, table=table, schema=schema).items()):
-        click.echo(f"{name:8} {n:>10}  oldest {oldest.isoformat() if oldest else '-'}")
 
 
 @main.group()
@@ -561,6 +554,9 @@ def consume(
         err=True,
     )
 
+
+# The operating commands (status, dead, dlq, purge) are in their own module.
+cli_admin.register(main)
 
 if __name__ == "__main__":
     main()

@@ -209,6 +209,10 @@ class RelayConfig:
     shutdown_timeout: float = 10.0
     #: Keep sent rows (status ``sent``, ``sent_at``) instead of deleting them.
     retain_sent: bool = False
+    #: With ``retain_sent``: the leader deletes sent rows older than this many seconds, in
+    #: small batches while it is idle, at most every ``purge_interval`` seconds. None: never.
+    purge_sent_after: float | None = None
+    purge_interval: float = 300.0
     application_name: str = "outbox-relay"
     db_connect_timeout: float = 10.0
     extra_db_options: Mapping[str, str] = dataclasses.field(default_factory=dict)
@@ -232,11 +236,20 @@ class RelayConfig:
             "leader_retry_interval",
             "delivery_timeout",
             "db_connect_timeout",
+            "purge_interval",
         ):
             if not getattr(self, name) > 0:
                 raise ConfigurationError(f"{name} must be positive")
         if self.shutdown_timeout < 0:
             raise ConfigurationError("shutdown_timeout must not be negative")
+        if self.purge_sent_after is not None:
+            if not self.purge_sent_after > 0:
+                raise ConfigurationError("purge_sent_after must be positive")
+            if not self.retain_sent:
+                raise ConfigurationError(
+                    "--purge-sent-after needs --retain-sent (purge_sent_after needs "
+                    "retain_sent): without it, sent rows are deleted at once"
+                )
 
     @property
     def retry_backoff(self) -> Backoff:

@@ -26,12 +26,15 @@ dead-lettered the message (``error``), the error that stopped the full form
 from __future__ import annotations
 
 import base64
+import binascii
+import dataclasses
 import hashlib
 import json
+import uuid
 from typing import Any
 
 from outbox import statements
-from outbox.exceptions import DatabaseUnavailableError, TransientDatabaseError
+from outbox.exceptions import DatabaseUnavailableError, PayloadError, TransientDatabaseError
 from outbox.message import (
     HEADER_MESSAGE_ID,
     EncodedMessage,
@@ -56,6 +59,22 @@ ENVELOPE = "dlq-envelope"
 KINDS = ("poison", "attempts", "expired", "no-key", "hung")
 _MAX_ERROR = 1000
 _SUFFIX = ".dlq"
+#: The headers the full form adds after the original ones, in this order (the last one only
+#: for an idempotency key the inbox cannot hold).
+TRAILER = (
+    "dlq-original-topic",
+    "dlq-original-partition",
+    "dlq-original-offset",
+    "dlq-consumer",
+    "dlq-reason",
+    "dlq-error",
+    "dlq-attempts",
+    "dlq-idempotency-key",
+)
+#: The inbox consumer under which ``outbox dlq replay`` claims the dead letters it replayed.
+REPLAY_CONSUMER = "outbox-dlq-replay"
+#: Replayed messages get ``uuid5(REPLAY_NAMESPACE, <the dead letter's message-id>)``.
+REPLAY_NAMESPACE = uuid.UUID("7275f11b-5f26-4d1f-8a8f-0a1622ac59e7")
 
 
 def topic_for(configured: str | None, original: str) -> str:
@@ -220,3 +239,80 @@ def _exact(text: str) -> bytes:
 def _text(text: str) -> bytes:
     """UTF-8 for diagnostic text: what cannot be encoded is written as an escape."""
     return text.encode("utf-8", "backslashreplace")
+
+
+# -- replaying dead letters -----------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Replay:
+    """What ``outbox dlq replay`` does with one dead letter: claim ``claim`` in the inbox
+    (consumer :data:`REPLAY_CONSUMER`) and publish ``message``, in one transaction."""
+
+    #: ``dlq-replay:`` and the dead letter's own ``message-id`` (the relay's; its topic,
+    #: partition and offset when it has none).
+    claim: str
+    #: The original message: its topic, key and value, its headers without the ``dlq-*`` ones
+    #: and without its ``message-id``; a new message id derived from the dead letter's.
+    message: EncodedMessage
+    #: Why it was dead-lettered (``dlq-reason``, or the envelope's ``reason``), if it says.
+    reason: str | None = None
+
+
+def replay(letter: IncomingMessage) -> Replay:
+    """The replay of a dead letter that :func:`full` or :func:`minimal` wrote, as read from the
+    dead-letter topic. Raises :class:`~outbox.PayloadError` for a message that is neither."""
+    own = next((v for n, v in letter.headers if n.lower() == HEADER_MESSAGE_ID), None)
+    if own is not None:
+        try:
+            letter_id = own.decode()
+        except UnicodeDecodeError:
+            raise PayloadError("its message-id header is not UTF-8") from None
+    else:
+        letter_id = f"{letter.topic}:{letter.partition}:{letter.offset}"
+    stored = [(n, v) for n, v in letter.headers if n.lower() != HEADER_MESSAGE_ID]
+    names = [n for n, _ in stored]
+    if names == [ENVELOPE]:
+        topic, headers, reason = _from_envelope(stored[0][1])
+    elif TRAILER[0] in names:
+        # The trailer starts at the last dlq-original-topic; what comes before it are the
+        # original headers (its message-id renamed, which the replay does not keep).
+        start = len(names) - 1 - names[::-1].index(TRAILER[0])
+        trailer = dict(stored[start:])
+        if [n for n in names[start:] if n not in TRAILER]:
+            raise PayloadError("unexpected headers after dlq-original-topic")
+        topic = trailer[TRAILER[0]].decode("utf-8", "replace")
+        reason = (
+            trailer["dlq-reason"].decode("utf-8", "replace") if "dlq-reason" in trailer else None
+        )
+        headers = [(n, v) for n, v in stored[:start] if n != "dlq-original-message-id"]
+    else:
+        raise PayloadError("no dlq-original-topic or dlq-envelope header: not a dead letter")
+    if not valid_topic(topic):
+        raise PayloadError(f"invalid original topic {topic[:255]!r}")
+    message = EncodedMessage(
+        message_id=uuid.uuid5(REPLAY_NAMESPACE, letter_id),
+        topic=topic,
+        key=None if letter.key is None else bytes(letter.key),
+        payload=None if letter.value is None else bytes(letter.value),
+        headers=tuple(headers),
+    )
+    return Replay(claim=inbox_key(f"dlq-replay:{letter_id}") or "", message=message, reason=reason)
+
+
+def _from_envelope(data: bytes) -> tuple[str, list[tuple[str, bytes]], str | None]:
+    try:
+        envelope = json.loads(data)
+        topic = envelope["topic"]
+        pairs = envelope.get("headers") or []
+        headers = [
+            (_stored_name(name), base64.b64decode(value, validate=True))
+            for name, value in pairs
+            if name.lower() != HEADER_MESSAGE_ID
+        ]
+    except (ValueError, KeyError, TypeError, AttributeError, binascii.Error) as exc:
+        raise PayloadError(f"unreadable dlq-envelope: {exc}") from None
+    if not isinstance(topic, str):
+        raise PayloadError("unreadable dlq-envelope: no topic")
+    reason = envelope.get("reason")
+    return topic, headers, reason if isinstance(reason, str) else None

@@ -27,6 +27,7 @@ from outbox.exceptions import (
     first_line,
     translate_db_errors,
 )
+from outbox.purge import SentPurge
 from outbox.schema import DEAD, OutboxTables, qualified
 
 logger = logging.getLogger("outbox.relay")
@@ -118,18 +119,29 @@ class LeaderSession:
     """One connection (autocommit, no statement in a transaction unless recording failures).
     Not thread-safe."""
 
-    def __init__(self, conninfo: str, tables: OutboxTables, *, retain_sent: bool) -> None:
+    def __init__(
+        self,
+        conninfo: str,
+        tables: OutboxTables,
+        *,
+        retain_sent: bool,
+        purge: SentPurge | None = None,
+    ) -> None:
         self._conninfo = conninfo
         self._tables = tables
         self.conn: psycopg.Connection[Any] | None = None
+        self._purge = purge
 
         def sql(build: Callable[[OutboxTables], sa.TextClause]) -> str:
             return statements.to_driver_sql(build(tables))
 
         self._probe = sql(statements.probe_tables)
         self._privileges = statements.to_driver_sql(statements.missing_privileges())
-        # Marking sent deletes (or, retaining sent rows, updates); failures update.
-        self._needed = "{SELECT,UPDATE}" if retain_sent else "{SELECT,UPDATE,DELETE}"
+        self._probe_failures = sql(statements.probe_failure_times)
+        # Marking sent deletes (or, retaining sent rows, updates); failures update; purging
+        # sent rows (--purge-sent-after) deletes.
+        deletes = purge is not None or not retain_sent
+        self._needed = "{SELECT,UPDATE,DELETE}" if deletes else "{SELECT,UPDATE}"
         self._table = tables.qualified_name
         self._listen = sql(statements.listen)
         self._next_retry = sql(statements.next_retry_in)
@@ -142,6 +154,7 @@ class LeaderSession:
         self._leader_table = qualified(tables.leader)
         self._wait_lock = statements.to_driver_sql(statements.wait_leader_lock())
         self._lock_timeout = statements.to_driver_sql(statements.local_lock_timeout())
+        self._purge_sql = sql(statements.purge_sent)
 
     def connect(self) -> psycopg.Connection[Any]:
         """A new connection on which the tables were found and the role may do all the relay
@@ -158,6 +171,7 @@ class LeaderSession:
             with translate_db_errors("check tables"):
                 conn.execute(self._probe)  # the columns of this release (outbox_0004)
             self._require(conn, self._leader_table, "{SELECT,UPDATE}", " (the leader epoch)")
+            self._check_failure_times(conn)
             with translate_db_errors("connect"):
                 prepare_session(conn)
         except BaseException:
@@ -187,6 +201,18 @@ class LeaderSession:
                 f"the relay's role {role!r} lacks {missing} on {table}{what}: "
                 f"GRANT {grant} ON {table} TO {role}"
             )
+
+    def _check_failure_times(self, conn: psycopg.Connection[Any]) -> None:
+        """The columns of revision ``outbox_0006``, which the failure statement sets."""
+        with translate_db_errors("check tables"):
+            try:
+                conn.execute(self._probe_failures)
+            except psycopg.errors.UndefinedColumn:
+                raise MissingTablesError(
+                    f"the outbox tables are older than this version (no first_failed_at on "
+                    f"{self._table}): run `outbox db upgrade --db-url URL` (or `alembic "
+                    "upgrade outbox@head`) first"
+                ) from None
 
     def try_lead(self, wait: float = 0.0) -> bool:
         """Connect and LISTEN if needed, then take the leader lock of the current epoch: at
@@ -283,6 +309,31 @@ class LeaderSession:
                 )
                 parked = [r for r in cur.fetchall() if r[1] == DEAD]
         return parked
+
+    def purge_when_idle(self, budget: float = 0.1) -> bool:
+        """``--purge-sent-after``: when a pass is due, run its batches for up to ``budget``
+        seconds (the relay is idle: nothing to claim). Returns whether the pass goes on (the
+        relay looks for work, then calls again) rather than waiting for a notification."""
+        purge = self._purge
+        if purge is None or not purge.due():
+            return False
+        conn = self.require()
+        until = time.monotonic() + budget
+        with translate_db_errors("purge sent messages"):
+            while True:
+                purge.step(lambda params: conn.execute(self._purge_sql, params).fetchone())
+                if not purge.running or time.monotonic() >= until:
+                    break
+        if not purge.running and purge.deleted:
+            logger.info(
+                "sent messages purged",
+                extra={
+                    "event": "relay.purged",
+                    "deleted": purge.deleted,
+                    "older_than_s": purge.older_than,
+                },
+            )
+        return purge.running
 
     def wait_for_notify(self, deadline: float, stop: threading.Event) -> bool:
         """Wait until a writer's commit notifies, ``deadline`` (monotonic) passes or

@@ -36,7 +36,7 @@ from typing import Any
 
 import psycopg
 
-from outbox import statements, tracing
+from outbox import purge, statements, tracing
 from outbox.backoff import DueTimes, Retrying
 from outbox.brokerlink import BrokerLink
 from outbox.claims import Claims, HeaderCache, Row
@@ -233,7 +233,9 @@ class Relay:
             type(o).messages_acked is not RelayObserver.messages_acked for o in observers
         )
         conninfo = relay_conninfo(config)
-        self._session = LeaderSession(conninfo, self.tables, retain_sent=config.retain_sent)
+        self._session = LeaderSession(
+            conninfo, self.tables, retain_sent=config.retain_sent, purge=purge.for_relay(config)
+        )
         self._claims = Claims(
             conninfo, statements.to_driver_sql(statements.claim(self.tables)), config.batch_size
         )
@@ -515,6 +517,8 @@ class Relay:
     def _wait_for_work(self) -> None:
         """Sleep until a writer's commit notifies us, a retry falls due, or the fallback poll
         interval passes. Issues no statements while it waits."""
+        if self._session.purge_when_idle():
+            return  # a purge of sent rows goes on: look for work first, then purge more
         deadline = time.monotonic() + self.config.poll_interval
         due = self._retry_due.next()
         if due is not None:

@@ -101,6 +101,9 @@ class OutboxTables:
     #: roles may read or change it, so a role that is not a relay cannot learn the lock to
     #: take it first; a relay that finds the lock held by such a role moves to a new epoch.
     leader: sa.Table
+    #: What operators did to messages (replayed, discarded: ``outbox dead``, ``outbox dlq
+    #: replay``), one row per action (revision ``outbox_0006``).
+    audit: sa.Table
 
     @property
     def qualified_name(self) -> str:
@@ -185,6 +188,10 @@ def define_tables(
             nullable=False,
             server_default=sa.text("'{}'::bytea[]"),
         ),
+        # When sending first and last failed (revision outbox_0006): set by the relay's
+        # failure statement only, never on the path that marks messages sent.
+        sa.Column("first_failed_at", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("last_failed_at", sa.DateTime(timezone=True), nullable=True),
         sa.PrimaryKeyConstraint("id", name=f"pk_{table}"),
         sa.UniqueConstraint("message_id", name=f"uq_{table}_message_id"),
         sa.CheckConstraint("length(topic) > 0", name=f"ck_{table}_topic"),
@@ -210,9 +217,10 @@ def define_tables(
     )
     sa.event.listen(messages, "after_create", _set_storage_parameters)
     validate_identifier(inbox_table, "inbox table name")
-    if inbox_table in (table, f"{table}_leader"):
+    if inbox_table in (table, f"{table}_leader", f"{table}_audit"):
         raise ConfigurationError(
-            f"the inbox table needs a name of its own (not {table!r} nor {table}_leader)"
+            f"the inbox table needs a name of its own (not {table!r}, {table}_leader nor "
+            f"{table}_audit)"
         )
     inbox = sa.Table(
         inbox_table,
@@ -252,7 +260,32 @@ def define_tables(
         schema=schema,
     )
     sa.event.listen(leader, "after_create", _seed_leader)
-    return OutboxTables(metadata=md, messages=messages, inbox=inbox, leader=leader)
+    # Names derived from a table name of at most 48 characters stay within PostgreSQL's 63.
+    audit = sa.Table(
+        f"{table}_audit",
+        md,
+        sa.Column("id", sa.BigInteger, sa.Identity(), nullable=False),
+        sa.Column(
+            "at", sa.DateTime(timezone=True), nullable=False, server_default=sa.text("now()")
+        ),
+        # replay, discard, dlq-replay
+        sa.Column("action", sa.Text, nullable=False),
+        # The outbox rows concerned (ids in the messages table; a discarded one is gone).
+        sa.Column(
+            "message_ids",
+            postgresql.ARRAY(sa.BigInteger),
+            nullable=False,
+            server_default=sa.text("'{}'::bigint[]"),
+        ),
+        sa.Column("db_user", sa.Text, nullable=False, server_default=sa.text("CURRENT_USER")),
+        sa.Column("os_user", sa.Text, nullable=True),
+        sa.Column("host", sa.Text, nullable=True),
+        # JSON text: what was asked (--all, --topic), what was discarded, what was skipped.
+        sa.Column("detail", sa.Text, nullable=True),
+        sa.PrimaryKeyConstraint("id", name=f"pk_{table}_audit"),
+        schema=schema,
+    )
+    return OutboxTables(metadata=md, messages=messages, inbox=inbox, leader=leader, audit=audit)
 
 
 #: A random 63-bit epoch, from the server (no extension needed).

@@ -169,12 +169,15 @@ def record_failures(tables: OutboxTables) -> sa.TextClause:
     """Count one failed attempt per message; park those that reached ``max_attempts``.
 
     ``delays`` are seconds until the next attempt, chosen by the caller (backoff with jitter).
-    Returns the new status of each row.
+    Records when sending first and last failed (revision ``outbox_0006``; the statements that
+    mark messages sent do not touch those columns). Returns the new status of each row.
     """
     sql = f"""
 UPDATE {_table(tables)} AS o
 SET attempts = o.attempts + 1,
     last_error = f.error,
+    first_failed_at = coalesce(o.first_failed_at, now()),
+    last_failed_at = now(),
     status = CASE WHEN o.attempts + 1 >= :max_attempts THEN '{DEAD}' ELSE '{RETRY}' END,
     next_attempt_at = CASE WHEN o.attempts + 1 >= :max_attempts THEN NULL
                            ELSE now() + f.delay * interval '1 second' END
@@ -197,12 +200,197 @@ def next_retry_in(tables: OutboxTables) -> sa.TextClause:
 
 @functools.lru_cache(maxsize=64)
 def replay_dead(tables: OutboxTables) -> sa.TextClause:
-    """Give parked messages (all, or the listed ids) a fresh set of attempts."""
+    """Give parked messages (all, the listed ``ids``, or those of ``topic``) a fresh set of
+    attempts. They keep their ids, so each key's messages are sent in their order again: the
+    later ones were held back behind the parked one. The failure times are cleared for the new
+    attempts; ``last_error`` stays until the next failure."""
     return sa.text(
         f"UPDATE {_table(tables)} SET status = '{PENDING}', attempts = 0, "
-        f"next_attempt_at = NULL WHERE status = '{DEAD}' "
+        "next_attempt_at = NULL, first_failed_at = NULL, last_failed_at = NULL "
+        f"WHERE status = '{DEAD}' "
         "AND (CAST(:ids AS bigint[]) IS NULL OR id = ANY(CAST(:ids AS bigint[]))) "
+        "AND (CAST(:topic AS text) IS NULL OR topic = CAST(:topic AS text)) "
         "RETURNING id"
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def wake_relay(tables: OutboxTables) -> sa.TextClause:
+    """Notify the relay (delivered on commit), as a writer does: rows made sendable by an
+    operator are sent at once instead of at the relay's fallback poll."""
+    return sa.text(f"SELECT pg_notify({_literal(tables.channel)}, '')")
+
+
+@functools.lru_cache(maxsize=64)
+def discard_dead(tables: OutboxTables) -> sa.TextClause:
+    """Delete the parked messages ``ids`` (only parked ones). Their keys are released: the
+    messages held back behind them become sendable."""
+    return sa.text(
+        f"DELETE FROM {_table(tables)} WHERE status = '{DEAD}' "
+        "AND id = ANY(CAST(:ids AS bigint[])) "
+        "RETURNING id, CAST(message_id AS text) AS message_id, topic, key, attempts, last_error"
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def held_behind(tables: OutboxTables) -> sa.TextClause:
+    """How many unsent messages wait behind the parked messages ``ids`` (a later message of
+    the same topic and key). Walks the unsent rows (partial index ``ix_*_unsent``)."""
+    t = _table(tables)
+    return sa.text(
+        f"SELECT count(*) FROM {t} AS o WHERE o.status IN ('{PENDING}', '{RETRY}') "
+        f"AND EXISTS (SELECT 1 FROM {t} AS d WHERE d.id = ANY(CAST(:ids AS bigint[])) "
+        f"AND d.status = '{DEAD}' AND d.topic = o.topic AND d.key = o.key AND d.id < o.id)"
+    )
+
+
+_DEAD_COLUMNS = (
+    "id, CAST(message_id AS text) AS message_id, topic, key, status, attempts, last_error, "
+    "created_at, first_failed_at, last_failed_at"
+)
+
+
+@functools.lru_cache(maxsize=64)
+def list_dead(tables: OutboxTables) -> sa.TextClause:
+    """Parked messages in id order, optionally of one ``topic``, one ``key`` (bytes), parked
+    (last failed; created, for rows parked before ``outbox_0006``) at or after ``since``; at
+    most ``limit``, with ``total``: how many match. Walks the partial index ``ix_*_held``."""
+    return sa.text(
+        f"SELECT {_DEAD_COLUMNS}, count(*) OVER () AS total FROM {_table(tables)} "
+        f"WHERE status = '{DEAD}' "
+        "AND (CAST(:topic AS text) IS NULL OR topic = CAST(:topic AS text)) "
+        "AND (CAST(:key AS bytea) IS NULL OR key = CAST(:key AS bytea)) "
+        "AND (CAST(:since AS timestamptz) IS NULL "
+        "OR coalesce(last_failed_at, created_at) >= CAST(:since AS timestamptz)) "
+        "ORDER BY id LIMIT :limit"
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def show_message(tables: OutboxTables) -> sa.TextClause:
+    """One message by ``id``, with its headers and the first ``preview`` bytes of its payload
+    (and the payload's size): a large payload is not read whole."""
+    return sa.text(
+        f"SELECT {_DEAD_COLUMNS}, next_attempt_at, header_names, header_values, "
+        "substring(payload FROM 1 FOR :preview) AS payload_head, "
+        f"octet_length(payload) AS payload_size FROM {_table(tables)} WHERE id = :id"
+    )
+
+
+def _audit(tables: OutboxTables) -> str:
+    return _DIALECT.identifier_preparer.format_table(tables.audit)
+
+
+@functools.lru_cache(maxsize=64)
+def insert_audit(tables: OutboxTables) -> sa.TextClause:
+    """Record an operator's action (revision ``outbox_0006``); the database role is
+    ``current_user``, by the column's default."""
+    return sa.text(
+        f"INSERT INTO {_audit(tables)} (action, message_ids, os_user, host, detail) "
+        "VALUES (:action, CAST(:ids AS bigint[]), :os_user, :host, :detail) "
+        "RETURNING id, db_user"
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def status_unsent(tables: OutboxTables) -> sa.TextClause:
+    """Per topic and status, the pending, retry and dead messages: how many, and the age in
+    seconds of the oldest. Cost follows what is unsent or parked, not the table: the two arms
+    of the condition are the predicates of the partial indexes ``ix_*_unsent`` and
+    ``ix_*_held`` (a BitmapOr of both), so sent rows kept with ``--retain-sent`` are never
+    read."""
+    return sa.text(
+        "SELECT topic, status, count(*) AS n, "
+        "EXTRACT(EPOCH FROM now() - min(created_at)) AS oldest "
+        f"FROM {_table(tables)} WHERE status IN ('{PENDING}', '{RETRY}') OR status = '{DEAD}' "
+        "GROUP BY topic, status"
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def status_sizes(tables: OutboxTables) -> sa.TextClause:
+    """From the catalog only (no privilege needed, nothing scanned): the size in bytes of the
+    outbox table and of the inbox (NULL: no such table), the planner's row estimate of each
+    (NULL before the first vacuum or analyze), and whether the role may read the inbox."""
+
+    def estimate(rel: str) -> str:
+        return (
+            "(SELECT CASE WHEN c.relpages > 0 AND c.reltuples >= 0 THEN "
+            "c.reltuples / c.relpages * (pg_relation_size(c.oid) / "
+            "current_setting('block_size')::int) END "
+            f"FROM pg_class AS c WHERE c.oid = {rel})"
+        )
+
+    messages = f"to_regclass({_literal(_table(tables))})"
+    inbox = f"to_regclass({_literal(_inbox(tables))})"
+    return sa.text(
+        f"SELECT pg_relation_size({messages}) AS messages_bytes, "
+        f"{estimate(messages)} AS messages_estimate, "
+        f"pg_relation_size({inbox}) AS inbox_bytes, {estimate(inbox)} AS inbox_estimate, "
+        f"has_table_privilege({inbox}, 'SELECT') AS inbox_readable"
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def status_sent(tables: OutboxTables) -> sa.TextClause:
+    """Per topic, the sent messages (``--retain-sent``): how many, and the age of the oldest.
+    Scans the table: run only when it is small (see ``outbox.admin``)."""
+    return sa.text(
+        "SELECT topic, count(*) AS n, EXTRACT(EPOCH FROM now() - min(created_at)) AS oldest "
+        f"FROM {_table(tables)} WHERE status = '{SENT}' GROUP BY topic"
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def oldest_sent(tables: OutboxTables) -> sa.TextClause:
+    """The age of the oldest sent message, found along the primary key from the lowest id:
+    with ``--retain-sent`` the oldest rows are sent ones, so this stops after a few."""
+    return sa.text(
+        "SELECT EXTRACT(EPOCH FROM now() - created_at) "
+        f"FROM {_table(tables)} WHERE status = '{SENT}' ORDER BY id LIMIT 1"
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def purge_sent(tables: OutboxTables) -> sa.TextClause:
+    """One batch of the purge of sent messages older than ``age`` seconds (``--retain-sent``).
+
+    Looks at the next ``limit`` rows after id ``after`` along the primary key and deletes the
+    sent ones among them that were sent before the cutoff, locking only those (``SKIP
+    LOCKED``): one short statement, whatever the table's size. Returns how many it deleted,
+    the last id it looked at, how many rows it looked at (fewer than ``limit``: the end of the
+    table) and whether all of them were created after the cutoff (then so are, nearly always,
+    the rows after them: the pass ends). Rows are looked at in id order, which is creation
+    order but for a few created by long transactions; one missed is purged by a later pass.
+    """
+    t = _table(tables)
+    cutoff = "now() - CAST(:age AS float8) * interval '1 second'"
+    sql = f"""
+WITH scanned AS (
+    SELECT id, created_at FROM {t} WHERE id > :after ORDER BY id LIMIT :limit
+), bounds AS (
+    SELECT max(id) AS last, count(*) AS seen,
+           coalesce(bool_and(created_at >= {cutoff}), true) AS newer
+    FROM scanned
+), doomed AS (
+    SELECT o.id FROM {t} AS o
+    WHERE o.id > :after AND o.id <= (SELECT last FROM bounds)
+      AND o.status = '{SENT}' AND o.sent_at < {cutoff}
+    FOR UPDATE SKIP LOCKED
+), gone AS (
+    DELETE FROM {t} WHERE id IN (SELECT id FROM doomed) RETURNING 1
+)
+SELECT (SELECT count(*) FROM gone) AS deleted, last, seen, newer FROM bounds
+"""
+    return sa.text(sql)
+
+
+@functools.lru_cache(maxsize=64)
+def existing_message_ids(tables: OutboxTables) -> sa.TextClause:
+    """Which of the message ids ``message_ids`` are in the table, with their row ids."""
+    return sa.text(
+        f"SELECT id, CAST(message_id AS text) AS message_id FROM {_table(tables)} "
+        "WHERE message_id = ANY(CAST(:message_ids AS uuid[]))"
     )
 
 
@@ -219,6 +407,13 @@ def probe_tables(tables: OutboxTables) -> sa.TextClause:
     """Fails with UndefinedTable when the tables are not installed, and with UndefinedColumn
     when they are older than revision ``outbox_0004`` (run ``outbox db upgrade``)."""
     return sa.text(f"SELECT header_names, header_values FROM {_table(tables)} LIMIT 0")
+
+
+@functools.lru_cache(maxsize=64)
+def probe_failure_times(tables: OutboxTables) -> sa.TextClause:
+    """Fails with UndefinedColumn when the table is older than revision ``outbox_0006``,
+    whose columns the relay's failure statement sets."""
+    return sa.text(f"SELECT first_failed_at, last_failed_at FROM {_table(tables)} LIMIT 0")
 
 
 def missing_privileges() -> sa.TextClause:
@@ -387,6 +582,21 @@ def command_complete(tables: OutboxTables) -> sa.TextClause:
         f"UPDATE {_inbox(tables)} SET response_status = :status, response_body = :body "
         "WHERE consumer = :consumer AND key = :key"
     )
+
+
+@functools.lru_cache(maxsize=64)
+def inbox_claimed(tables: OutboxTables) -> sa.TextClause:
+    """Which of ``keys`` ``consumer`` has claimed (read only: a dry run's answer)."""
+    return sa.text(
+        f"SELECT key FROM {_inbox(tables)} WHERE consumer = :consumer "
+        "AND key = ANY(CAST(:keys AS text[]))"
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def inbox_count(tables: OutboxTables) -> sa.TextClause:
+    """How many keys the inbox holds. Scans it: run only when it is small."""
+    return sa.text(f"SELECT count(*) FROM {_inbox(tables)}")
 
 
 @functools.lru_cache(maxsize=64)

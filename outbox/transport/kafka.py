@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Generator, Mapping
 from typing import Any
 
 import confluent_kafka
@@ -495,6 +495,82 @@ class KafkaSource:
                 extra={"event": "consumer.commit_failed", "error": _describe(exc)},
             )
         self._consumer.close()
+
+
+def read_topic(
+    bootstrap_servers: str,
+    topic: str,
+    overrides: Mapping[str, str] | None = None,
+    *,
+    timeout: float = 30.0,
+) -> Generator[IncomingMessage, None, None]:
+    """Every message of ``topic``, from the beginning of each partition to its end as it was
+    when reading got there (librdkafka's partition EOF; watermark queries are not reliable on
+    every Kafka-compatible broker), in offset order per partition. An ``assign()`` consumer:
+    no group is joined, no offset is committed.
+
+    Raises :class:`ConfigurationError` when the topic does not exist, and
+    :class:`TransportUnavailable` when the broker cannot be reached or nothing arrives for
+    ``timeout`` seconds before every partition's end.
+    """
+    if not bootstrap_servers:
+        raise ConfigurationError("no Kafka bootstrap servers: pass --bootstrap-servers")
+    conf: dict[str, Any] = {
+        **{k: v for k, v in (overrides or {}).items() if not k.startswith("group.")},
+        "bootstrap.servers": bootstrap_servers,
+        # A group id is required by the client; nothing joins or commits with it.
+        "group.id": "outbox-read-topic",
+        "enable.auto.commit": "false",
+        "enable.auto.offset.store": "false",
+        "enable.partition.eof": "true",
+        "allow.auto.create.topics": "false",
+    }
+    consumer = _client(confluent_kafka.Consumer, conf, _ignore)
+    try:
+        try:
+            meta = consumer.list_topics(topic, timeout=min(timeout, 10.0)).topics.get(topic)
+        except KafkaException as exc:
+            raise TransportUnavailable(
+                f"cannot reach Kafka at {bootstrap_servers} ({_describe(exc)}); check "
+                "--bootstrap-servers and that the broker is up"
+            ) from exc
+        if meta is None or meta.error is not None or not meta.partitions:
+            why = f" ({meta.error.str()})" if meta is not None and meta.error else ""
+            raise ConfigurationError(f"topic {topic!r} does not exist{why}")
+        remaining = set(meta.partitions)
+        consumer.assign(
+            [
+                confluent_kafka.TopicPartition(topic, p, confluent_kafka.OFFSET_BEGINNING)
+                for p in remaining
+            ]
+        )
+        progress = time.monotonic()
+        while remaining:
+            msg = consumer.poll(0.5)
+            if msg is None:
+                if time.monotonic() - progress > timeout:
+                    raise TransportUnavailable(
+                        f"reading {topic}: nothing from partitions {sorted(remaining)} for "
+                        f"{timeout:g} s before their end"
+                    )
+                continue
+            progress = time.monotonic()
+            err = msg.error()
+            if err is not None:
+                if err.code() == KafkaError._PARTITION_EOF:
+                    remaining.discard(msg.partition())
+                elif err.fatal():
+                    raise TransportUnavailable(f"reading {topic}: {err.name()}: {err.str()}")
+                else:
+                    logger.warning(
+                        "kafka consume error",
+                        extra={"event": "kafka.error", "error": f"{err.name()}: {err.str()}"},
+                    )
+                continue
+            if msg.partition() in remaining:
+                yield KafkaSource._incoming(msg)
+    finally:
+        consumer.close()
 
 
 def topic_retention(

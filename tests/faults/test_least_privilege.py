@@ -9,6 +9,7 @@ names and are dropped at teardown (with ``DROP OWNED BY``, which also drops thei
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import uuid
 from collections.abc import Iterator
@@ -18,6 +19,7 @@ from typing import Any
 import psycopg
 import pytest
 import sqlalchemy as sa
+from confluent_kafka import Producer
 from sqlalchemy.orm import Session
 
 from outbox import Outbox
@@ -29,7 +31,7 @@ from tests.support.consumerproc import ConsumerProcess
 HOWTO = ROOT / "docs" / "howto.md"
 MARKER = "-- outbox: least-privilege roles, part {} of 2"
 #: The role names the how-to uses.
-ROLES = ("outbox_owner", "app_writer", "outbox_relay", "app_consumer")
+ROLES = ("outbox_owner", "app_writer", "outbox_relay", "app_consumer", "outbox_admin")
 KAFKA = ("-X", "session.timeout.ms=6000", "-X", "heartbeat.interval.ms=1000")
 
 
@@ -264,3 +266,70 @@ def test_the_extra_grants_the_howto_lists(roles: Roles) -> None:
     roles.run(f"GRANT UPDATE ON outbox_inbox TO {relay}", role="outbox_owner")
     purge = run_cli("outbox", args, in_process=True)
     assert purge.returncode == 0 and "purged 1" in purge.stdout, purge.stderr
+
+
+@pytest.mark.slow
+def test_the_admin_role_inspects_and_repairs(roles: Roles, broker: Broker) -> None:
+    """``outbox_admin`` with the documented grants runs every operating command, and leaves
+    an audit trail it cannot change; the other roles cannot read it."""
+    admin_role = roles.names["outbox_admin"]
+    roles.run(
+        "INSERT INTO outbox_messages (message_id, topic, key, status, attempts, sent_at) "
+        "VALUES (gen_random_uuid(), 't', 'a', 'dead', 10, NULL), "
+        "(gen_random_uuid(), 't', 'b', 'dead', 10, NULL), "
+        "(gen_random_uuid(), 't', 'b', 'pending', 0, NULL), "
+        "(gen_random_uuid(), 't', 'c', 'sent', 0, now() - interval '8 days')",
+        role="outbox_owner",
+    )
+    url = roles.url("outbox_admin")
+
+    def admin(*args: str) -> tuple[int, str, str]:
+        done = run_cli("outbox", [*args, "--db-url", url], in_process=True)
+        return done.returncode, done.stdout, done.stderr
+
+    code, out, err = admin("status", "--json", "--fail-on-dead")
+    assert code == 1, err
+    assert json.loads(out)["statuses"]["dead"]["count"] == 2
+    assert json.loads(out)["inbox"]["rows"] == 0  # counted: the role may read the inbox
+    code, out, err = admin("dead", "list", "--json")
+    assert code == 0, err
+    first, second = (m["id"] for m in json.loads(out)["messages"])
+    assert admin("dead", "show", str(first))[0] == 0
+    assert admin("dead", "replay", str(first))[0] == 0
+    code, out, err = admin("dead", "discard", str(second), "--yes")
+    assert code == 0, err
+    assert "1 messages held back behind them can be sent now" in out
+    code, out, err = admin("purge", "--sent-older-than", "7d")
+    assert (code, out) == (0, "purged 1 sent messages sent more than 7d ago\n"), err
+
+    # A dead letter of the consumer, replayed through the outbox.
+    dlq = broker.create_topic(partitions=1)
+    producer = Producer({"bootstrap.servers": broker.bootstrap})
+    producer.produce(
+        dlq,
+        key=b"k",
+        value=b"{}",
+        headers=[("message-id", b"letter-1"), ("dlq-original-topic", b"t")],
+    )
+    producer.flush(10)
+    code, out, err = admin("dlq", "replay", "--topic", dlq, "--bootstrap-servers", broker.bootstrap)
+    assert code == 0, err
+    assert out.startswith("replayed 1, skipped 0")
+
+    with roles.connect() as conn:
+        audit = conn.execute(
+            "SELECT action, db_user FROM outbox_messages_audit ORDER BY id"
+        ).fetchall()
+    assert audit == [
+        ("replay", admin_role),
+        ("discard", admin_role),
+        ("dlq-replay", admin_role),
+    ]
+    for sql in (
+        "UPDATE outbox_messages_audit SET action = 'nothing'",
+        "DELETE FROM outbox_messages_audit",
+        "TRUNCATE outbox_messages_audit",
+    ):
+        assert denied(roles, "outbox_admin", sql), sql
+    for role in ("app_writer", "outbox_relay", "app_consumer"):
+        assert denied(roles, role, "SELECT * FROM outbox_messages_audit"), role

@@ -1,7 +1,7 @@
 """``outbox db upgrade|downgrade|sql|versions-dir`` and ``outbox status``: the outbox table
 (revision ``outbox_0001``), the inbox (``outbox_0002``), their autovacuum settings
-(``outbox_0003``), the ordered header arrays (``outbox_0004``) and the relays' leader epoch
-table (``outbox_0005``)."""
+(``outbox_0003``), the ordered header arrays (``outbox_0004``), the relays' leader epoch
+table (``outbox_0005``) and the audit table with the failure times (``outbox_0006``)."""
 
 from __future__ import annotations
 
@@ -20,8 +20,10 @@ FIRST = "outbox_0001"
 INBOX = "outbox_0002"
 AUTOVACUUM = "outbox_0003"
 HEADERS = "outbox_0004"
-HEAD = "outbox_0005"
+LEADER = "outbox_0005"
+HEAD = "outbox_0006"
 LEADER_TABLE = f"{DEFAULT_TABLE}_leader"
+AUDIT_TABLE = f"{DEFAULT_TABLE}_audit"
 
 
 def _run(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
@@ -57,19 +59,21 @@ def test_upgrade_downgrade_status(empty_db_url: str) -> None:
         f"public.{DEFAULT_TABLE}",
         f"public.{DEFAULT_INBOX_TABLE}",
         f"public.{LEADER_TABLE}",
+        f"public.{AUDIT_TABLE}",
         f"public.{migrate.VERSION_TABLE}",
     }
     code, out, _ = _run("db", "upgrade", "--db-url", url)
     assert (code, out) == (0, f"outbox tables at revision {HEAD}\n")
 
     code, out, _ = _run("status", "--db-url", url)
-    assert (code, out) == (0, "")
+    assert code == 0
+    assert out.splitlines()[0].startswith(f"{DEFAULT_TABLE} is empty")
     _insert(url, 2)
     _insert(url, 1, status="dead")
     code, out, _ = _run("status", "--db-url", url)
     assert code == 0
     lines = out.splitlines()
-    assert [line.split()[:2] for line in lines] == [["dead", "1"], ["pending", "2"]]
+    assert [line.split()[:2] for line in lines[:2]] == [["pending", "2"], ["dead", "1"]]
 
     # --revision is required: no accidental drops.
     code, _, err = _run("db", "downgrade", "--db-url", url)
@@ -79,6 +83,7 @@ def test_upgrade_downgrade_status(empty_db_url: str) -> None:
         f"public.{DEFAULT_TABLE}",
         f"public.{DEFAULT_INBOX_TABLE}",
         f"public.{LEADER_TABLE}",
+        f"public.{AUDIT_TABLE}",
     } <= tables_in(url)
 
     code, out, _ = _run("db", "downgrade", "--db-url", url, "--revision", "base")
@@ -101,6 +106,7 @@ def test_custom_names_from_environment(empty_db_url: str) -> None:
         "msg.events_out",
         "msg.events_in",
         "msg.events_out_leader",
+        "msg.events_out_audit",
         f"msg.{migrate.VERSION_TABLE}",
     }
     assert scalars(empty_db_url, "SELECT count(epoch) FROM msg.events_out_leader") == [1]
@@ -109,6 +115,7 @@ def test_custom_names_from_environment(empty_db_url: str) -> None:
     code, out, _ = _run("status", env=env)
     assert code == 0
     assert out.split()[:2] == ["retry", "3"]
+    assert "inbox msg.events_in: 0 keys" in out
 
     code, out, _ = _run("db", "downgrade", "--revision", "base", env=env)
     assert code == 0
@@ -128,6 +135,7 @@ def test_inbox_table_option(empty_db_url: str) -> None:
         f"public.{DEFAULT_TABLE}",
         "public.dedup",
         f"public.{LEADER_TABLE}",
+        f"public.{AUDIT_TABLE}",
         f"public.{migrate.VERSION_TABLE}",
     }
     eng = engine(url)
@@ -150,8 +158,19 @@ def test_inbox_table_option(empty_db_url: str) -> None:
     assert code == 2
     assert "name of its own" in err
 
-    # -1 from head only removes the leader table, -1 again only turns the header arrays back
-    # into jsonb, -1 again only resets the autovacuum settings; -1 again removes only the inbox.
+    # -1 from head only removes the audit table and the failure times, -1 again only the
+    # leader table, -1 again only turns the header arrays back into jsonb, -1 again only
+    # resets the autovacuum settings; -1 again removes only the inbox.
+    code, out, _ = _run(
+        "db", "downgrade", "--db-url", url, "--inbox-table", "dedup", "--revision", "-1"
+    )
+    assert (code, out) == (0, f"outbox tables at revision {LEADER}\n")
+    assert tables_in(url) == {
+        f"public.{DEFAULT_TABLE}",
+        "public.dedup",
+        f"public.{LEADER_TABLE}",
+        f"public.{migrate.VERSION_TABLE}",
+    }
     code, out, _ = _run(
         "db", "downgrade", "--db-url", url, "--inbox-table", "dedup", "--revision", "-1"
     )
@@ -234,6 +253,7 @@ def test_autovacuum_settings(
     assert _reloptions(url, messages) == MESSAGES_RELOPTIONS
     assert _reloptions(url, inbox) == INBOX_RELOPTIONS
     assert _reloptions(url, f"{messages}_leader") == []  # one row: nothing to vacuum
+    assert _reloptions(url, f"{messages}_audit") == []  # a few rows, never deleted
 
     eng = engine(url)
     try:
@@ -319,8 +339,19 @@ def test_sql_prints_ddl() -> None:
     assert f"CONSTRAINT ck_{LEADER_TABLE}_one CHECK (one)" in out
     assert out.count(leader_row) == 1
     assert "gen_random_uuid()" in out.partition(leader_row)[2].partition(";")[0]
+    # The failure times and the audit table.
+    failure_times = (
+        f"ALTER TABLE {DEFAULT_TABLE} ADD COLUMN first_failed_at timestamptz, "
+        "ADD COLUMN last_failed_at timestamptz;"
+    )
+    audit_table = f"CREATE TABLE {AUDIT_TABLE} ("
+    assert failure_times in out
+    assert audit_table in out
+    assert "db_user TEXT DEFAULT CURRENT_USER NOT NULL" in out
+    assert "message_ids BIGINT[] DEFAULT '{}'::bigint[] NOT NULL" in out
+    assert f"CONSTRAINT pk_{AUDIT_TABLE} PRIMARY KEY (id)" in out
     # In revision order: the outbox table, the inbox, the settings, the header arrays, the
-    # leader table, each recorded as it is made.
+    # leader table, the audit table, each recorded as it is made.
     assert (
         out.index(f"CREATE TABLE {DEFAULT_TABLE} (")
         < out.index(f"VALUES ('{FIRST}')")
@@ -334,6 +365,9 @@ def test_sql_prints_ddl() -> None:
         < out.index(f"SET version_num='{HEADERS}'")
         < out.index(leader_table)
         < out.index(leader_row)
+        < out.index(f"SET version_num='{LEADER}'")
+        < out.index(failure_times)
+        < out.index(audit_table)
         < out.index(f"SET version_num='{HEAD}'")
     )
     assert out.startswith("BEGIN;")
@@ -353,8 +387,11 @@ def test_sql_prints_ddl() -> None:
     assert "CREATE TABLE msg.events_out_leader (" in out
     assert "CONSTRAINT pk_events_out_leader PRIMARY KEY (one)" in out
     assert "INSERT INTO msg.events_out_leader (epoch) VALUES (" in out
+    assert "CREATE TABLE msg.events_out_audit (" in out
+    assert "CONSTRAINT pk_events_out_audit PRIMARY KEY (id)" in out
     assert DEFAULT_INBOX_TABLE not in out
     assert LEADER_TABLE not in out
+    assert AUDIT_TABLE not in out
     # The schema comes first: the version table lives in it.
     assert out.index("CREATE SCHEMA IF NOT EXISTS msg;") < out.index(
         f"CREATE TABLE msg.{migrate.VERSION_TABLE}"
@@ -376,16 +413,23 @@ def test_sql_prints_ddl() -> None:
     assert code == 0
     assert messages_settings in out and inbox_settings in out
     assert f"ALTER TABLE {DEFAULT_TABLE} ADD COLUMN header_names text[]" in out
-    assert out.count("CREATE TABLE") == 1
-    assert leader_table in out and leader_row in out
+    assert out.count("CREATE TABLE") == 2
+    assert leader_table in out and leader_row in out and audit_table in out
 
-    # Only the leader table, for tables at the header arrays' revision.
+    # Only the leader table and the audit table, for tables at the header arrays' revision.
     code, out, _ = _run("db", "sql", "--revision", f"{HEADERS}:{HEAD}")
     assert code == 0
-    assert out.count("CREATE TABLE") == 1
-    assert leader_table in out and leader_row in out
-    assert "ALTER TABLE" not in out
+    assert out.count("CREATE TABLE") == 2
+    assert leader_table in out and leader_row in out and audit_table in out
+    assert out.count("ALTER TABLE") == 1 and failure_times in out
     assert f"SET version_num='{HEAD}'" in out
+
+    # Only the audit table and the failure times, for tables at the leader table's revision.
+    code, out, _ = _run("db", "sql", "--revision", f"{LEADER}:{HEAD}")
+    assert code == 0
+    assert out.count("CREATE TABLE") == 1 and audit_table in out
+    assert out.count("ALTER TABLE") == 1 and failure_times in out
+    assert leader_table not in out
 
 
 def test_sql_output_installs_the_same_table(empty_db_url: str) -> None:
@@ -419,6 +463,7 @@ def test_versions_dir() -> None:
     assert (path / "outbox_0003_autovacuum.py").is_file()
     assert (path / "outbox_0004_header_list.py").is_file()
     assert (path / "outbox_0005_leader_epoch.py").is_file()
+    assert (path / "outbox_0006_audit.py").is_file()
     assert (path.parent / "env.py").is_file()
 
 
@@ -430,3 +475,4 @@ def test_console_script(empty_db_url: str) -> None:
     assert scalars(empty_db_url, f"SELECT count(*) FROM {DEFAULT_TABLE}") == [0]
     assert scalars(empty_db_url, f"SELECT count(*) FROM {DEFAULT_INBOX_TABLE}") == [0]
     assert scalars(empty_db_url, f"SELECT count(epoch) FROM {LEADER_TABLE}") == [1]
+    assert scalars(empty_db_url, f"SELECT count(*) FROM {AUDIT_TABLE}") == [0]

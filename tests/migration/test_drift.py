@@ -1,5 +1,6 @@
-"""The tables the shipped revisions build (the outbox table, the inbox and the leader table of
-revision ``outbox_0005``) are the tables ``outbox.schema.define_tables`` declares.
+"""The tables the shipped revisions build (the outbox table, the inbox, the leader table of
+revision ``outbox_0005`` and the audit table of ``outbox_0006``) are the tables
+``outbox.schema.define_tables`` declares.
 
 Two checks, because Alembic's autogenerate compares columns, types, defaults, nullability,
 indexes by name and columns, unique constraints, but neither check constraints nor the
@@ -22,6 +23,7 @@ from collections.abc import Callable
 
 import pytest
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
 
 from outbox import migrate
 from outbox import schema as outbox_schema
@@ -63,6 +65,7 @@ def test_migrations_match_declared_tables(
             snap = catalog(conn, table, schema)
             inbox = catalog(conn, inbox_table, schema)
             leader = catalog(conn, f"{table}_leader", schema)
+            audit = catalog(conn, f"{table}_audit", schema)
             rows = leader_rows(conn, declared.leader)
     finally:
         eng.dispose()
@@ -91,9 +94,12 @@ def test_migrations_match_declared_tables(
         "sent_at",
         "header_names",
         "header_values",
+        "first_failed_at",
+        "last_failed_at",
     ]
     types = {c[1]: c[2] for c in snap["columns"]}
     assert (types["header_names"], types["header_values"]) == ("text[]", "bytea[]")
+    assert types["first_failed_at"] == types["last_failed_at"] == "timestamp with time zone"
     assert [row[0] for row in snap["identity"]] == ["id"]
     # The autovacuum settings are part of what was compared.
     assert snap["table"] == [
@@ -151,6 +157,24 @@ def test_migrations_match_declared_tables(
     assert leader["identity"] == []
     assert leader["table"] == [("r", "p", "")]
     assert rows == SEEDED
+
+    # The audit table (revision outbox_0006): an identity key, no storage parameters.
+    assert declared.audit.name == f"{table}_audit"
+    assert declared.audit.schema == schema
+    audit_constraints = {name: definition for name, _, definition, *_ in audit["constraints"]}
+    assert audit_constraints == {f"pk_{table}_audit": "PRIMARY KEY (id)"}
+    assert [c[1:5] for c in audit["columns"]] == [
+        ("id", "bigint", True, ""),
+        ("at", "timestamp with time zone", True, "now()"),
+        ("action", "text", True, ""),
+        ("message_ids", "bigint[]", True, "'{}'::bigint[]"),
+        ("db_user", "text", True, "CURRENT_USER"),
+        ("os_user", "text", False, ""),
+        ("host", "text", False, ""),
+        ("detail", "text", False, ""),
+    ]
+    assert [row[0] for row in audit["identity"]] == ["id"]
+    assert audit["table"] == [("r", "p", "")]
 
 
 def test_inbox_is_compared_under_its_configured_name(empty_db_url: str) -> None:
@@ -265,6 +289,22 @@ def _leader_column_type(t: sa.Table) -> None:
     t.c.epoch.type = sa.Numeric()
 
 
+def _audit_server_default(t: sa.Table) -> None:
+    t.c.db_user.server_default = sa.DefaultClause(sa.text("SESSION_USER"))
+
+
+def _audit_column_type(t: sa.Table) -> None:
+    t.c.message_ids.type = postgresql.ARRAY(sa.Integer)
+
+
+def _audit_nullable(t: sa.Table) -> None:
+    t.c.action.nullable = True
+
+
+def _failure_time_type(t: sa.Table) -> None:
+    t.c.first_failed_at.type = sa.DateTime(timezone=False)
+
+
 def _leader_not_seeded(t: sa.Table) -> None:
     sa.event.remove(t, "after_create", outbox_schema._seed_leader)
 
@@ -307,6 +347,11 @@ MUTATIONS: dict[str, tuple[str, Callable[[sa.Table], None], str]] = {
     "leader column type": ("leader", _leader_column_type, "columns"),
     # The seeded row: only the comparison of the rows sees a declaration without it.
     "leader not seeded": ("leader", _leader_not_seeded, "rows"),
+    "failure time type": ("messages", _failure_time_type, "columns"),
+    "audit extra column": ("audit", _extra_column, "columns"),
+    "audit server default": ("audit", _audit_server_default, "columns"),
+    "audit column type": ("audit", _audit_column_type, "columns"),
+    "audit nullable": ("audit", _audit_nullable, "columns"),
 }
 
 

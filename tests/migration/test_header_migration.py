@@ -1,8 +1,9 @@
 """Revision ``outbox_0004``: the ``headers jsonb`` object of existing rows becomes the ordered
 ``header_names`` / ``header_values`` arrays, which the relay then sends; the downgrade turns
 them back into an object where it can (order, repeated names and values that are not UTF-8
-text are lost). The relay of this release needs the leader table of ``outbox_0005`` too: the
-tests that relay upgrade to head, through both revisions."""
+text are lost). The relay of this release needs the leader table of ``outbox_0005`` and the
+failure times of ``outbox_0006`` too: the tests that relay upgrade to head, through all of
+them."""
 
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ from tests.support.migration import engine, qualified
 
 BEFORE = "outbox_0003"
 HEADERS = "outbox_0004"
-HEAD = "outbox_0005"
+LEADER = "outbox_0005"
+HEAD = "outbox_0006"
 
 NAMES = [
     pytest.param("outbox_messages", None, id="default"),
@@ -126,8 +128,8 @@ def test_downgrade_keeps_what_jsonb_can_hold(
     finally:
         eng.dispose()
 
-    # Down to the revision before the arrays: the leader table goes first (outbox_0005), then
-    # the arrays (outbox_0004).
+    # Down to the revision before the arrays: the audit table and the leader table go first
+    # (outbox_0006, outbox_0005), then the arrays (outbox_0004).
     migrate.downgrade(url, table=table, schema=schema, revision=HEADERS)
     assert migrate.current(url, schema=schema) == HEADERS
     assert _rows(url, rel, "header_names")[0].header_names[:2] == ["content-type", "b"]
@@ -184,9 +186,9 @@ def test_the_table_refuses_mismatched_or_null_headers(db_url: str) -> None:
 
 
 def test_a_relay_on_tables_before_the_revision_says_so_at_start(empty_db_url: str) -> None:
-    """This release's relay needs ``outbox_0005`` (the header arrays of ``outbox_0004`` and
-    the leader table), its consumer ``outbox_0004``: their start-up check fails on older
-    tables instead of every claim or dead letter failing later."""
+    """This release's relay needs ``outbox_0006`` (the header arrays of ``outbox_0004``, the
+    leader table, the failure times), its consumer ``outbox_0004``: their start-up check fails
+    on older tables instead of every claim, failure or dead letter failing later."""
     migrate.upgrade(empty_db_url, revision=BEFORE)
     relay = Relay(RelayConfig(db_url=empty_db_url), MemoryTransport)
     with pytest.raises(DatabaseError, match="header_names"):
@@ -201,6 +203,12 @@ def test_a_relay_on_tables_before_the_revision_says_so_at_start(empty_db_url: st
     # consumer, which never leads, needs no more.
     migrate.upgrade(empty_db_url, revision=HEADERS)
     with pytest.raises(MissingTablesError, match="outbox db upgrade"):
+        relay.check()
+    consumer.check()
+
+    # The leader table, but not the failure times the relay records.
+    migrate.upgrade(empty_db_url, revision=LEADER)
+    with pytest.raises(MissingTablesError, match=r"no first_failed_at.*outbox db upgrade"):
         relay.check()
     consumer.check()
 

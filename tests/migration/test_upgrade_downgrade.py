@@ -2,7 +2,8 @@
 default names and with a custom table, inbox table and schema; the revisions one at a time
 (``outbox_0001`` the outbox table, ``outbox_0002`` the inbox, ``outbox_0003`` their autovacuum
 settings, ``outbox_0004`` the ordered header arrays: see also test_header_migration.py,
-``outbox_0005`` the relays' leader epoch table)."""
+``outbox_0005`` the relays' leader epoch table, ``outbox_0006`` the audit table and the failure
+times)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ FIRST = "outbox_0001"
 INBOX = "outbox_0002"
 AUTOVACUUM = "outbox_0003"
 HEADERS = "outbox_0004"
-HEAD = "outbox_0005"
+LEADER = "outbox_0005"
+HEAD = "outbox_0006"
 
 NAMES = [
     pytest.param(DEFAULT_TABLE, None, DEFAULT_INBOX_TABLE, id="default"),
@@ -59,6 +61,16 @@ def _epochs(db_url: str, table: str, schema: str | None) -> list[Any]:
     return scalars(db_url, f"SELECT epoch FROM {qualified(f'{table}_leader', schema)}")
 
 
+def _failure_columns(db_url: str, table: str, schema: str | None) -> list[Any]:
+    """The failure-time columns of revision outbox_0006 that the outbox table has."""
+    return scalars(
+        db_url,
+        "SELECT attname::text FROM pg_attribute WHERE attrelid = "
+        f"to_regclass('{qualified(table, schema)}') AND NOT attisdropped "
+        "AND attname IN ('first_failed_at', 'last_failed_at') ORDER BY attname",
+    )
+
+
 def _insert_inbox(db_url: str, table: str, schema: str | None) -> None:
     eng = engine(db_url)
     try:
@@ -84,6 +96,7 @@ def test_upgrade_downgrade_upgrade(
     outbox_table = f"{where}.{table}"
     inbox_table = f"{where}.{inbox}"
     leader_table = f"{where}.{table}_leader"
+    audit_table = f"{where}.{table}_audit"
     version_table = f"{where}.{migrate.VERSION_TABLE}"
     assert migrate.current(url, schema=schema) is None
     assert tables_in(url) == set()
@@ -92,7 +105,7 @@ def test_upgrade_downgrade_upgrade(
 
     migrate.upgrade(url, **names)
     assert migrate.current(url, schema=schema) == HEAD
-    assert tables_in(url) == {outbox_table, inbox_table, leader_table, version_table}
+    assert tables_in(url) == {outbox_table, inbox_table, leader_table, audit_table, version_table}
     assert scalars(url, f"SELECT version_num FROM {version_table}") == [HEAD]
     oid = _oid(url, table, schema)
     inbox_oid = _oid(url, inbox, schema)
@@ -122,7 +135,7 @@ def test_upgrade_downgrade_upgrade(
 
     migrate.upgrade(url, **names)
     assert migrate.current(url, schema=schema) == HEAD
-    assert tables_in(url) == {outbox_table, inbox_table, leader_table, version_table}
+    assert tables_in(url) == {outbox_table, inbox_table, leader_table, audit_table, version_table}
     assert scalars(url, f"SELECT count(*) FROM {outbox_table}") == [0]
     assert scalars(url, f"SELECT count(*) FROM {inbox_table}") == [0]
     # A new leader table, with a new random epoch.
@@ -135,15 +148,17 @@ def test_one_revision_at_a_time(
     empty_db_url: str, table: str, schema: str | None, inbox: str
 ) -> None:
     """An outbox installed before the inbox existed (``outbox_0001``) gets the inbox from the
-    second revision, keeping its messages; ``-1`` from head only removes the leader table,
-    ``-1`` again only turns the header arrays back into jsonb, ``-1`` again only resets the
-    autovacuum settings, ``-1`` again removes only the inbox."""
+    second revision, keeping its messages; ``-1`` from head only removes the audit table and
+    the failure times, ``-1`` again only the leader table, ``-1`` again only turns the header
+    arrays back into jsonb, ``-1`` again only resets the autovacuum settings, ``-1`` again
+    removes only the inbox."""
     url = empty_db_url
     names: dict[str, Any] = {"table": table, "schema": schema, "inbox_table": inbox}
     where = schema or "public"
     outbox_table = f"{where}.{table}"
     inbox_table = f"{where}.{inbox}"
     leader_table = f"{where}.{table}_leader"
+    audit_table = f"{where}.{table}_audit"
     version_table = f"{where}.{migrate.VERSION_TABLE}"
 
     migrate.upgrade(url, **names, revision=FIRST)
@@ -154,11 +169,18 @@ def test_one_revision_at_a_time(
 
     migrate.upgrade(url, **names)
     assert migrate.current(url, schema=schema) == HEAD
-    assert tables_in(url) == {outbox_table, inbox_table, leader_table, version_table}
+    assert tables_in(url) == {outbox_table, inbox_table, leader_table, audit_table, version_table}
     assert _oid(url, table, schema) == oid
     assert scalars(url, f"SELECT count(*) FROM {outbox_table}") == [1]
     assert len(_epochs(url, table, schema)) == 1
     _insert_inbox(url, inbox, schema)
+
+    migrate.downgrade(url, **names, revision="-1")
+    assert migrate.current(url, schema=schema) == LEADER
+    assert tables_in(url) == {outbox_table, inbox_table, leader_table, version_table}
+    assert _oid(url, table, schema) == oid
+    assert scalars(url, f"SELECT count(*) FROM {outbox_table}") == [1]
+    assert _failure_columns(url, table, schema) == []
 
     migrate.downgrade(url, **names, revision="-1")
     assert migrate.current(url, schema=schema) == HEADERS
@@ -193,8 +215,12 @@ def test_one_revision_at_a_time(
     assert migrate.current(url, schema=schema) == HEADERS
     assert tables_in(url) == {outbox_table, inbox_table, version_table}
     migrate.upgrade(url, **names, revision="+1")
-    assert migrate.current(url, schema=schema) == HEAD
+    assert migrate.current(url, schema=schema) == LEADER
     assert tables_in(url) == {outbox_table, inbox_table, leader_table, version_table}
+    migrate.upgrade(url, **names, revision="+1")
+    assert migrate.current(url, schema=schema) == HEAD
+    assert tables_in(url) == {outbox_table, inbox_table, leader_table, audit_table, version_table}
+    assert _failure_columns(url, table, schema) == ["first_failed_at", "last_failed_at"]
     assert scalars(url, f"SELECT count(*) FROM {inbox_table}") == [0]
     assert len(_epochs(url, table, schema)) == 1
     migrate.upgrade(url, **names)
@@ -245,10 +271,12 @@ def test_custom_schema_is_separate_from_default(empty_db_url: str) -> None:
         "messaging.events_out",
         f"messaging.{DEFAULT_INBOX_TABLE}",
         "messaging.events_out_leader",
+        "messaging.events_out_audit",
         f"messaging.{migrate.VERSION_TABLE}",
         f"public.{DEFAULT_TABLE}",
         f"public.{DEFAULT_INBOX_TABLE}",
         f"public.{DEFAULT_TABLE}_leader",
+        f"public.{DEFAULT_TABLE}_audit",
         f"public.{migrate.VERSION_TABLE}",
     }
 
@@ -260,6 +288,7 @@ def test_custom_schema_is_separate_from_default(empty_db_url: str) -> None:
         f"public.{DEFAULT_TABLE}",
         f"public.{DEFAULT_INBOX_TABLE}",
         f"public.{DEFAULT_TABLE}_leader",
+        f"public.{DEFAULT_TABLE}_audit",
         f"public.{migrate.VERSION_TABLE}",
     }
 
@@ -271,6 +300,7 @@ def test_custom_table_in_default_schema(empty_db_url: str) -> None:
         "public.events_out",
         f"public.{DEFAULT_INBOX_TABLE}",
         "public.events_out_leader",
+        "public.events_out_audit",
         f"public.{migrate.VERSION_TABLE}",
     }
 
@@ -286,6 +316,7 @@ def test_second_table_in_same_schema_is_refused(empty_db_url: str) -> None:
         f"public.{DEFAULT_TABLE}",
         f"public.{DEFAULT_INBOX_TABLE}",
         f"public.{DEFAULT_TABLE}_leader",
+        f"public.{DEFAULT_TABLE}_audit",
         f"public.{migrate.VERSION_TABLE}",
     }
     assert migrate.current(url) == HEAD
@@ -303,6 +334,7 @@ def test_inbox_under_another_name_is_refused(empty_db_url: str) -> None:
         f"public.{DEFAULT_TABLE}",
         f"public.{DEFAULT_INBOX_TABLE}",
         f"public.{DEFAULT_TABLE}_leader",
+        f"public.{DEFAULT_TABLE}_audit",
         f"public.{migrate.VERSION_TABLE}",
     }
     # At outbox_0001 there is no inbox yet: any name is fine, and the next step creates it.
@@ -313,6 +345,7 @@ def test_inbox_under_another_name_is_refused(empty_db_url: str) -> None:
         f"public.{DEFAULT_TABLE}",
         "public.dedup",
         f"public.{DEFAULT_TABLE}_leader",
+        f"public.{DEFAULT_TABLE}_audit",
         f"public.{migrate.VERSION_TABLE}",
     }
 
@@ -327,6 +360,8 @@ def test_upgrade_step_by_step(empty_db_url: str) -> None:
     assert migrate.current(empty_db_url) == AUTOVACUUM
     migrate.upgrade(empty_db_url, revision=HEADERS)
     assert migrate.current(empty_db_url) == HEADERS
+    migrate.upgrade(empty_db_url, revision=LEADER)
+    assert migrate.current(empty_db_url) == LEADER
     migrate.upgrade(empty_db_url, revision=HEAD)
     assert migrate.current(empty_db_url) == HEAD
     migrate.upgrade(empty_db_url, revision="outbox@head")

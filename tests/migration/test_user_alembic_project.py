@@ -2,7 +2,8 @@
 the project's versions folder and :func:`outbox.migrate.versions_dir`; the outbox branch is
 recorded in the project's own ``alembic_version`` table (all its revisions, ``outbox_0001`` the
 outbox table, ``outbox_0002`` the inbox, ``outbox_0003`` their autovacuum settings,
-``outbox_0004`` the ordered header arrays, ``outbox_0005`` the relays' leader epoch table, are
+``outbox_0004`` the ordered header arrays, ``outbox_0005`` the relays' leader epoch table,
+``outbox_0006`` the audit table and the failure times, are
 on it);
 ``outbox_table`` / ``outbox_schema`` / ``outbox_inbox_table`` in the ``[alembic]`` section choose
 the names.
@@ -44,12 +45,16 @@ FIRST = "outbox_0001"
 INBOX = "outbox_0002"
 AUTOVACUUM = "outbox_0003"
 HEADERS = "outbox_0004"
-HEAD = "outbox_0005"
+LEADER = "outbox_0005"
+HEAD = "outbox_0006"
 OUTBOX = {
     f"public.{DEFAULT_TABLE}",
     f"public.{DEFAULT_INBOX_TABLE}",
     f"public.{DEFAULT_TABLE}_leader",
+    f"public.{DEFAULT_TABLE}_audit",
 }
+#: The outbox's tables before revision outbox_0006.
+OUTBOX_WITHOUT_AUDIT = OUTBOX - {f"public.{DEFAULT_TABLE}_audit"}
 #: The outbox's tables before revision outbox_0005.
 OUTBOX_WITHOUT_LEADER = {f"public.{DEFAULT_TABLE}", f"public.{DEFAULT_INBOX_TABLE}"}
 
@@ -87,9 +92,12 @@ def test_outbox_branch_in_user_project(tmp_path: Path, empty_db_url: str) -> Non
     # no difference between them and what the revisions built.
     command.check(cfg)
 
-    # One step down the outbox branch removes the leader table, the next turns the header
-    # arrays back into jsonb, the next resets the autovacuum settings; the next removes only
-    # the inbox.
+    # One step down the outbox branch removes the audit table and the failure times, the next
+    # the leader table, the next turns the header arrays back into jsonb, the next resets the
+    # autovacuum settings; the next removes only the inbox.
+    command.downgrade(cfg, "outbox@-1")
+    assert tables_in(url) == {*OUTBOX_WITHOUT_AUDIT, "public.alembic_version", "public.users"}
+    assert _versions(url) == {LEADER, "app_0001"}
     command.downgrade(cfg, "outbox@-1")
     assert tables_in(url) == {*OUTBOX_WITHOUT_LEADER, "public.alembic_version", "public.users"}
     assert _versions(url) == {HEADERS, "app_0001"}
@@ -118,7 +126,8 @@ def test_outbox_branch_in_user_project(tmp_path: Path, empty_db_url: str) -> Non
     assert "app_0001 (app) (head)" in proc.stdout
     proc = _alembic(ini, "history")
     assert proc.returncode == 0, proc.stderr
-    assert f"{HEADERS} -> {HEAD} (outbox) (head)" in proc.stdout
+    assert f"{LEADER} -> {HEAD} (outbox) (head)" in proc.stdout
+    assert f"{HEADERS} -> {LEADER} (outbox)," in proc.stdout
     assert f"{AUTOVACUUM} -> {HEADERS} (outbox)," in proc.stdout
     assert f"{INBOX} -> {AUTOVACUUM} (outbox)," in proc.stdout
     assert f"{FIRST} -> {INBOX} (outbox)," in proc.stdout
@@ -167,13 +176,14 @@ def test_names_from_alembic_ini(tmp_path: Path, empty_db_url: str) -> None:
         "messaging.events_out",
         "messaging.events_in",
         "messaging.events_out_leader",
+        "messaging.events_out_audit",
         "public.alembic_version",
         "public.users",
     }
     assert _versions(url) == {HEAD, "app_0001"}
     command.check(Config(str(ini)))
 
-    command.downgrade(Config(str(ini)), "outbox@-1")
+    command.downgrade(Config(str(ini)), "outbox@-2")
     assert tables_in(url) == {
         "messaging.events_out",
         "messaging.events_in",

@@ -26,16 +26,22 @@ from tests.support.migration import app_project, scalars, tables_in, user_projec
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
-HEAD = "outbox_0005"
+HEAD = "outbox_0006"
 REVISIONS = (
     "outbox_0001_messages.py",
     "outbox_0002_inbox.py",
     "outbox_0003_autovacuum.py",
     "outbox_0004_header_list.py",
     "outbox_0005_leader_epoch.py",
+    "outbox_0006_audit.py",
 )
 CUSTOM = ("--table", "events_out", "--schema", "msg", "--inbox-table", "events_in")
-OUTBOX_TABLES = {"public.outbox_messages", "public.outbox_inbox", "public.outbox_messages_leader"}
+OUTBOX_TABLES = {
+    "public.outbox_messages",
+    "public.outbox_inbox",
+    "public.outbox_messages_leader",
+    "public.outbox_messages_audit",
+}
 
 
 def _artifacts() -> set[Path]:
@@ -158,6 +164,7 @@ def test_wheel_installs_tables(wheel_venv: WheelVenv, empty_db_url: str, tmp_pat
         "public.outbox_messages",
         "public.outbox_inbox",
         "public.outbox_messages_leader",
+        "public.outbox_messages_audit",
         "public.outbox_alembic_version",
     }
     assert scalars(empty_db_url, "SELECT count(epoch) FROM outbox_messages_leader") == [1]
@@ -171,11 +178,13 @@ def test_wheel_installs_tables(wheel_venv: WheelVenv, empty_db_url: str, tmp_pat
         "msg.events_out",
         "msg.events_in",
         "msg.events_out_leader",
+        "msg.events_out_audit",
         "msg.outbox_alembic_version",
     } <= tables_in(empty_db_url)
 
     proc = _run([wheel_venv.outbox, "status", "--db-url", empty_db_url], tmp_path)
-    assert (proc.returncode, proc.stdout) == (0, "")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("outbox_messages is empty")
 
     proc = _run([wheel_venv.outbox, "db", "sql"], tmp_path)
     assert proc.returncode == 0, proc.stderr

@@ -150,14 +150,15 @@ SEEDED = [(True, True)]
 
 def drift(conn: sa.Connection, tables: OutboxTables) -> list[str]:
     """Differences between the tables in the database (as the migrations built them) and
-    ``tables`` (the outbox table, the inbox and the leader table): what Alembic's autogenerate
+    ``tables`` (the outbox table, the inbox, the leader table and the audit table): what
+    Alembic's autogenerate
     sees, plus a comparison of each table's catalog with the one that ``metadata.create_all``
     produces (which also covers index predicates and check constraints, which autogenerate
     does not compare), plus the leader table's seeded row (exactly one, with an epoch, on
     both sides). Leaves the database as it was."""
     problems = [f"autogenerate: {d}" for d in autogenerate_diff(conn, tables)]
     compared = []
-    for t in (tables.messages, tables.inbox, tables.leader):
+    for t in (tables.messages, tables.inbox, tables.leader, tables.audit):
         rel = qualified(t.name, t.schema)
         if conn.execute(sa.text("SELECT to_regclass(:rel)"), {"rel": rel}).scalar() is None:
             problems.append(f"missing table {rel}")

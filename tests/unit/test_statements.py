@@ -21,7 +21,20 @@ BUILDERS: dict[str, Callable[[OutboxTables], sa.TextClause]] = {
     "replay_dead": st.replay_dead,
     "count_by_status": st.count_by_status,
     "probe_tables": st.probe_tables,
+    "probe_failure_times": st.probe_failure_times,
     "listen": st.listen,
+    "wake_relay": st.wake_relay,
+    "discard_dead": st.discard_dead,
+    "held_behind": st.held_behind,
+    "list_dead": st.list_dead,
+    "show_message": st.show_message,
+    "insert_audit": st.insert_audit,
+    "status_unsent": st.status_unsent,
+    "status_sizes": st.status_sizes,
+    "status_sent": st.status_sent,
+    "oldest_sent": st.oldest_sent,
+    "purge_sent": st.purge_sent,
+    "existing_message_ids": st.existing_message_ids,
 }
 
 PARAMS = {
@@ -40,10 +53,23 @@ PARAMS = {
     "delete_sent": {"ids"},
     "mark_sent": {"ids"},
     "record_failures": {"ids", "errors", "delays", "max_attempts"},
-    "replay_dead": {"ids"},
+    "replay_dead": {"ids", "topic"},
     "count_by_status": set(),
     "probe_tables": set(),
+    "probe_failure_times": set(),
     "listen": set(),
+    "wake_relay": set(),
+    "discard_dead": {"ids"},
+    "held_behind": {"ids"},
+    "list_dead": {"topic", "key", "since", "limit"},
+    "show_message": {"id", "preview"},
+    "insert_audit": {"action", "ids", "os_user", "host", "detail"},
+    "status_unsent": set(),
+    "status_sizes": set(),
+    "status_sent": set(),
+    "oldest_sent": set(),
+    "purge_sent": {"after", "limit", "age"},
+    "existing_message_ids": {"message_ids"},
 }
 
 
@@ -67,9 +93,12 @@ def test_statements_compile_for_the_driver(
     sql = st.to_driver_sql(BUILDERS[name](tables))
     assert bound_names(sql) == PARAMS[name]
     assert ":" + "ids" not in sql  # no SQLAlchemy-style parameter left behind
-    if name == "listen":
+    if name in ("listen", "wake_relay"):
         channel = tables.channel
         assert channel in sql
+    elif name == "insert_audit":
+        # "user" is reserved, "user_audit" is not.
+        assert qualified.replace('"user"', "user") + "_audit" in sql
     else:
         assert qualified in sql
 
