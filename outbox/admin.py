@@ -144,33 +144,22 @@ def status(connection: sa.Connection, tables: OutboxTables) -> Status:
     key). Reading the inbox's size needs no privilege on it when it is estimated.
     """
     with translate_db_errors("status"):
-        unsent = connection.execute(statements.status_unsent(tables)).all()
+        rows: list[Any] = list(connection.execute(statements.status_unsent(tables)))
         sizes = connection.execute(statements.status_sizes(tables)).one()
-        totals: dict[str, list[Any]] = {s: [0, None] for s in STATUSES}
+        exact = sizes.messages_bytes is not None and sizes.messages_bytes <= EXACT_BYTES
+        if exact:
+            sent = connection.execute(statements.status_sent(tables)).all()
+            rows += [(r.topic, SENT, r.n, r.oldest) for r in sent]
         topics: dict[str, dict[str, Count]] = {}
-        for row in unsent:
-            age = None if row.oldest is None else float(row.oldest)
-            topics.setdefault(row.topic, {})[row.status] = Count(row.n, age)
-            total = totals[row.status]
-            total[0] += row.n
-            total[1] = age if total[1] is None or (age or 0) > total[1] else total[1]
+        totals: dict[str, tuple[int, float | None]] = {s: (0, None) for s in STATUSES}
+        for topic, state, n, oldest in rows:
+            age = None if oldest is None else float(oldest)
+            topics.setdefault(topic, {})[state] = Count(n, age)
+            count, old = totals[state]
+            totals[state] = (count + n, age if old is None or (age or 0) > old else old)
         statuses = {s: Count(n, age) for s, (n, age) in totals.items()}
-        if sizes.messages_bytes is not None and sizes.messages_bytes <= EXACT_BYTES:
-            for row in connection.execute(statements.status_sent(tables)):
-                age = None if row.oldest is None else float(row.oldest)
-                topics.setdefault(row.topic, {})[SENT] = Count(row.n, age)
-                total = totals[SENT]
-                total[0] += row.n
-                total[1] = age if total[1] is None or (age or 0) > total[1] else total[1]
-            statuses[SENT] = Count(totals[SENT][0], totals[SENT][1])
-        elif sizes.messages_estimate is None:
-            statuses[SENT] = Count(None, None, estimated=True)
-        else:
-            others = sum(c.count or 0 for s, c in statuses.items() if s != SENT)
-            sent = max(0, round(sizes.messages_estimate) - others)
-            oldest = connection.execute(statements.oldest_sent(tables)).scalar() if sent else None
-            statuses[SENT] = Count(sent, None if oldest is None else float(oldest), True)
-        inbox: Count
+        if not exact:
+            statuses[SENT] = _estimate_sent(connection, tables, sizes.messages_estimate, statuses)
         if sizes.inbox_bytes is None:
             inbox = Count(None)
         elif sizes.inbox_readable and sizes.inbox_bytes <= EXACT_BYTES:
@@ -186,6 +175,22 @@ def status(connection: sa.Connection, tables: OutboxTables) -> Status:
         inbox_table=_qualified(tables.inbox),
         inbox=inbox,
     )
+
+
+def _estimate_sent(
+    connection: sa.Connection,
+    tables: OutboxTables,
+    estimate: float | None,
+    statuses: dict[str, Count],
+) -> Count:
+    """The sent rows of a large table: the planner's estimate of its rows less the others
+    (counted), and the age of the oldest sent row, found along the primary key."""
+    if estimate is None:
+        return Count(None, estimated=True)
+    others = sum(c.count or 0 for s, c in statuses.items() if s != SENT)
+    sent = max(0, round(estimate) - others)
+    oldest = connection.execute(statements.oldest_sent(tables)).scalar() if sent else None
+    return Count(sent, None if oldest is None else float(oldest), estimated=True)
 
 
 # -- dead messages ------------------------------------------------------------------------------
