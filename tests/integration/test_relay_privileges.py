@@ -71,3 +71,17 @@ def test_the_leader_table_privileges_are_checked_too(
     with pytest.raises(ConfigurationError, match="lacks UPDATE on outbox_messages_leader") as info:
         relay.check()
     assert f"GRANT SELECT, UPDATE ON outbox_messages_leader TO {limited_role}" in str(info.value)
+
+
+def test_purging_sent_rows_needs_delete(engine: sa.Engine, db_url: str, limited_role: str) -> None:
+    """``--retain-sent --purge-sent-after`` deletes: without DELETE the relay says so at
+    start, as it does for the marks."""
+    with engine.begin() as conn:
+        conn.execute(sa.text(f"REVOKE DELETE ON outbox_messages FROM {limited_role}"))
+        conn.execute(sa.text(f"GRANT UPDATE ON outbox_messages TO {limited_role}"))
+    config = RelayConfig(
+        db_url=as_role(db_url, limited_role), retain_sent=True, purge_sent_after=86400, **FAST
+    )
+    with pytest.raises(ConfigurationError, match="lacks DELETE") as info:
+        Relay(config, MemoryTransport).check()
+    assert "GRANT SELECT, UPDATE, DELETE ON outbox_messages" in str(info.value)
