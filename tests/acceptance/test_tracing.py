@@ -6,7 +6,7 @@ SDK at start-up (examples/trace_to_files: a sitecustomize on PYTHONPATH, the sta
 
 from __future__ import annotations
 
-import importlib
+import importlib.util
 import json
 import socket
 import sys
@@ -22,10 +22,19 @@ from tests.support.cli import ROOT, CliProcess
 from tests.support.waits import wait_until
 
 EXAMPLES = ROOT / "examples"
-# The examples' modules, as the demo imports them.
-sys.path[:0] = [str(EXAMPLES), str(EXAMPLES / "trace_to_files")]
-payments_service = importlib.import_module("payments")
-spanfiles = importlib.import_module("spanfiles")
+
+
+def load(path: Path) -> Any:
+    """An example's module, loaded from its file (sys.path left alone)."""
+    spec = importlib.util.spec_from_file_location(f"example_{path.stem}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+payments_service = load(EXAMPLES / "payments.py")
+spanfiles = load(EXAMPLES / "trace_to_files" / "spanfiles.py")
 
 # The caller's own trace: the service continues it.
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
