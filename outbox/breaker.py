@@ -151,6 +151,10 @@ class Breaker:
         self._window = Window(policy.window, clock)
         self._half_open_at = 0.0
         self._opened_at = 0.0
+        # The budget ran out: it stays spent until the breaker closes, however long it is open
+        # (the window empties while paused, and a fresh budget would let each probe retry in
+        # place and dead-letter a few messages per open period).
+        self._budget_spent = False
 
     def attempt(self) -> None:
         """A handler attempt starts."""
@@ -165,6 +169,7 @@ class Breaker:
         self.paused_seconds += paused
         self.state = "closed"
         self.reopenings = 0
+        self._budget_spent = False
         return self._transition("the dependency answered", paused)
 
     def transient_failure(self, reason: str) -> Transition | None:
@@ -189,9 +194,12 @@ class Breaker:
     def retry_allowed(self) -> bool:
         """Whether an unclassified failure may be retried as a per-message attempt (the retry
         is then counted); False when the retry budget is spent."""
+        if self._budget_spent and self.state != "closed":
+            return False
         attempts, retries, _ = self._window.totals()
         policy = self.policy
         if retries >= policy.budget_min_retries and retries + 1 > policy.retry_budget * attempts:
+            self._budget_spent = True
             return False
         self._window.add(RETRY)
         return True

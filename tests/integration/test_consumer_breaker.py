@@ -224,6 +224,39 @@ def test_an_unclassified_outage_is_bounded_by_the_retry_budget(
     assert {d["dlq-reason"] for d in letters} == {b"attempts"}
 
 
+def test_an_unclassified_outage_longer_than_the_window_gets_no_fresh_budget_per_probe(
+    effects: sa.Engine, db_url: str
+) -> None:
+    """Open periods longer than the window: the window is empty at each probe, but the
+    budget stays spent until the breaker closes, so each probe is one request (an attempt of
+    the held message), not a round of in-place retries that dead-letters a few messages."""
+    policy = BreakerPolicy(
+        failures=2,
+        window=1,
+        open_base=1.2,
+        open_max=1.2,
+        retry_budget=0.2,
+        budget_min_retries=4,
+    )
+    up_at = time.monotonic() + 7.0
+    calls = {"failed": 0}
+
+    def handler(session: Session, m: IncomingMessage) -> None:
+        if time.monotonic() < up_at:
+            calls["failed"] += 1
+            raise ConnectionError("provider unreachable")
+        record_effect(session, m)
+
+    stats, _, _ = run(db_url, handler, [message(i) for i in range(30)], policy=policy)
+    assert stats.processed + stats.dead_lettered == 30
+    # Before the budget is spent: one message dead-lettered (5 attempts, 4 retries), the
+    # next one's retries spend it. Then one request per probe (about 6 in 7 s): its attempts
+    # add up to one more dead letter at most. A fresh budget per probe would dead-letter one
+    # or two messages per open period (about 8).
+    assert stats.dead_lettered <= 3, (stats, calls)
+    assert calls["failed"] <= 25, calls
+
+
 def test_a_half_open_probe_that_keeps_failing_unclassified_is_dead_lettered_in_the_end(
     effects: sa.Engine, db_url: str
 ) -> None:

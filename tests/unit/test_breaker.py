@@ -160,6 +160,28 @@ def test_the_retry_budget_is_spent_when_many_messages_fail() -> None:
     assert b.retry_allowed()
 
 
+def test_a_spent_budget_stays_spent_while_the_breaker_is_open_however_long() -> None:
+    clock = Clock()
+    b = breaker(
+        clock, failures=1, retry_budget=0.2, budget_min_retries=2, open_base=100, open_max=100
+    )
+    for _ in range(3):
+        b.attempt()
+        b.retry_allowed()
+    b.attempt()
+    assert not b.retry_allowed()  # spent: the failure is taken as an outage
+    opened = b.transient_failure("retry budget spent: ConnectionError")
+    assert opened is not None
+    clock.now += opened.seconds  # longer than the window: its counts are gone
+    b.half_open()
+    b.attempt()
+    assert b.budget() == (0, 1)
+    assert not b.retry_allowed()  # the probe gets no fresh budget to retry in place
+    b.attempt()
+    b.succeeded()  # closed: the budget is back
+    assert b.retry_allowed()
+
+
 class Recorder(RelayObserver):
     def __init__(self) -> None:
         self.transitions: list[Transition] = []
