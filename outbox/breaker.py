@@ -17,7 +17,8 @@ success closes the breaker; a transient failure reopens it with the next, longer
 attempts in the window. Past it (and past ``budget_min_retries`` retries, so that one poison
 message alone never trips it) an unclassified failure is taken as transient: many different
 messages failing the same way look like an outage, and retrying each of them would storm the
-dependency. An unclassified failure can never be told apart from a poison message for sure,
+dependency. The budget then stays spent until the breaker closes. An unclassified failure
+can never be told apart from a poison message for sure,
 so a message's own attempts still count while the breaker is half-open: see
 ``docs/guarantees.md``.
 """
