@@ -18,9 +18,8 @@ attempts in the window. Past it (and past ``budget_min_retries`` retries, so tha
 message alone never trips it) an unclassified failure is taken as transient: many different
 messages failing the same way look like an outage, and retrying each of them would storm the
 dependency. The budget then stays spent until the breaker closes. An unclassified failure
-can never be told apart from a poison message for sure,
-so a message's own attempts still count while the breaker is half-open: see
-``docs/guarantees.md``.
+can never be told apart from a poison message for sure, so a message's own attempts still
+count while the breaker is half-open: see ``docs/guarantees.md``.
 """
 
 from __future__ import annotations
