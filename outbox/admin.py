@@ -12,13 +12,14 @@ line is written when the statements ran.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import dataclasses
 import datetime
 import getpass
 import json
 import logging
 import socket
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import sqlalchemy as sa
@@ -26,7 +27,13 @@ import sqlalchemy as sa
 from outbox import statements
 from outbox.config import parse_db_url
 from outbox.deadletter import REPLAY_CONSUMER, Replay
-from outbox.exceptions import OutboxError, PayloadError, translate_db_errors
+from outbox.exceptions import (
+    DatabaseError,
+    MissingTablesError,
+    OutboxError,
+    PayloadError,
+    translate_db_errors,
+)
 from outbox.inbox import Inbox
 from outbox.outbox import Outbox
 from outbox.purge import BATCH_SIZE, SentPurge
@@ -292,7 +299,7 @@ def dead_messages(
     parked (failed last) at or after that time."""
     if limit < 1:
         raise PayloadError("limit must be positive")
-    with translate_db_errors("list dead messages"):
+    with _upgraded("list dead messages"):
         rows = connection.execute(
             statements.list_dead(tables),
             {"topic": topic, "key": key, "since": since, "limit": limit},
@@ -302,7 +309,7 @@ def dead_messages(
 
 def message(connection: sa.Connection, tables: OutboxTables, id: int) -> DeadMessage | None:
     """One message (parked or not) with its headers and a preview of its payload."""
-    with translate_db_errors("show message"):
+    with _upgraded("show message"):
         row = connection.execute(
             statements.show_message(tables), {"id": id, "preview": PREVIEW_BYTES}
         ).first()
@@ -353,7 +360,7 @@ def replay_dead(
     (and the caller rolls back). The relay is woken at commit."""
     tables = _tables(table, schema)
     wanted = sorted(set(ids)) if ids is not None else None
-    with translate_db_errors("replay"):
+    with _upgraded("replay"):
         rows = connection.execute(
             statements.replay_dead(tables), {"ids": wanted, "topic": topic}
         ).all()
@@ -626,6 +633,22 @@ def _replay_batch(
 
 
 # -- helpers ------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _upgraded(what: str) -> Iterator[None]:
+    """:func:`translate_db_errors`, and the failure-time columns missing (tables older than
+    revision outbox_0006) said as what to do rather than as a missing column."""
+    try:
+        with translate_db_errors(what):
+            yield
+    except DatabaseError as exc:
+        if "first_failed_at" in str(exc) or "last_failed_at" in str(exc):
+            raise MissingTablesError(
+                "the outbox tables are older than this version (no first_failed_at column): "
+                "run `outbox db upgrade --db-url URL` (or `alembic upgrade outbox@head`) first"
+            ) from exc
+        raise
 
 
 def _qualified(table: sa.Table) -> str:

@@ -564,3 +564,18 @@ def test_purge_sent_after_needs_retain_sent() -> None:
         ],
     )
     assert bad.returncode == 2 and "--purge-sent-after" in error_line(bad.stderr)
+
+
+@pytest.mark.parametrize(
+    "command", [["dead", "list"], ["dead", "show", "1"], ["dead", "replay", "1"]]
+)
+def test_dead_commands_on_tables_older_than_0006_say_to_upgrade(
+    empty_db_url: str, command: list[str]
+) -> None:
+    from outbox import migrate
+
+    migrate.upgrade(empty_db_url, revision="outbox_0005")
+    code, _, stderr = outbox_cmd(*command, "--db-url", empty_db_url)
+    assert code == 2, stderr
+    line = error_line(stderr)
+    assert "older than this version" in line and "outbox db upgrade" in line
