@@ -38,7 +38,7 @@ from sqlalchemy.orm import Session
 from outbox import deadletter, statements, tracing
 from outbox.backoff import Backoff, Retrying
 from outbox.breaker import Breaker, BreakerPolicy, Transition
-from outbox.config import parse_db_url, session_options
+from outbox.config import parse_db_url
 from outbox.exceptions import (
     ConfigurationError,
     DatabaseAccessError,
@@ -279,12 +279,11 @@ class Consumer:
         )
         self._inbox = Inbox(self._outbox, retention=config.retention)
         url = parse_db_url(config.db_url)
-        connect_args: dict[str, Any] = {}
-        if config.handler_timeout is not None:
-            ms = max(1, int(config.handler_timeout * 1000))
-            connect_args["options"] = session_options(
-                url.query.get("options"), f"-c statement_timeout={ms}"
-            )
+        # No prepared statements, and the time limit set per transaction (with the inbox
+        # claim) rather than at connect: so the consumer works through a transaction-mode
+        # pool (PgBouncer before 1.21 loses prepared statements between transactions, and
+        # refuses or drops the options startup parameter).
+        connect_args: dict[str, Any] = {"prepare_threshold": None}
         self._engine = sa.create_engine(url, pool_pre_ping=True, connect_args=connect_args)
         self._watchdog = _Watchdog(self, config.handler_timeout)
 
@@ -563,7 +562,12 @@ class Consumer:
         ):
             # A key the inbox cannot hold (too long, a NUL) is claimed by its digest, as its
             # dead letter would be: a 600-byte message-id is handled, not retried to death.
-            if not self._inbox.claim(conn, self.config.name, deadletter.inbox_key(key) or key):
+            if not self._inbox.claim(
+                conn,
+                self.config.name,
+                deadletter.inbox_key(key) or key,
+                statement_timeout=self.config.handler_timeout,
+            ):
                 return False
             with (
                 _HandlerSession(bind=conn, join_transaction_mode="rollback_only") as session,

@@ -99,11 +99,25 @@ class Inbox:
 
     # -- events ---------------------------------------------------------------------------------
 
-    def claim(self, session: SyncTarget, consumer: str, key: str) -> bool:
-        """True the first time ``consumer`` sees ``key`` (run the handler), False after."""
+    def claim(
+        self,
+        session: SyncTarget,
+        consumer: str,
+        key: str,
+        *,
+        statement_timeout: float | None = None,
+    ) -> bool:
+        """True the first time ``consumer`` sees ``key`` (run the handler), False after.
+
+        ``statement_timeout`` (seconds): also limit every later statement of the transaction
+        (``SET LOCAL``, in the same round trip; it works through a transaction-mode pool)."""
         params = self._claim_params(consumer, key)
+        stmt = statements.inbox_claim(self.tables)
+        if statement_timeout is not None:
+            stmt = statements.inbox_claim_limited(self.tables)
+            params["timeout"] = str(max(1, int(statement_timeout * 1000)))
         with translate_db_errors("inbox claim"):
-            return run_first(session, statements.inbox_claim(self.tables), params) is not None
+            return run_first(session, stmt, params) is not None
 
     async def aclaim(self, session: AsyncTarget, consumer: str, key: str) -> bool:
         """:meth:`claim` for an ``AsyncSession`` or ``AsyncConnection``."""

@@ -545,6 +545,19 @@ def inbox_claim(tables: OutboxTables) -> sa.TextClause:
 
 
 @functools.lru_cache(maxsize=64)
+def inbox_claim_limited(tables: OutboxTables) -> sa.TextClause:
+    """:func:`inbox_claim` that also sets the transaction's ``statement_timeout`` (``:timeout``,
+    milliseconds as text), in the same round trip: a ``SET LOCAL`` survives a transaction-mode
+    pool, where a session setting (or the ``options`` startup parameter) does not."""
+    return sa.text(
+        f"INSERT INTO {_inbox(tables)} (consumer, key, expires_at) "
+        "SELECT :consumer, :key, now() + CAST(:retention AS float8) * interval '1 second' "
+        "FROM (SELECT set_config('statement_timeout', :timeout, true)) AS limited "
+        "ON CONFLICT (consumer, key) DO NOTHING RETURNING true"
+    )
+
+
+@functools.lru_cache(maxsize=64)
 def command_begin(tables: OutboxTables) -> sa.TextClause:
     """Start an idempotent command in one round trip.
 
