@@ -36,7 +36,7 @@ if TYPE_CHECKING:  # the names, for type checkers and IDEs
     )
     from outbox.inbox import Command, Inbox
     from outbox.message import HEADER_CONTENT_TYPE, HEADER_MESSAGE_ID, Message, uuid7
-    from outbox.observe import BatchOutcome, ConsumerObserver, RelayObserver
+    from outbox.observe import BatchOutcome, ConsumerObserver, MessageRef, RelayObserver
     from outbox.outbox import Outbox
     from outbox.relay import Relay, RelayStats
     from outbox.schema import OutboxTables, define_tables
@@ -57,6 +57,7 @@ __all__ = [
     "IdempotencyKeyReused",
     "Inbox",
     "Message",
+    "MessageRef",
     "MissingTablesError",
     "Outbox",
     "OutboxError",
@@ -93,6 +94,7 @@ _MODULES = {
     "IdempotencyKeyReused": "outbox.exceptions",
     "Inbox": "outbox.inbox",
     "Message": "outbox.message",
+    "MessageRef": "outbox.observe",
     "MissingTablesError": "outbox.exceptions",
     "Outbox": "outbox.outbox",
     "OutboxError": "outbox.exceptions",

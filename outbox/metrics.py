@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from outbox.exceptions import ConfigurationError
-from outbox.observe import BatchOutcome, ConsumerObserver, Outcome, RelayObserver
+from outbox.observe import BatchOutcome, ConsumerObserver, MessageRef, Outcome, RelayObserver
 
 try:
     import prometheus_client
@@ -250,7 +250,9 @@ class RelayMetrics(_Base, RelayObserver):
                 ["kind"],
             )
         )
-        self._parked = c("outbox_relay_parked", "Messages parked after max_attempts")
+        self._parked = _Children(
+            c("outbox_relay_parked", "Messages parked after max_attempts", ["topic"])
+        )
         self._retries = c("outbox_relay_retries", "Failed messages scheduled for another attempt")
         self._batches = h("outbox_relay_batch_duration_seconds", "From claim to recorded")
         self._claims = h("outbox_relay_claim_duration_seconds", "Claim statement time")
@@ -311,11 +313,11 @@ class RelayMetrics(_Base, RelayObserver):
             self._sent(topic).inc(n)
         self._latency.observe_ages(created, acked_at)
 
-    def send_failed(self, outbox_id: int, reason: str) -> None:
+    def send_failed(self, message: MessageRef, reason: str) -> None:
         self._failures("message").inc()
 
-    def parked(self, outbox_id: int, attempts: int) -> None:
-        self._parked.inc()
+    def parked(self, message: MessageRef, attempts: int) -> None:
+        self._parked(message.topic).inc()
 
     def broker_unavailable(self, reason: str, retry_in: float, failures: int) -> None:
         self._failures("transport").inc()

@@ -43,6 +43,26 @@ class BatchOutcome:
     seconds: float
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class MessageRef:
+    """Which message a relay hook is about: its row, topic, key and message id."""
+
+    outbox_id: int
+    topic: str
+    key: bytes | None
+    message_id: str
+
+    def fields(self) -> dict[str, Any]:
+        """As log fields (the key as text, shortened; never the payload)."""
+        key = None if self.key is None else self.key.decode("utf-8", "backslashreplace")[:200]
+        return {
+            "outbox_id": self.outbox_id,
+            "topic": self.topic,
+            "key": key,
+            "message_id": self.message_id,
+        }
+
+
 class RelayObserver:
     """Hooks called by :class:`~outbox.Relay`. Every hook is optional."""
 
@@ -74,11 +94,11 @@ class RelayObserver:
         acknowledged. Called only for observers that override it (it costs a pass over the
         batch)."""
 
-    def send_failed(self, outbox_id: int, reason: str) -> None:
-        """The broker refused the message of row ``outbox_id``: an attempt was counted."""
+    def send_failed(self, message: MessageRef, reason: str) -> None:
+        """The broker refused ``message``: an attempt was counted."""
 
-    def parked(self, outbox_id: int, attempts: int) -> None:
-        """Row ``outbox_id`` reached max_attempts: status ``dead``, no more sends."""
+    def parked(self, message: MessageRef, attempts: int) -> None:
+        """``message`` reached max_attempts: status ``dead``, no more sends."""
 
     def broker_unavailable(self, reason: str, retry_in: float, failures: int) -> None:
         """The broker failed (``failures`` times in a row); sending pauses ``retry_in`` s."""
@@ -215,16 +235,16 @@ class LogRelay(RelayObserver):
             fields["ms"] = round(fields.pop("seconds") * 1000, 1)
             _relay_log.debug("batch done", extra={"event": "relay.batch", **fields})
 
-    def send_failed(self, outbox_id: int, reason: str) -> None:
+    def send_failed(self, message: MessageRef, reason: str) -> None:
         _relay_log.warning(
             "send failed",
-            extra={"event": "relay.send_failed", "outbox_id": outbox_id, "error": reason},
+            extra={"event": "relay.send_failed", **message.fields(), "error": reason},
         )
 
-    def parked(self, outbox_id: int, attempts: int) -> None:
+    def parked(self, message: MessageRef, attempts: int) -> None:
         _relay_log.error(
             "message parked",
-            extra={"event": "relay.parked", "outbox_id": outbox_id, "attempts": attempts},
+            extra={"event": "relay.parked", **message.fields(), "attempts": attempts},
         )
 
     def broker_unavailable(self, reason: str, retry_in: float, failures: int) -> None:

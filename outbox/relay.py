@@ -54,7 +54,7 @@ from outbox.exceptions import (
 from outbox.keygate import Key, KeyGate
 from outbox.leader import LeaderSession
 from outbox.message import HEADER_MESSAGE_ID
-from outbox.observe import BatchOutcome, LogRelay, RelayObserver, fanout
+from outbox.observe import BatchOutcome, LogRelay, MessageRef, RelayObserver, fanout
 from outbox.schema import define_tables
 from outbox.transport.base import FailureKind, OutgoingMessage, Transport
 
@@ -180,6 +180,10 @@ class _Batch:
                 # A newer batch is queued; flushing would wait for it too, and leave the
                 # broker idle while the next claim runs. Let librdkafka batch it.
                 self.transport.poll(min(remaining, 0.1))
+
+
+def _ref(row: Row) -> MessageRef:
+    return MessageRef(row.id, row.topic, row.key, row.message_id)
 
 
 class _Report:
@@ -431,10 +435,12 @@ class Relay:
         self.stats.sent += len(batch.acked)
         self.stats.failed_attempts += len(failures)
         self.stats.parked += len(parked)
-        for row_id, reason in failures:
-            self._observe.send_failed(row_id, reason)
-        for row in parked:
-            self._observe.parked(row[0], row[2])
+        if failures:
+            rows = {r.id: r for r in batch.rows}
+            for row_id, reason in failures:
+                self._observe.send_failed(_ref(rows[row_id]), reason)
+            for p in parked:
+                self._observe.parked(_ref(rows[p[0]]), p[2])
         if self._acks_wanted and batch.acked:
             done = batch.rows
             if len(batch.acked) != len(done):

@@ -156,7 +156,7 @@ def test_every_metric_the_rules_and_the_dashboard_use_is_exported(
     relay_text, consumer_text = scrape(relay_url), scrape(consumer_url)
     assert sample(relay_text, "outbox_relay_messages_sent_total", topic=topic) == 20
     assert sample(relay_text, "outbox_relay_send_failures_total", kind="message") == 2
-    assert sample(relay_text, "outbox_relay_parked_total") == 1
+    assert sample(relay_text, "outbox_relay_parked_total", topic=topic) == 1
     assert sample(relay_text, "outbox_relay_leader") == 1
     assert sample(relay_text, "outbox_relay_messages_sent_total", topic=f"{topic}.dlq") == 1
     wait_until(

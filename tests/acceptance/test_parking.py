@@ -60,6 +60,10 @@ def test_too_large_message_is_parked_and_holds_back_only_its_key(
     # The others must have been sent already; give a wrongly released key time to show up.
     got = broker.read_all(topic, expect=len(others), idle=1.0)
     assert relay.count(event("relay.send_failed")) == 3
+    # Which message, on the line itself: topic, key and message id (never the payload).
+    failed = event("relay.send_failed", f"topic={topic}", "key=", f"message_id={big}")
+    assert relay.count(failed) == 3
+    assert relay.count(event("relay.parked", f"topic={topic}", f"message_id={big}")) == 1
 
     state, attempts, error = status(big)
     assert (state, attempts) == ("dead", 3)

@@ -10,7 +10,7 @@ import pytest
 
 from outbox.breaker import Breaker, BreakerPolicy, Transition
 from outbox.metrics import BulkHistogram, ConsumerMetrics, RelayMetrics, TableGauges
-from outbox.observe import BatchOutcome, Outcome
+from outbox.observe import BatchOutcome, MessageRef, Outcome
 from tests.support.incoming import message
 from tests.support.scrape import sample
 
@@ -77,9 +77,9 @@ def test_relay_hooks_become_metrics() -> None:
     m.claim_finished(100, False, 0.002)
     m.messages_acked(["orders"] * 3 + ["payments"], [1000.0, 1000.5, 1001.0, 1001.0], 1001.0)
     m.batch_finished(BatchOutcome(claimed=6, acked=4, failed=2, parked=1, unsent=0, seconds=0.01))
-    m.send_failed(1, "too large")
-    m.send_failed(2, "too large")
-    m.parked(2, 5)
+    m.send_failed(MessageRef(1, "orders", b"k", "m-1"), "too large")
+    m.send_failed(MessageRef(2, "orders", b"k", "m-2"), "too large")
+    m.parked(MessageRef(2, "orders", b"k", "m-2"), 5)
     m.broker_unavailable("down", 1.0, 1)
     m.breaker_changed(Transition("open", "down", 1, 0, 0, 1.0))
     text = m.render()[2].decode()
@@ -88,7 +88,7 @@ def test_relay_hooks_become_metrics() -> None:
     assert sample(text, "outbox_relay_messages_sent_total", topic="payments") == 1
     assert sample(text, "outbox_relay_send_failures_total", kind="message") == 2
     assert sample(text, "outbox_relay_send_failures_total", kind="transport") == 1
-    assert sample(text, "outbox_relay_parked_total") == 1
+    assert sample(text, "outbox_relay_parked_total", topic="orders") == 1
     assert sample(text, "outbox_relay_retries_total") == 1
     assert sample(text, "outbox_relay_commit_to_ack_seconds_count") == 4
     assert sample(text, "outbox_relay_commit_to_ack_seconds_sum") == pytest.approx(1.5)
