@@ -570,8 +570,8 @@ def test_messages_that_expire_during_an_outage_are_dead_lettered_not_run_late(
     message is refused until the breaker opens and holds it. While it is open, 10 messages
     with a deadline 2 s away arrive behind it, then 10 without one. Once every deadline (plus
     the 1 s clock skew) has passed, the dependency comes back: the held message and the 10
-    are dead-lettered as ``expired`` by the probe instead of being run late, and the plain
-    ones behind them take effect, in order."""
+    are dead-lettered as ``expired`` by the probes (during the outage or at its end) instead
+    of being run late, and the plain ones behind them take effect, in order."""
     topic = broker.create_topic(partitions=1)
     messages = bodies(21, 1)
     dependency.set_up(False)
@@ -590,7 +590,9 @@ def test_messages_that_expire_during_an_outage_are_dead_lettered_not_run_late(
     time.sleep(
         max(0.0, (soon - datetime.datetime.now(datetime.timezone.utc)).total_seconds() + 1.5)
     )
-    assert count(effects) == 0 and dead_letters(effects, topic) == []
+    # Nothing ran late; a probe since the deadlines may already have expired some of them
+    # (it dead-letters them without calling the dependency), the rest go at the next one.
+    assert count(effects) == 0
     dependency.set_up(True)
 
     wait_until(lambda: count(effects) >= 10, 30, "the plain messages", processes=[proc])
