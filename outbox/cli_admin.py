@@ -34,6 +34,7 @@ from outbox.cli_options import (
 )
 from outbox.config import parse_db_url
 from outbox.exceptions import ConfigurationError, PayloadError, translate_db_errors
+from outbox.message import parse_time
 from outbox.schema import DEAD, PENDING, RETRY, SENT, define_tables
 from outbox.transport.base import IncomingMessage
 
@@ -86,7 +87,7 @@ class Since(click.ParamType[datetime.datetime]):
         with contextlib.suppress(ValueError):
             return now - datetime.timedelta(seconds=parse_duration(text))
         try:
-            when = datetime.datetime.fromisoformat(text.strip())
+            when = parse_time(text)
         except ValueError:
             self.fail(
                 f"{text!r} is neither a time (2026-12-01T10:00:00Z) nor a duration (2h, 7d)",

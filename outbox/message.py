@@ -222,13 +222,20 @@ def format_deadline(deadline: datetime.datetime) -> bytes:
     return utc.strftime("%Y-%m-%dT%H:%M:%S.").encode() + b"%03dZ" % (utc.microsecond // 1000)
 
 
+def parse_time(text: str) -> datetime.datetime:
+    """An ISO 8601 time, ``Z`` for UTC included on every supported Python (``fromisoformat``
+    takes it only from 3.11); naive if it has no zone. ``ValueError`` if it is not one."""
+    text = text.strip()
+    if text.endswith(("Z", "z")):
+        text = text[:-1] + "+00:00"
+    return datetime.datetime.fromisoformat(text)
+
+
 def parse_deadline(value: bytes) -> float:
     """The header's deadline as a POSIX timestamp; ``ValueError`` if it is not RFC 3339 with a
     time zone."""
     text = value.decode("ascii")
-    if text.endswith(("Z", "z")):
-        text = text[:-1] + "+00:00"  # fromisoformat takes "Z" only from Python 3.11
-    parsed = datetime.datetime.fromisoformat(text)
+    parsed = parse_time(text)
     if parsed.tzinfo is None or "T" not in text.upper():
         raise ValueError(f"not an RFC 3339 time with a zone: {value!r}")
     return parsed.timestamp()
