@@ -345,8 +345,33 @@ def purge(db_url: str, table: str, schema: str | None, inbox_table: str, batch_s
     click.option(
         "--handler",
         envvar="OUTBOX_HANDLER",
-        required=True,
+        default=None,
         help="package.module:function called as handler(session, message) [OUTBOX_HANDLER]",
+    ),
+    click.option(
+        "--batch-handler",
+        envvar="OUTBOX_BATCH_HANDLER",
+        default=None,
+        help="package.module:function called as function(session, messages) once per batch, "
+        "with the messages not seen before; instead of --handler [OUTBOX_BATCH_HANDLER]",
+    ),
+    click.option(
+        "--batch-size",
+        type=click.IntRange(1, 100_000),
+        default=_CONSUMER.batch_size,
+        show_default=True,
+        envvar="OUTBOX_CONSUMER_BATCH_SIZE",
+        help="Messages handled in one database transaction (1: one transaction per message) "
+        "[OUTBOX_CONSUMER_BATCH_SIZE]",
+    ),
+    click.option(
+        "--batch-max-wait",
+        type=click.FloatRange(0, 60),
+        default=_CONSUMER.batch_max_wait,
+        show_default=True,
+        envvar="OUTBOX_CONSUMER_BATCH_MAX_WAIT",
+        help="Seconds a batch may wait to fill once it has a message "
+        "[OUTBOX_CONSUMER_BATCH_MAX_WAIT]",
     ),
     click.option(
         "--app-dir",
@@ -442,7 +467,10 @@ def consume(
     kafka_settings: tuple[str, ...],
     group: str,
     topics: tuple[str, ...],
-    handler: str,
+    handler: str | None,
+    batch_handler: str | None,
+    batch_size: int,
+    batch_max_wait: float,
     app_dir: str | None,
     key_extractor: str | None,
     consumer_name: str | None,
@@ -486,7 +514,12 @@ def consume(
             # Consumer lag comes from librdkafka's statistics.
             overrides.setdefault("statistics.interval.ms", "5000")
         server = serve_metrics(metrics_host, metrics_port, routes)
-        fn = load_handler(handler, app_dir)
+        if (handler is None) == (batch_handler is None):
+            raise ConfigurationError("pass exactly one of --handler and --batch-handler")
+        fn = load_handler(handler, app_dir) if handler else None
+        batch_fn: Any = (
+            load_handler(batch_handler, app_dir, "--batch-handler") if batch_handler else None
+        )
         expired_fn = load_handler(on_expired, app_dir, "--on-expired") if on_expired else None
         transient_types = [load_exception(t, app_dir) for item in transient for t in item.split()]
         key: Any = load_handler(key_extractor, app_dir) if key_extractor else message_id_key
@@ -528,11 +561,14 @@ def consume(
                 retry_budget=retry_budget,
             ),
             clock_skew=clock_skew,
+            batch_size=batch_size,
+            batch_max_wait=batch_max_wait,
         )
         consumer = Consumer(
             config,
             fn,
             source,
+            batch_handler=batch_fn,
             key=key,
             transient=transient_types,
             on_expired=expired_fn,

@@ -63,6 +63,7 @@ from outbox.transport.base import IncomingMessage, Source
 logger = logging.getLogger(__name__)
 
 Handler = Callable[[Session, IncomingMessage], Any]
+BatchHandler = Callable[[Session, list[IncomingMessage]], Any]
 
 #: Exit status of ``outbox consume`` after a handler hung past its time limit (its message
 #: was dead-lettered first): restart the process.
@@ -189,6 +190,12 @@ class ConsumerConfig:
     #: A message counts as expired only this many seconds past its deadline: the tolerance
     #: for the publisher's clock running ahead of the consumer's.
     clock_skew: float = 1.0
+    #: Messages handled in one database transaction (one inbox claim statement, one commit);
+    #: 1: one transaction per message. See "Batches" in :class:`Consumer`.
+    batch_size: int = 1
+    #: Seconds a batch may wait for more messages once it has one (what is fetched already
+    #: comes at once): adds up to this much to a message's latency when traffic is light.
+    batch_max_wait: float = 0.01
 
     def __post_init__(self) -> None:
         parse_db_url(self.db_url)
@@ -209,6 +216,10 @@ class ConsumerConfig:
             raise ConfigurationError("handler_timeout must be positive (or None: no limit)")
         if not 0 <= self.clock_skew < 86400:
             raise ConfigurationError("clock_skew must be at least 0 seconds (and under a day)")
+        if not 1 <= self.batch_size <= 100_000:
+            raise ConfigurationError("batch_size must be between 1 and 100000")
+        if not 0 <= self.batch_max_wait <= 60:
+            raise ConfigurationError("batch_max_wait must be between 0 and 60 seconds")
 
     @property
     def retry_backoff(self) -> Backoff:
@@ -248,7 +259,7 @@ class Consumer:
     def __init__(
         self,
         config: ConsumerConfig,
-        handler: Handler,
+        handler: Handler | None,
         source_factory: Callable[[], Source],
         *,
         key: KeyExtractor = message_id_key,
@@ -256,12 +267,23 @@ class Consumer:
         observers: Sequence[ConsumerObserver] = (),
         transient: Sequence[type[BaseException]] = (),
         on_expired: Handler | None = None,
+        batch_handler: BatchHandler | None = None,
     ) -> None:
         for kind in transient:
             if not (isinstance(kind, type) and issubclass(kind, BaseException)):
                 raise ConfigurationError(f"transient={kind!r}: expected exception types")
+        if (handler is None) == (batch_handler is None):
+            raise ConfigurationError("pass exactly one of handler and batch_handler")
         self.config = config
-        self.handler = handler
+        self.batch_handler = batch_handler
+        if batch_handler is not None:
+            # A message on its own (the per-message path: retries, dead letters) is a batch of one.
+            def handler(session: Session, message: IncomingMessage) -> Any:
+                return batch_handler(session, [message])
+
+        assert handler is not None
+        self.handler: Handler = handler
+        self._batching = batch_handler is not None or config.batch_size > 1
         self.on_expired = on_expired
         self.stats = ConsumerStats()
         self._transient: tuple[type[BaseException], ...] = (DownstreamUnavailable, *transient)
@@ -351,7 +373,14 @@ class Consumer:
                     self._wait_open(source)
                     last = time.monotonic()  # waiting for the dependency is not idle
                     continue
-                message = source.poll(0.5)
+                if self._batching:
+                    size = self.config.batch_size
+                    if max_messages is not None:
+                        size = min(size, max_messages - handled)
+                    batch = source.poll_batch(size, 0.5, self.config.batch_max_wait)
+                    message = batch[0] if batch else None
+                else:
+                    message = source.poll(0.5)
                 if not joined and source.joined:
                     joined = True
                     self._observe.joined()
@@ -365,6 +394,9 @@ class Consumer:
                         break
                     continue
                 last = time.monotonic()
+                if self._batching:
+                    handled += self._consume_batch(batch, last)
+                    continue
                 outcome = self._handle(message)
                 if outcome is None:
                     # Stopping in the middle of retries (not processed: redelivered), or the
@@ -414,9 +446,12 @@ class Consumer:
 
     # -- one message ----------------------------------------------------------------------------
 
-    def _handle(self, message: IncomingMessage) -> Outcome | None:
+    def _handle(
+        self, message: IncomingMessage, failed: BaseException | None = None
+    ) -> Outcome | None:
         """Process ``message`` to the end: its outcome. None when it could not be done: asked
-        to stop, or the breaker opened (the message is rewound and comes again)."""
+        to stop, or the breaker opened (the message is rewound and comes again). ``failed``:
+        how its first attempt failed already (in a batch); it counts as this path's own."""
         key = self._key(message)
         if key is None:
             logger.error(
@@ -436,6 +471,10 @@ class Consumer:
         outage = Retrying(self.config.db_backoff, self._rng)
         while True:
             try:
+                if failed is not None:
+                    first, failed = failed, None
+                    self._breaker.attempt()
+                    raise first
                 handler = self.handler
                 expired = self._expired(message)
                 if expired is not None:
@@ -579,6 +618,200 @@ class Consumer:
                 session.commit()  # flushes; the claim and the writes commit together below
         return True
 
+    # -- batches --------------------------------------------------------------------------------
+
+    def _consume_batch(self, batch: list[IncomingMessage], started: float) -> int:
+        """Handle a polled batch in order: how many of its messages are finished (their
+        offsets stored). Runs of messages that need nothing special go in one transaction each
+        (:meth:`_segment`); a message without a key, expired, sent back by the breaker, or
+        polled while the breaker is not closed goes through :meth:`_handle` on its own. When
+        the breaker opens, the rest of the batch is rewound, in order, with the failed message."""
+        i, n = 0, len(batch)
+        while i < n and not self._stop.is_set():
+            segment: list[tuple[IncomingMessage, str]] = []
+            while i + len(segment) < n:
+                key = self._batch_key(batch[i + len(segment)])
+                if key is None:
+                    break
+                segment.append((batch[i + len(segment)], key))
+            if segment:
+                done = self._segment(segment, started)
+                i += done
+                if done < len(segment):
+                    break
+            elif self._one(batch[i], started, None):
+                i += 1
+            else:
+                break
+        if i < n and self._breaker.state == "open":
+            for message in batch[i:]:
+                self._source.rewind(message)
+        return i
+
+    def _batch_key(self, message: IncomingMessage) -> str | None:
+        """The key of a message that may share a transaction with others; None if it takes
+        the per-message path."""
+        if self._breaker.state != "closed":
+            return None  # a half-open probe is one message
+        carried = self._carried
+        if carried is not None and carried[:3] == (
+            message.topic,
+            message.partition,
+            message.offset,
+        ):
+            return None  # its attempts so far count on
+        key = self._key(message)
+        if key is None:
+            return None
+        try:
+            if self._expired(message) is not None:
+                return None
+        except PoisonMessage:
+            return None
+        return key
+
+    def _one(self, message: IncomingMessage, started: float, failed: BaseException | None) -> bool:
+        """One message through the per-message path; False if it was not finished."""
+        outcome = self._handle(message, failed)
+        if outcome is None:
+            return False
+        self._source.processed(message)
+        self._observe.message_finished(message, outcome, time.monotonic() - started)
+        return True
+
+    def _segment(self, segment: list[tuple[IncomingMessage, str]], started: float) -> int:
+        """Handle ``segment`` in order, optimistically in one transaction: how many of its
+        messages are finished. If the transaction fails at message k, the messages before k
+        are handled again in a fresh transaction, k takes the per-message path with its
+        failure (retries, breaker, dead letter), and the rest go on as a new segment. A batch
+        handler's failure names no message: the segment is split in halves instead, down to
+        the one that fails."""
+        if not segment or self._stop.is_set():
+            return 0
+        failure = self._attempt(segment, started)
+        if failure is None:
+            return len(segment)
+        at, exc = failure
+        if at is None:
+            if len(segment) > 1:
+                half = len(segment) // 2
+                done = self._segment(segment[:half], started)
+                if done < half:
+                    return done
+                return half + self._segment(segment[half:], started)
+            at = 0
+        done = self._segment(segment[:at], started)
+        if done < at:
+            return done
+        if not self._one(segment[at][0], started, exc):
+            return at
+        return at + 1 + self._segment(segment[at + 1 :], started)
+
+    def _attempt(
+        self, segment: list[tuple[IncomingMessage, str]], started: float
+    ) -> tuple[int | None, Exception | None] | None:
+        """One transaction for ``segment``: claim all its keys in one statement, run the
+        handler on each fresh message in order (or the batch handler once), commit. None when
+        it committed (offsets stored, observers told); else where it failed (None: at the
+        commit, or in the batch handler) and why (None: a message expired meanwhile)."""
+        name = self.config.name
+        claims = [deadletter.inbox_key(key) or key for _, key in segment]
+        outcomes: list[Outcome] = []
+        at = 0
+        try:
+            with self._engine.connect() as conn, conn.begin():
+                fresh = self._inbox.claim_batch(
+                    conn, name, claims, statement_timeout=self.config.handler_timeout
+                )
+                seen: set[str] = set()
+                for claim in claims:
+                    if claim in fresh and claim not in seen:
+                        seen.add(claim)
+                        outcomes.append("processed")
+                    else:
+                        outcomes.append("duplicate")
+                pid = _backend_pid(conn) if self._watchdog.on else None
+                if self.batch_handler is not None:
+                    at = -1  # a failure from here on names no message
+                    self._run_batch_handler(conn, segment, outcomes, pid)
+                else:
+                    first: set[tuple[str, int]] = set()
+                    for at, (message, key) in enumerate(segment):
+                        tp = (message.topic, message.partition)
+                        alone = tp not in first  # nothing uncommitted before it in its partition
+                        first.add(tp)
+                        if outcomes[at] == "duplicate":
+                            continue
+                        if self._expired(message) is not None:
+                            raise _Expired  # the per-message path dead-letters it
+                        with (
+                            tracing.processing(message, name),
+                            _HandlerSession(bind=conn, join_transaction_mode="rollback_only") as s,
+                            self._watchdog.watching(message, key, 1, pid, alone),
+                        ):
+                            self.handler(s, message)
+                            if s.undone is not None:
+                                raise HandlerUndidItsWork(_undone_message(s.undone))
+                            s.commit()  # flushes: a failing write is this message's
+                at = -1  # the commit names no message
+        except _Expired:
+            return at, None
+        except Exception as exc:
+            return (None if at < 0 else at), exc
+        self._finished(segment, outcomes, started)
+        return None
+
+    def _run_batch_handler(
+        self,
+        conn: sa.Connection,
+        segment: list[tuple[IncomingMessage, str]],
+        outcomes: list[Outcome],
+        pid: int | None,
+    ) -> None:
+        assert self.batch_handler is not None
+        letters = [pair for pair, o in zip(segment, outcomes, strict=True) if o == "processed"]
+        if not letters:
+            return
+        fresh = [m for m, _ in letters]
+        with (
+            _HandlerSession(bind=conn, join_transaction_mode="rollback_only") as session,
+            self._watchdog.watching_all(letters, [m for m, _ in segment], pid),
+        ):
+            self.batch_handler(session, fresh)
+            if session.undone is not None:
+                raise HandlerUndidItsWork(_undone_message(session.undone))
+            session.commit()
+
+    def _finished(
+        self,
+        segment: list[tuple[IncomingMessage, str]],
+        outcomes: list[Outcome],
+        started: float,
+    ) -> None:
+        """After a segment's commit: the stats, the breaker, the offsets, the observers."""
+        processed = 0
+        for (message, key), outcome in zip(segment, outcomes, strict=True):
+            self._breaker.attempt()
+            if outcome == "processed":
+                processed += 1
+            elif logger.isEnabledFor(logging.DEBUG):
+                logger.debug(
+                    "duplicate skipped",
+                    extra={"event": "consumer.duplicate", "key": key, **message_fields(message)},
+                )
+        self.stats.processed += processed
+        self.stats.duplicates += len(segment) - processed
+        if processed:
+            self._breaker.succeeded()  # closed: resets the failures in a row
+        last: dict[tuple[str, int], IncomingMessage] = {}
+        for message, _ in segment:
+            last[(message.topic, message.partition)] = message
+        for message in last.values():
+            self._source.processed(message)  # the last of each partition stores them all
+        now = time.monotonic()
+        for (message, _), outcome in zip(segment, outcomes, strict=True):
+            self._observe.message_finished(message, outcome, now - started)
+
     def _wait_for_database(self, exc: BaseException, outage: Retrying) -> bool:
         """Back off after a database failure; False when asked to stop meanwhile."""
         delay = outage.failed()
@@ -669,6 +902,10 @@ def _backend_pid(conn: sa.Connection) -> int | None:
     return getattr(info, "backend_pid", None)
 
 
+class _Expired(Exception):
+    """A message of a batch expired before its handler started (the batch is cut there)."""
+
+
 class _Watchdog:
     """Notices a handler attempt that outlives its time limit. Its database statements are
     cancelled by ``statement_timeout`` at the limit; past the limit and a grace period the
@@ -676,6 +913,12 @@ class _Watchdog:
     ends the handler's session (rolling back its claim), dead-letters the message, commits
     its offset and exits the process (:data:`EXIT_HANDLER_HUNG`) for the supervisor to start a
     fresh one -- which skips the message, so a message that always hangs does not crash-loop.
+
+    In a batch each handler call has its own limit, so the hung message is the one running.
+    Its offset is stored only if no message before it in its partition waits uncommitted in
+    the batch's transaction (rolled back with it); otherwise the redelivery finds its dead
+    letter's key and skips it. A batch handler's limit is per call: a batch handler that
+    hangs gets every fresh message of its call dead-lettered (the watchdog cannot tell which).
     """
 
     #: Replaced in tests.
@@ -685,54 +928,102 @@ class _Watchdog:
         self._consumer = consumer
         self._limit = limit
         self._cond = threading.Condition()
-        self._current: tuple[IncomingMessage, str, int, int | None, float] | None = None
+        #: What to dead-letter, which offsets to store then, attempts, backend pid, deadline.
+        self._current: _Watched | None = None
+        self._idle = False
         self._thread: threading.Thread | None = None
+
+    @property
+    def on(self) -> bool:
+        return self._limit is not None
 
     @contextlib.contextmanager
     def watching(
-        self, message: IncomingMessage, key: str, attempts: int, pid: int | None
+        self,
+        message: IncomingMessage,
+        key: str,
+        attempts: int,
+        pid: int | None,
+        store: bool = True,
+    ) -> Iterator[None]:
+        """Around one handler call. ``store``: the message's offset may be stored if it hangs."""
+        with self._watching(([(message, key)], [message] if store else [], attempts, pid)):
+            yield
+
+    @contextlib.contextmanager
+    def watching_all(
+        self,
+        letters: list[tuple[IncomingMessage, str]],
+        offsets: list[IncomingMessage],
+        pid: int | None,
+    ) -> Iterator[None]:
+        """Around one batch handler call: ``letters`` are dead-lettered if it hangs, then the
+        ``offsets`` stored."""
+        with self._watching((letters, offsets, 1, pid)):
+            yield
+
+    @contextlib.contextmanager
+    def _watching(
+        self, what: tuple[list[tuple[IncomingMessage, str]], list[IncomingMessage], int, int | None]
     ) -> Iterator[None]:
         if self._limit is None:
             yield
             return
         grace = min(5.0, 0.5 + self._limit / 4)
         with self._cond:
-            self._current = (message, key, attempts, pid, time.monotonic() + self._limit + grace)
+            self._current = (*what, time.monotonic() + self._limit + grace)
             if self._thread is None:
                 self._thread = threading.Thread(
                     target=self._watch, name="outbox-handler-watchdog", daemon=True
                 )
                 self._thread.start()
-            self._cond.notify()
+            # A watchdog waiting for an earlier deadline wakes by itself and reads the new one:
+            # waking it only when it waits for nothing saves two thread switches per message.
+            if self._idle:
+                self._cond.notify()
         try:
             yield
         finally:
             with self._cond:
                 self._current = None
-                self._cond.notify()
 
     def _watch(self) -> None:
         while True:
             with self._cond:
                 while self._current is None:
+                    self._idle = True
                     self._cond.wait()
-                message, key, attempts, pid, deadline = self._current
+                self._idle = False
+                letters, offsets, attempts, pid, deadline = self._current
                 remaining = deadline - time.monotonic()
                 if remaining > 0:
                     self._cond.wait(remaining)
                     continue
                 self._current = None
-            self._hung(message, key, attempts, pid)
+            self._hung(letters, offsets, attempts, pid)
 
-    def _hung(self, message: IncomingMessage, key: str, attempts: int, pid: int | None) -> None:
+    def _hung(
+        self,
+        letters: list[tuple[IncomingMessage, str]],
+        offsets: list[IncomingMessage],
+        attempts: int,
+        pid: int | None,
+    ) -> None:
         consumer = self._consumer
         reason = f"the handler ran longer than its time limit ({self._limit} s)"
+        if consumer.batch_handler is not None and len(letters) > 1:
+            reason = (
+                f"the batch handler ran longer than its time limit ({self._limit} s) on a "
+                f"batch of {len(letters)} messages, this one among them"
+            )
+        message, key = letters[0]
         logger.error(
             "handler hung, dead-lettering and exiting",
             extra={
                 "event": "consumer.handler_hung",
                 "key": key,
                 "limit_s": self._limit,
+                "messages": len(letters),
                 **message_fields(message),
             },
         )
@@ -741,8 +1032,12 @@ class _Watchdog:
                 with consumer._engine.connect() as conn:
                     conn.execute(statements.terminate_backend(), {"pid": pid})
                     conn.commit()
-            if consumer._dead_letter(message, key, reason, attempts, kind="hung") is not None:
-                consumer._source.processed(message)
+            if all(
+                consumer._dead_letter(m, k, reason, attempts, kind="hung") is not None
+                for m, k in letters
+            ):
+                for done in offsets:
+                    consumer._source.processed(done)
                 consumer._source.commit()
         except Exception:
             # Exiting anyway: the message is redelivered and the watchdog tries again.
@@ -752,3 +1047,6 @@ class _Watchdog:
             )
         sys.stderr.flush()
         self.exit(EXIT_HANDLER_HUNG)
+
+
+_Watched = tuple[list[tuple[IncomingMessage, str]], list[IncomingMessage], int, "int | None", float]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 import sqlalchemy as sa
@@ -118,6 +119,32 @@ class Inbox:
             params["timeout"] = str(max(1, int(statement_timeout * 1000)))
         with translate_db_errors("inbox claim"):
             return run_first(session, stmt, params) is not None
+
+    def claim_batch(
+        self,
+        session: SyncTarget,
+        consumer: str,
+        keys: Sequence[str],
+        *,
+        statement_timeout: float | None = None,
+    ) -> set[str]:
+        """:meth:`claim` for several keys in one statement (one round trip): the keys claimed
+        now, i.e. seen for the first time (a key given twice counts once)."""
+        _check("consumer", consumer)
+        for key in keys:
+            _check("key", key)
+        params: dict[str, Any] = {
+            "consumer": consumer,
+            "keys": list(keys),
+            "retention": self.retention.total_seconds(),
+        }
+        stmt = statements.inbox_claim_batch(self.tables, statement_timeout is not None)
+        if statement_timeout is not None:
+            params["timeout"] = str(max(1, int(statement_timeout * 1000)))
+        if not keys:
+            return set()
+        with translate_db_errors("inbox claim"):
+            return {row[0] for row in session.execute(stmt, params)}
 
     async def aclaim(self, session: AsyncTarget, consumer: str, key: str) -> bool:
         """:meth:`claim` for an ``AsyncSession`` or ``AsyncConnection``."""

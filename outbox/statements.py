@@ -558,6 +558,25 @@ def inbox_claim_limited(tables: OutboxTables) -> sa.TextClause:
 
 
 @functools.lru_cache(maxsize=64)
+def inbox_claim_batch(tables: OutboxTables, limited: bool) -> sa.TextClause:
+    """Claim every key of ``:keys`` (a text array) for ``:consumer`` in one statement; returns
+    the keys claimed now (a key given twice is claimed once). ``limited``: also set the
+    transaction's ``statement_timeout`` (``:timeout``, as :func:`inbox_claim_limited`).
+
+    The keys are inserted in sorted order, so two batches with common keys lock them in the
+    same order and wait for each other instead of deadlocking."""
+    limit = (
+        "(SELECT set_config('statement_timeout', :timeout, true)) AS limited, " if limited else ""
+    )
+    return sa.text(
+        f"INSERT INTO {_inbox(tables)} (consumer, key, expires_at) "
+        "SELECT :consumer, k.key, now() + CAST(:retention AS float8) * interval '1 second' "
+        f"FROM {limit}unnest(CAST(:keys AS text[])) AS k(key) ORDER BY k.key "
+        "ON CONFLICT (consumer, key) DO NOTHING RETURNING key"
+    )
+
+
+@functools.lru_cache(maxsize=64)
 def command_begin(tables: OutboxTables) -> sa.TextClause:
     """Start an idempotent command in one round trip.
 

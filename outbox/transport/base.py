@@ -116,6 +116,14 @@ class Source(Protocol):
     def poll(self, timeout: float) -> IncomingMessage | None:
         """The next message, or None after ``timeout`` seconds."""
 
+    def poll_batch(
+        self, max_messages: int, timeout: float, max_wait: float = 0.0
+    ) -> list[IncomingMessage]:
+        """Up to ``max_messages`` messages, in partition order (each partition's in offset
+        order, after any rewound ones): waits up to ``timeout`` seconds for the first, then up
+        to ``max_wait`` more for the batch to fill (what is already fetched comes at once).
+        Empty after ``timeout``, and while paused."""
+
     def processed(self, message: IncomingMessage) -> None:
         """``message`` is done (its effects are committed): its position may be committed."""
 
@@ -132,8 +140,10 @@ class Source(Protocol):
 
     def rewind(self, message: IncomingMessage) -> None:
         """Hand ``message`` out again, before anything after it in its partition: the first
-        :meth:`poll` after :meth:`resume` returns it, unless its partition was revoked meanwhile
-        (then the partition's next owner reads it from the committed position)."""
+        :meth:`poll` (or :meth:`poll_batch`) after :meth:`resume` returns it, unless its
+        partition was revoked meanwhile (then the partition's next owner reads it from the
+        committed position). Several messages of a partition may be rewound (a batch's tail):
+        they come back in offset order; rewinding a message already held changes nothing."""
 
     def close(self) -> None:
         """Commit, leave the group and release resources."""

@@ -5,6 +5,7 @@ Kafka client errors are translated here into the library's exceptions and failur
 
 from __future__ import annotations
 
+import bisect
 import json
 import logging
 import time
@@ -330,8 +331,11 @@ class KafkaSource:
         self.assignments = 0
         self._paused = False
         self._repause = False
-        #: Per partition, the message to hand out first (see :meth:`rewind`).
-        self._held: dict[tuple[str, int], IncomingMessage] = {}
+        #: Per partition, the messages to hand out first, in offset order (see :meth:`rewind`).
+        self._held: dict[tuple[str, int], list[IncomingMessage]] = {}
+        #: The partitions assigned now: a batch drops messages of partitions revoked while it
+        #: was being read (the next owner reads them from the committed position).
+        self._assigned: set[tuple[str, int]] = set()
         self._consumer.subscribe(topics, on_assign=self._on_assign, on_revoke=self._on_revoke)
         self._error_log = _Throttle()
 
@@ -379,6 +383,7 @@ class KafkaSource:
         self.joined = True
         self.reachable = True
         self.assignments += 1
+        self._assigned.update((tp.topic, tp.partition) for tp in partitions)
         self._repause = self._paused
         logger.info(
             "partitions assigned",
@@ -387,8 +392,9 @@ class KafkaSource:
 
     def _on_revoke(self, consumer: Any, partitions: Any) -> None:
         for tp in partitions:
-            # The next owner reads it from the committed position.
+            # The next owner reads them from the committed position.
             self._held.pop((tp.topic, tp.partition), None)
+            self._assigned.discard((tp.topic, tp.partition))
         logger.info(
             "partitions revoked",
             extra={"event": "consumer.partitions_revoked", "partitions": _names(partitions)},
@@ -405,13 +411,58 @@ class KafkaSource:
 
     def poll(self, timeout: float) -> IncomingMessage | None:
         if self._held and not self._paused:
-            return self._held.pop(next(iter(self._held)))
+            return self._take_held(1)[0]
         msg = self._consumer.poll(timeout)
+        self._after_poll()
+        if msg is None:
+            return None
+        incoming = self._accept(msg)
+        if incoming is not None and self._paused:
+            # Fetched from a newly assigned partition before it was paused: keep it for
+            # resume() (librdkafka resumes fetching after it).
+            self._pause_assigned()
+            self.rewind(incoming)
+            return None
+        return incoming
+
+    def poll_batch(
+        self, max_messages: int, timeout: float, max_wait: float = 0.0
+    ) -> list[IncomingMessage]:
+        if self._held and not self._paused:
+            # Only held messages: a partition's later messages come after all of its held ones.
+            return self._take_held(max_messages)
+        raw = self._consume(max_messages, 0)  # what is fetched already
+        if not raw:
+            raw = self._consume(1, timeout)  # returns as soon as one is there
+        if raw and len(raw) < max_messages and max_wait > 0:
+            raw += self._consume(max_messages - len(raw), max_wait)
+        batch: list[IncomingMessage] = []
+        for msg in raw:
+            incoming = self._accept(msg)
+            if incoming is None:
+                continue
+            if (incoming.topic, incoming.partition) not in self._assigned:
+                continue  # revoked while this batch was read
+            if self._paused:
+                # As in poll(): fetched from a newly assigned partition before it was paused.
+                self.rewind(incoming)
+                continue
+            batch.append(incoming)
+        if self._paused and self._held:
+            self._pause_assigned()
+        return batch
+
+    def _consume(self, max_messages: int, timeout: float) -> list[Any]:
+        raw: list[Any] = self._consumer.consume(max_messages, timeout)
+        self._after_poll()
+        return raw
+
+    def _after_poll(self) -> None:
         if self._repause:
             self._repause = False
             self._pause_assigned()
-        if msg is None:
-            return None
+
+    def _accept(self, msg: Any) -> IncomingMessage | None:
         err = msg.error()
         if err is not None:
             if err.code() != KafkaError._PARTITION_EOF:
@@ -420,14 +471,21 @@ class KafkaSource:
                     extra={"event": "kafka.error", "error": f"{err.name()}: {err.str()}"},
                 )
             return None
-        incoming = self._incoming(msg)
-        if self._paused:
-            # Fetched from a newly assigned partition before it was paused: keep it for
-            # resume() (librdkafka resumes fetching after it).
-            self._pause_assigned()
-            self.rewind(incoming)
-            return None
-        return incoming
+        return self._incoming(msg)
+
+    def _take_held(self, max_messages: int) -> list[IncomingMessage]:
+        """Up to ``max_messages`` held messages, partition by partition, in offset order."""
+        out: list[IncomingMessage] = []
+        for tp in list(self._held):
+            held = self._held[tp]
+            take = held[: max_messages - len(out)]
+            out += take
+            del held[: len(take)]
+            if not held:
+                del self._held[tp]
+            if len(out) >= max_messages:
+                break
+        return out
 
     def pause(self) -> None:
         self._paused = True
@@ -442,16 +500,12 @@ class KafkaSource:
             raise TransportUnavailable(f"cannot resume consuming: {_describe(exc)}") from exc
 
     def rewind(self, message: IncomingMessage) -> None:
-        tp = (message.topic, message.partition)
-        held = self._held.get(tp)
-        if held is None or message.offset < held.offset:
-            self._held[tp] = message
-        elif message.offset > held.offset:
-            # librdkafka drops what it fetched for a paused partition, so this cannot
-            # happen; should it, fetch again after the held message rather than skip one.
-            self._consumer.seek(
-                confluent_kafka.TopicPartition(message.topic, message.partition, held.offset + 1)
-            )
+        held = self._held.setdefault((message.topic, message.partition), [])
+        offsets = [m.offset for m in held]
+        at = bisect.bisect_left(offsets, message.offset)
+        if at < len(held) and held[at].offset == message.offset:
+            return  # held already
+        held.insert(at, message)
 
     def _pause_assigned(self) -> None:
         try:

@@ -117,6 +117,8 @@ class MemorySource:
         self.joined = True
         self.reachable = True
         self.paused = False
+        #: Rewound messages, handed out first (see :meth:`rewind`).
+        self.held: list[IncomingMessage] = []
 
     def check(self, timeout: float) -> None:
         pass
@@ -124,7 +126,20 @@ class MemorySource:
     def poll(self, timeout: float) -> IncomingMessage | None:
         if self.paused:
             return None
+        if self.held:
+            return self.held.pop(0)
         return self.messages.popleft() if self.messages else None
+
+    def poll_batch(
+        self, max_messages: int, timeout: float, max_wait: float = 0.0
+    ) -> list[IncomingMessage]:
+        batch: list[IncomingMessage] = []
+        while len(batch) < max_messages:
+            message = self.poll(0)
+            if message is None:
+                break
+            batch.append(message)
+        return batch
 
     def pause(self) -> None:
         self.paused = True
@@ -133,7 +148,12 @@ class MemorySource:
         self.paused = False
 
     def rewind(self, message: IncomingMessage) -> None:
-        self.messages.appendleft(message)
+        """Held in front of everything else, in offset order per partition (as Kafka's)."""
+        position = (message.topic, message.partition, message.offset)
+        if any((m.topic, m.partition, m.offset) == position for m in self.held):
+            return
+        self.held.append(message)
+        self.held.sort(key=lambda m: (m.topic, m.partition, m.offset))
 
     def processed(self, message: IncomingMessage) -> None:
         self._stored[(message.topic, message.partition)] = message.offset + 1
