@@ -105,3 +105,48 @@ def test_partitions_assigned_while_paused_start_paused(broker: Broker) -> None:
         assert in_partition_order(got)
     finally:
         a.close()
+
+
+def batch_until(source: KafkaSource, seconds: float, size: int = 50) -> list[IncomingMessage]:
+    got: list[IncomingMessage] = []
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        got += source.poll_batch(size, 0.1, 0.01)
+    return got
+
+
+def test_poll_batch_then_several_rewinds_in_one_partition_come_back_first_in_order(
+    broker: Broker,
+) -> None:
+    topic = broker.create_topic(partitions=2)
+    produce(broker, topic, 60)
+    source = KafkaSource(broker.bootstrap, f"g-{topic}", [topic], GROUP_SETTINGS)
+    try:
+        batch: list[IncomingMessage] = []
+        wait_until(
+            lambda: bool(batch.extend(source.poll_batch(20, 0.2, 0.05)) or len(batch) >= 10),
+            timeout=30,
+            what="a first batch",
+        )
+        assert len(batch) <= 20 + 19 and in_partition_order(batch)
+        # The batch's tail from its fourth message on goes back (as when the breaker opens
+        # there), rewound in reverse and twice over: held per partition in offset order.
+        tail = batch[3:]
+        source.pause()
+        for m in [*reversed(tail), *tail]:
+            source.rewind(m)
+        assert batch_until(source, 2.0) == []  # paused: nothing
+        source.resume()
+        again = batch_until(source, 5.0)
+        by_partition: dict[int, list[IncomingMessage]] = collections.defaultdict(list)
+        for m in tail:
+            by_partition[m.partition].append(m)
+        for partition, held in by_partition.items():
+            mine = [m for m in again if m.partition == partition]
+            assert mine[: len(held)] == held  # the held ones first, in order, once
+        everything = batch[:3] + again
+        assert sorted(int(x.value or b"") for x in everything) == list(range(60))
+        assert in_partition_order(everything)
+        assert source.assignments == 1
+    finally:
+        source.close()
