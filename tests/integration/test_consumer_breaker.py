@@ -216,10 +216,12 @@ def test_an_unclassified_outage_is_bounded_by_the_retry_budget(
     assert stats.processed + stats.dead_lettered == 40
     # Per-message retries alone: every message that arrives during the outage would be
     # dead-lettered. With the budget: the first two messages use it up (4 retries each,
-    # 10 in the window), then it is an outage. Each probe still counts an attempt: the third
-    # message (carrying the attempts it had) and at most one more in the 1.5 s (about 8
-    # probes, 0.025-0.4 s apart).
-    assert stats.dead_lettered <= 4, (stats, calls)
+    # 10 in the window), then it is an outage. Each probe still counts an attempt: one
+    # dead letter per 5 probes (the third message carries the attempts it had). The probes
+    # are 0.025-0.4 s apart, so their number varies with the machine: bound by it.
+    probes = stats.breaker_opened
+    assert stats.dead_lettered <= 3 + probes // 5, (stats, calls)
+    assert stats.dead_lettered <= 6, (stats, calls)
     assert any("retry budget spent" in t.reason for t in watch.transitions)
     assert {d["dlq-reason"] for d in letters} == {b"attempts"}
 
