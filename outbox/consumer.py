@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import psycopg
 import sqlalchemy as sa
 import sqlalchemy.exc
 from sqlalchemy.orm import Session
@@ -307,6 +308,7 @@ class Consumer:
         # refuses or drops the options startup parameter).
         connect_args: dict[str, Any] = {"prepare_threshold": None}
         self._engine = sa.create_engine(url, pool_pre_ping=True, connect_args=connect_args)
+        sa.event.listen(self._engine, "connect", _counting)
         self._watchdog = _Watchdog(self, config.handler_timeout)
 
     def stop(self) -> None:
@@ -691,7 +693,7 @@ class Consumer:
         failure = self._attempt(segment, started)
         if failure is None:
             return len(segment)
-        at, exc = failure
+        at, exc, committed = failure
         if at is None:
             if len(segment) > 1:
                 half = len(segment) // 2
@@ -700,26 +702,28 @@ class Consumer:
                     return done
                 return half + self._segment(segment[half:], started)
             at = 0
-        done = self._segment(segment[:at], started)
-        if done < at:
-            return done
+        if committed < at:
+            done = self._segment(segment[:at], started)
+            if done < at:
+                return done
         if not self._one(segment[at][0], started, exc):
             return at
         return at + 1 + self._segment(segment[at + 1 :], started)
 
     def _attempt(
         self, segment: list[tuple[IncomingMessage, str]], started: float
-    ) -> tuple[int | None, Exception | None] | None:
+    ) -> tuple[int | None, Exception | None, int] | None:
         """One transaction for ``segment``: claim all its keys in one statement, run the
         handler on each fresh message in order (or the batch handler once), commit. None when
         it committed (offsets stored, observers told); else where it failed (None: at the
-        commit, or in the batch handler) and why (None: a message expired meanwhile)."""
+        commit, or in the batch handler), why (None: a message expired meanwhile), and how
+        many messages before it are committed already (see :meth:`_cut`)."""
         name = self.config.name
         claims = [deadletter.inbox_key(key) or key for _, key in segment]
         outcomes: list[Outcome] = []
         at = 0
         try:
-            with self._engine.connect() as conn, conn.begin():
+            with self._engine.connect() as conn, conn.begin() as transaction:
                 fresh = self._inbox.claim_batch(
                     conn, name, claims, statement_timeout=self.config.handler_timeout
                 )
@@ -735,31 +739,72 @@ class Consumer:
                     at = -1  # a failure from here on names no message
                     self._run_batch_handler(conn, segment, outcomes, pid)
                 else:
+                    driver = conn.connection.driver_connection
                     first: set[tuple[str, int]] = set()
                     for at, (message, key) in enumerate(segment):
                         tp = (message.topic, message.partition)
-                        alone = tp not in first  # nothing uncommitted before it in its partition
+                        alone = tp not in first  # nothing pending before it in its partition
                         first.add(tp)
                         if outcomes[at] == "duplicate":
                             continue
-                        if self._expired(message) is not None:
-                            raise _Expired  # the per-message path dead-letters it
-                        with (
-                            tracing.processing(message, name),
-                            _HandlerSession(bind=conn, join_transaction_mode="rollback_only") as s,
-                            self._watchdog.watching(message, key, 1, pid, alone),
-                        ):
-                            self.handler(s, message)
-                            if s.undone is not None:
-                                raise HandlerUndidItsWork(_undone_message(s.undone))
-                            s.commit()  # flushes: a failing write is this message's
+                        mark = _sent(driver)
+                        try:
+                            if self._expired(message) is not None:
+                                raise _Expired  # the per-message path dead-letters it
+                            with (
+                                tracing.processing(message, name),
+                                _HandlerSession(
+                                    bind=conn, join_transaction_mode="rollback_only"
+                                ) as s,
+                                self._watchdog.watching(message, key, 1, pid, alone),
+                            ):
+                                self.handler(s, message)
+                                if s.undone is not None:
+                                    raise HandlerUndidItsWork(_undone_message(s.undone))
+                                s.commit()  # flushes: a failing write is this message's
+                        except Exception as exc:
+                            if self._cut(conn, transaction, mark, claims, outcomes, at):
+                                self._finished(segment[:at], outcomes[:at], started)
+                                return at, (None if isinstance(exc, _Expired) else exc), at
+                            raise
                 at = -1  # the commit names no message
         except _Expired:
-            return at, None
+            return at, None, 0
         except Exception as exc:
-            return (None if at < 0 else at), exc
+            return (None if at < 0 else at), exc, 0
         self._finished(segment, outcomes, started)
         return None
+
+    def _cut(
+        self,
+        conn: sa.Connection,
+        transaction: sa.RootTransaction,
+        mark: int | None,
+        claims: list[str],
+        outcomes: list[Outcome],
+        at: int,
+    ) -> bool:
+        """The handler failed at message ``at`` without sending a statement (it failed before
+        writing, as when the dependency it calls first is down): the transaction holds just
+        the work of the messages before it. Commit that, less the claims of ``at`` and after,
+        so those messages' handlers do not run twice. False (the caller rolls back and the
+        messages before ``at`` run again) if the handler did send something, or the
+        transaction is no longer usable."""
+        driver = conn.connection.driver_connection
+        if at == 0 or mark is None or _sent(driver) != mark or not transaction.is_active:
+            return False
+        info = getattr(driver, "info", None)
+        if getattr(info, "transaction_status", None) != psycopg.pq.TransactionStatus.INTRANS:
+            return False  # rolled back, or failed
+        unclaim = [c for c, o in zip(claims[at:], outcomes[at:], strict=True) if o == "processed"]
+        try:
+            if unclaim:
+                self._inbox.unclaim(conn, self.config.name, unclaim)
+            transaction.commit()
+        except Exception:
+            logger.debug("batch cut failed", exc_info=True, extra={"event": "consumer.cut_failed"})
+            return False
+        return True
 
     def _run_batch_handler(
         self,
@@ -900,6 +945,53 @@ def _backend_pid(conn: sa.Connection) -> int | None:
     driver = conn.connection.driver_connection
     info = getattr(driver, "info", None)
     return getattr(info, "backend_pid", None)
+
+
+def _sent(driver: Any) -> int | None:
+    """Statements sent on a driver connection so far (None: not counted)."""
+    sent: int | None = getattr(driver, "outbox_statements", None)
+    return sent
+
+
+class _CountingCursor(psycopg.Cursor[Any]):
+    """Counts the statements sent on its connection, so that a batch can tell a handler that
+    failed before writing anything (see :meth:`Consumer._cut`). Everything psycopg sends
+    goes through a cursor: SQLAlchemy's statements, ``Connection.execute`` (the outbox's fast
+    path), COPY, pipelines."""
+
+    def execute(self, *args: Any, **kwargs: Any) -> Any:
+        _count(self.connection)
+        return super().execute(*args, **kwargs)
+
+    def executemany(self, *args: Any, **kwargs: Any) -> None:
+        _count(self.connection)
+        super().executemany(*args, **kwargs)
+
+    def stream(self, *args: Any, **kwargs: Any) -> Any:
+        _count(self.connection)
+        return super().stream(*args, **kwargs)
+
+    def copy(self, *args: Any, **kwargs: Any) -> Any:
+        _count(self.connection)
+        return super().copy(*args, **kwargs)
+
+
+class _CountingServerCursor(psycopg.ServerCursor[Any]):
+    def execute(self, *args: Any, **kwargs: Any) -> Any:
+        _count(self.connection)
+        return super().execute(*args, **kwargs)
+
+
+def _count(connection: Any) -> None:
+    connection.outbox_statements = getattr(connection, "outbox_statements", 0) + 1
+
+
+def _counting(dbapi_connection: Any, _record: Any) -> None:
+    """On each new database connection of the consumer: count its statements."""
+    if isinstance(dbapi_connection, psycopg.Connection):
+        dbapi_connection.outbox_statements = 0  # type: ignore[attr-defined]
+        dbapi_connection.cursor_factory = _CountingCursor
+        dbapi_connection.server_cursor_factory = _CountingServerCursor
 
 
 class _Expired(Exception):

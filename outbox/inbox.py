@@ -146,6 +146,14 @@ class Inbox:
         with translate_db_errors("inbox claim"):
             return {row[0] for row in session.execute(stmt, params)}
 
+    def unclaim(self, session: SyncTarget, consumer: str, keys: Sequence[str]) -> None:
+        """Take back claims made earlier in the same transaction (a batch cut short: its
+        remaining messages are handled later, each claimed again)."""
+        with translate_db_errors("inbox unclaim"):
+            session.execute(
+                statements.inbox_unclaim(self.tables), {"consumer": consumer, "keys": list(keys)}
+            )
+
     async def aclaim(self, session: AsyncTarget, consumer: str, key: str) -> bool:
         """:meth:`claim` for an ``AsyncSession`` or ``AsyncConnection``."""
         with translate_db_errors("inbox claim"):

@@ -577,6 +577,15 @@ def inbox_claim_batch(tables: OutboxTables, limited: bool) -> sa.TextClause:
 
 
 @functools.lru_cache(maxsize=64)
+def inbox_unclaim(tables: OutboxTables) -> sa.TextClause:
+    """Take back claims of ``:keys`` made in the current transaction (a batch cut short)."""
+    return sa.text(
+        f"DELETE FROM {_inbox(tables)} WHERE consumer = :consumer "
+        "AND key = ANY(CAST(:keys AS text[]))"
+    )
+
+
+@functools.lru_cache(maxsize=64)
 def command_begin(tables: OutboxTables) -> sa.TextClause:
     """Start an idempotent command in one round trip.
 

@@ -58,7 +58,8 @@ def test_a_handler_stuck_outside_the_database_is_dead_lettered_then_the_process_
     effects: sa.Engine, db_url: str, exits: list[int]
 ) -> None:
     source = MemorySource([message(0), message(1), message(2)])
-    c = consumer(db_url, source, handlers.hang_in_python, handler_timeout=0.3)
+    # One transaction per message (a batch: tests/integration/test_consumer_batch.py).
+    c = consumer(db_url, source, handlers.hang_in_python, handler_timeout=0.3, batch_size=1)
     runner = threading.Thread(target=c.run, kwargs={"max_messages": 3}, daemon=True)
     runner.start()
     wait_until(lambda: exits, 15, "the watchdog to give up on the handler")

@@ -123,11 +123,12 @@ def test_poll_batch_then_several_rewinds_in_one_partition_come_back_first_in_ord
     source = KafkaSource(broker.bootstrap, f"g-{topic}", [topic], GROUP_SETTINGS)
     try:
         batch: list[IncomingMessage] = []
-        wait_until(
-            lambda: bool(batch.extend(source.poll_batch(20, 0.2, 0.05)) or len(batch) >= 10),
-            timeout=30,
-            what="a first batch",
-        )
+
+        def polled() -> bool:
+            batch.extend(source.poll_batch(20, 0.2, 0.05))
+            return len(batch) >= 10
+
+        wait_until(polled, timeout=30, what="a first batch")
         assert len(batch) <= 20 + 19 and in_partition_order(batch)
         # The batch's tail from its fourth message on goes back (as when the breaker opens
         # there), rewound in reverse and twice over: held per partition in offset order.
