@@ -66,6 +66,12 @@ logger = logging.getLogger(__name__)
 Handler = Callable[[Session, IncomingMessage], Any]
 BatchHandler = Callable[[Session, list[IncomingMessage]], Any]
 
+#: Seconds of handlers after which a batch is cut short (the messages done commit, the rest
+#: is rewound and comes again after the next poll): so that the consumer still polls Kafka
+#: (``max.poll.interval.ms``) and ticks its health at least every this plus one handler call,
+#: as without batches. Batching pays off when messages take milliseconds, not seconds.
+BATCH_BUDGET = 5.0
+
 #: Exit status of ``outbox consume`` after a handler hung past its time limit (its message
 #: was dead-lettered first): restart the process.
 EXIT_HANDLER_HUNG = 3
@@ -285,6 +291,8 @@ class Consumer:
         assert handler is not None
         self.handler: Handler = handler
         self._batching = batch_handler is not None or config.batch_size > 1
+        #: Set when a batch was cut short: its unfinished messages are rewound.
+        self._put_back = False
         self.on_expired = on_expired
         self.stats = ConsumerStats()
         self._transient: tuple[type[BaseException], ...] = (DownstreamUnavailable, *transient)
@@ -645,9 +653,10 @@ class Consumer:
                 i += 1
             else:
                 break
-        if i < n and self._breaker.state == "open":
+        if i < n and (self._breaker.state == "open" or self._put_back):
             for message in batch[i:]:
                 self._source.rewind(message)
+        self._put_back = False
         return i
 
     def _batch_key(self, message: IncomingMessage) -> str | None:
@@ -706,6 +715,9 @@ class Consumer:
             done = self._segment(segment[:at], started)
             if done < at:
                 return done
+        if isinstance(exc, _Cut):
+            self._put_back = True  # the rest comes again after the next poll
+            return at
         if not self._one(segment[at][0], started, exc):
             return at
         return at + 1 + self._segment(segment[at + 1 :], started)
@@ -741,6 +753,7 @@ class Consumer:
                 else:
                     driver = conn.connection.driver_connection
                     first: set[tuple[str, int]] = set()
+                    begun = time.monotonic()
                     for at, (message, key) in enumerate(segment):
                         tp = (message.topic, message.partition)
                         alone = tp not in first  # nothing pending before it in its partition
@@ -749,6 +762,8 @@ class Consumer:
                             continue
                         mark = _sent(driver)
                         try:
+                            if at and time.monotonic() - begun > BATCH_BUDGET:
+                                raise _Cut  # poll again soon: see BATCH_BUDGET
                             if self._expired(message) is not None:
                                 raise _Expired  # the per-message path dead-letters it
                             with (
@@ -766,10 +781,14 @@ class Consumer:
                             if self._cut(conn, transaction, mark, claims, outcomes, at):
                                 self._finished(segment[:at], outcomes[:at], started)
                                 return at, (None if isinstance(exc, _Expired) else exc), at
+                            if isinstance(exc, _Cut):
+                                raise _CutFailed from None
                             raise
                 at = -1  # the commit names no message
         except _Expired:
             return at, None, 0
+        except _CutFailed:
+            return at, _Cut(), 0
         except Exception as exc:
             return (None if at < 0 else at), exc, 0
         self._finished(segment, outcomes, started)
@@ -992,6 +1011,14 @@ def _counting(dbapi_connection: Any, _record: Any) -> None:
         dbapi_connection.outbox_statements = 0  # type: ignore[attr-defined]
         dbapi_connection.cursor_factory = _CountingCursor
         dbapi_connection.server_cursor_factory = _CountingServerCursor
+
+
+class _Cut(Exception):
+    """A batch ran :data:`BATCH_BUDGET` seconds: the rest of it goes back to the source."""
+
+
+class _CutFailed(Exception):
+    pass
 
 
 class _Expired(Exception):

@@ -34,7 +34,7 @@ from confluent_kafka import Producer
 from tests.support.broker import Broker
 from tests.support.consumerproc import ConsumerProcess, Summary
 from tests.support.events import event
-from tests.support.handlers import FLAKY_EVERY, create_effects_table
+from tests.support.handlers import FLAKY_EVERY, POISON_AT, create_effects_table
 from tests.support.waits import wait_until
 
 pytestmark = pytest.mark.slow
@@ -120,8 +120,14 @@ def check_exactly_once(engine: sa.Engine, sent: dict[str, int]) -> list[Effect]:
     return effects
 
 
+#: Batches (the default) small enough that a few hundred messages make many of them: the
+#: tests stop or kill the consumer between two commits.
+BATCH = ("--batch-size", "25")
+
+
 def args(db_url: str, broker: Broker, topic: str, group: str, *extra: str) -> list[str]:
     return [
+        *BATCH,
         *("--db-url", db_url),
         *("--bootstrap-servers", broker.bootstrap),
         *("--group", group),
@@ -244,6 +250,56 @@ def test_sigkill_between_db_commit_and_offset_commit_leaves_one_effect_per_messa
     assert sum(skipped_per_run) > 0, "no redelivery after any SIGKILL: the window was not hit"
     no_errors(*runs)
     print(f"seed {seed}: effects per process {sorted(by_pid.values())}, skipped {skipped_per_run}")
+
+
+def test_sigkill_with_batches_of_100_and_a_poison_message_in_each(
+    effects: sa.Engine, db_url: str, broker: Broker, consumers: ConsumerFactory
+) -> None:
+    """Batches of 100, one partition, a poison message in the middle of each batch (it writes,
+    then raises: the batch rolls back, its prefix commits again, the poison one is
+    dead-lettered); SIGKILL twice: every other message takes effect once, each poison message
+    is dead-lettered once, nothing else."""
+    n = 400
+    topic = broker.create_topic(partitions=1)
+    sent = produce(broker, topic, n, partitions=1)
+    poison = {mid for mid, i in sent.items() if i % 100 == POISON_AT}
+    argv = [
+        *args(db_url, broker, topic, f"g-{uuid.uuid4().hex[:8]}"),
+        *("--batch-size", "100"),
+    ]
+    handler = "tests.support.handlers:poison_at_50"
+    kills = 0
+    for i in range(3):
+        proc = consumers(*argv, name=f"kill-{i}", handler=handler)
+        wait_until(
+            lambda: count(effects, proc.pid) > 0 or count(effects) == n - len(poison),
+            30,
+            f"{proc.name} to process",
+            interval=0.02,
+            processes=[proc],
+        )
+        if count(effects) == n - len(poison):
+            break
+        time.sleep(0.1 + 0.2 * i)
+        if proc.kill() == -signal.SIGKILL:
+            kills += 1
+    assert kills >= 1, "the consumer was never killed mid-stream"
+    last = consumers(*argv, "--idle-timeout", DRAIN_IDLE, name="drain", handler=handler)
+    assert last.wait(60) == 0, last.tail()
+
+    effects_seen = effects_of(effects)
+    copies = collections.Counter(e.message_id for e in effects_seen)
+    assert set(copies) == set(sent) - poison and set(copies.values()) == {1}
+    assert [e.n for e in effects_seen] == sorted(e.n for e in effects_seen)  # in order
+    with effects.connect() as conn:
+        dead = conn.execute(
+            sa.text(
+                "SELECT header_values[array_position(header_names, 'dlq-original-message-id')] "
+                "FROM outbox_messages WHERE topic = :t"
+            ),
+            {"t": f"{topic}.dlq"},
+        ).all()
+    assert sorted(r[0].decode() for r in dead) == sorted(poison)  # each once
 
 
 def test_rebalance_while_processing_moves_partitions_without_double_effects(

@@ -18,6 +18,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from outbox import DownstreamUnavailable, PoisonMessage
+from outbox import consumer as consumer_module
 from outbox.breaker import BreakerPolicy
 from outbox.consumer import EXIT_HANDLER_HUNG, Consumer, ConsumerConfig, ConsumerStats, _Watchdog
 from outbox.message import HEADER_DEADLINE, format_deadline
@@ -381,3 +382,22 @@ def test_options_are_checked(db_url: str) -> None:
         Consumer(config, None, MemorySource)
     with pytest.raises(ConfigurationError, match="exactly one"):
         Consumer(config, record_effect, MemorySource, batch_handler=lambda s, ms: None)
+
+
+def test_a_long_batch_is_cut_and_the_rest_comes_again_after_a_poll(
+    effects: sa.Engine, db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(consumer_module, "BATCH_BUDGET", 0.05)
+    calls: collections.Counter[int] = collections.Counter()
+
+    def handler(session: Session, m: IncomingMessage) -> None:
+        calls[n_of(m)] += 1
+        record_effect(session, m)
+        time.sleep(0.03)
+
+    stats, source, finished = run(db_url, handler, [message(n) for n in range(10)])
+    assert effect_ns(effects) == list(range(10)) and set(calls.values()) == {1}
+    assert stats.processed == 10
+    assert len(source.handed) > 10  # cut short: the rest was rewound and handed out again
+    assert [n for n, _ in finished.outcomes] == list(range(10))
+    assert source.committed == {("orders", 0): 10}

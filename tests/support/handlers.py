@@ -20,6 +20,7 @@ import time
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
+from outbox import PoisonMessage
 from outbox.consumer import json_value
 from outbox.transport.base import IncomingMessage
 
@@ -77,6 +78,21 @@ def flaky_effect(session: Session, message: IncomingMessage) -> None:
     _attempts[key] += 1
     if n % FLAKY_EVERY == 0 and _attempts[key] <= 2:
         raise TimeoutError(f"flaky dependency (n={n}, attempt {_attempts[key]})")
+    _sleep()
+
+
+#: Messages whose ``n`` is this modulo 100 are poison in :func:`poison_at_50`.
+POISON_AT = 50
+
+
+def poison_at_50(session: Session, message: IncomingMessage) -> None:
+    """Like :func:`record_effect`, but a message whose ``n`` is :data:`POISON_AT` modulo 100
+    writes its row and then raises :class:`PoisonMessage` (in the middle of a batch of 100:
+    the batch rolls back and its prefix is committed again)."""
+    n = int(json_value(message)["n"])
+    _insert(session, _message_id(message), n)
+    if n % 100 == POISON_AT:
+        raise PoisonMessage(f"message {n} is poison")
     _sleep()
 
 
