@@ -13,6 +13,11 @@ A failure of what the handler calls (:class:`DownstreamUnavailable`, or a ``tran
 counts no attempt: the circuit breaker (:mod:`outbox.breaker`) retries, then pauses the
 partitions until the dependency answers. A message past its deadline (``publish(ttl=...)``)
 is not handled: it is dead-lettered with reason ``expired``, or given to ``on_expired``.
+
+Batches (``batch_size`` > 1, or a batch handler): the messages of a batch share that one
+transaction, with one claim statement for all their keys; a message that fails takes the
+per-message path above on its own, after the messages before it commit (see
+:meth:`Consumer._segment` and docs/design.md, "Batches").
 """
 
 from __future__ import annotations
@@ -260,7 +265,10 @@ class Consumer:
     :class:`DownstreamUnavailable` does (e.g. ``httpx.TransportError``). ``on_expired``: called
     as ``on_expired(session, message)`` instead of the handler for a message past its deadline
     (in the transaction that records it in the inbox); without it, such a message is
-    dead-lettered with reason ``expired``.
+    dead-lettered with reason ``expired``. ``batch_handler``: instead of ``handler``, called
+    as ``batch_handler(session, messages)`` once per batch with the messages not seen before
+    (a failing batch is halved down to the failing message, which is then retried and
+    dead-lettered on its own as ``batch_handler(session, [message])``).
     """
 
     def __init__(

@@ -234,6 +234,9 @@ def args(
     name: str = NAME,
 ) -> list[str]:
     return [
+        # Batches (the default) small next to the few hundred messages of a test, so that an
+        # outage starts mid-stream rather than after one batch did everything.
+        *("--batch-size", "20"),
         *("--db-url", db_url),
         *("--bootstrap-servers", broker.bootstrap),
         *("--group", group or f"g-{uuid.uuid4().hex[:8]}"),
