@@ -204,7 +204,7 @@ class ConsumerConfig:
     clock_skew: float = 1.0
     #: Messages handled in one database transaction (one inbox claim statement, one commit);
     #: 1: one transaction per message. See "Batches" in :class:`Consumer`.
-    batch_size: int = 1
+    batch_size: int = 500
     #: Seconds a batch may wait for more messages once it has one (what is fetched already
     #: comes at once): adds up to this much to a message's latency when traffic is light.
     batch_max_wait: float = 0.01
