@@ -695,7 +695,7 @@ def _hand_written(broker: Broker, topic: str, n: int, multi_row: bool) -> float:
     )
     consumer.subscribe([topic])
     claim = sa.text(
-        "INSERT INTO inbox_messages (consumer, key, expires_at) "
+        "INSERT INTO outbox_inbox (consumer, key, expires_at) "
         "SELECT :consumer, k, now() + interval '7 days' FROM unnest(CAST(:keys AS text[])) AS k "
         "ORDER BY k ON CONFLICT (consumer, key) DO NOTHING RETURNING key"
     )
