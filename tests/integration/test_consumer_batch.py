@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from confluent_kafka import Producer
 from sqlalchemy.orm import Session
 
 from outbox import DownstreamUnavailable, PoisonMessage
@@ -26,6 +27,8 @@ from outbox.observe import ConsumerObserver, Outcome
 from outbox.transport.base import IncomingMessage
 from outbox.transport.memory import MemorySource
 from tests.support import handlers
+from tests.support.broker import Broker
+from tests.support.cli import run_cli
 from tests.support.handlers import create_effects_table, record_effect
 from tests.support.incoming import message
 from tests.support.waits import wait_until
@@ -401,3 +404,40 @@ def test_a_long_batch_is_cut_and_the_rest_comes_again_after_a_poll(
     assert len(source.handed) > 10  # cut short: the rest was rewound and handed out again
     assert [n for n, _ in finished.outcomes] == list(range(10))
     assert source.committed == {("orders", 0): 10}
+
+
+def test_the_command_takes_a_batch_handler(effects: sa.Engine, db_url: str, broker: Broker) -> None:
+    topic = broker.create_topic(partitions=3)
+    producer = Producer({"bootstrap.servers": broker.bootstrap})
+    for n in range(50):
+        producer.produce(
+            topic, value=json.dumps({"n": n}).encode(), headers=[("message-id", f"m-{n}".encode())]
+        )
+    assert producer.flush(10) == 0
+    common = [
+        "consume",
+        *("--db-url", db_url, "--bootstrap-servers", broker.bootstrap, "--topic", topic),
+        *("--group", f"g-{topic}", "--redelivery-horizon-days", "7"),
+        *("-X", "session.timeout.ms=6000", "-X", "heartbeat.interval.ms=1000"),
+    ]
+    both = run_cli(
+        "outbox",
+        [
+            *common,
+            "--handler",
+            "tests.support.handlers:record_effect",
+            "--batch-handler",
+            "tests.support.handlers:record_batch",
+        ],
+        import_tests=True,
+    )
+    assert both.returncode == 2 and "exactly one of --handler and --batch-handler" in both.stderr
+    done = run_cli(
+        "outbox",
+        [*common, "--batch-handler", "tests.support.handlers:record_batch", "--idle-timeout", "2"],
+        import_tests=True,
+        timeout=90,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stderr.strip().splitlines()[-1] == "processed 50, duplicates 0, dead-lettered 0"
+    assert sorted(effect_ns(effects)) == list(range(50))

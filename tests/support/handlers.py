@@ -96,6 +96,21 @@ def poison_at_50(session: Session, message: IncomingMessage) -> None:
     _sleep()
 
 
+def record_batch(session: Session, messages: list[IncomingMessage]) -> None:
+    """A batch handler: the effect rows of every message, in one statement."""
+    session.execute(
+        sa.text(
+            "INSERT INTO effects (message_id, n, pid) "
+            "SELECT m, n, :pid FROM unnest(CAST(:ms AS text[]), CAST(:ns AS int[])) AS u(m, n)"
+        ),
+        {
+            "ms": [_message_id(m) for m in messages],
+            "ns": [int(json_value(m)["n"]) for m in messages],
+            "pid": os.getpid(),
+        },
+    )
+
+
 def order_id_key(message: IncomingMessage) -> str | None:
     """A foreign producer's idempotency key: the order id in the payload."""
     body = json_value(message)
