@@ -328,7 +328,7 @@ class Consumer:
         self._watchdog = _Watchdog(self, config.handler_timeout)
 
     def stop(self) -> None:
-        """Finish the current message, commit offsets, leave the group."""
+        """Finish the current message (or batch), commit offsets, leave the group."""
         self._stop.set()
 
     def check(self) -> None:
