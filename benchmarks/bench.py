@@ -3,6 +3,7 @@ run on the same PostgreSQL and broker. Prints numbers; asserts nothing.
 
     .venv/bin/python benchmarks/bench.py            # everything (a few minutes)
     .venv/bin/python benchmarks/bench.py throughput latency write idle claim consumer notify
+    .venv/bin/python benchmarks/bench.py consumer-latency   # what batching adds at light traffic
 
 Environment: OUTBOX_BENCH_PG (host:port, default 127.0.0.1:5432, user postgres; the database
 ``outbox_bench`` is dropped and re-created), OUTBOX_BENCH_KAFKA (bootstrap servers; default:
@@ -810,6 +811,64 @@ def bench_consumer(broker: Broker, engine: sa.Engine, n: int = 20_000) -> None:
     )
 
 
+def bench_consumer_latency(broker: Broker, rate: int = 50, seconds: float = 6.0) -> None:
+    """What batching adds to a message's latency when traffic is light: from the produce call
+    to the handler, at ``rate`` messages/s, one partition."""
+    from outbox.consumer import Consumer, ConsumerConfig, message_id_key
+
+    def one(**options: Any) -> list[float]:
+        topic = broker.create_topic(partitions=1)
+        group = f"bench-{uuid.uuid4().hex[:8]}"
+        settings = {"session.timeout.ms": "6000", "heartbeat.interval.ms": "1000"}
+        seen: list[float] = []
+
+        def handler(session: Session, message: Any) -> None:
+            seen.append(time.time() - float(message.value))
+
+        from outbox.transport.kafka import KafkaSource
+
+        consumer = Consumer(
+            ConsumerConfig(db_url=DB_URL, name=group, **options),
+            handler,
+            lambda: KafkaSource(broker.bootstrap, group, [topic], settings),
+            key=message_id_key,
+        )
+        runner = threading.Thread(target=consumer.run, daemon=True)
+        runner.start()
+        producer = Producer({"bootstrap.servers": broker.bootstrap, "linger.ms": 0})
+        producer.produce(topic, value=b"0", headers=[("message-id", b"warm-up")])
+        producer.flush(10)
+        deadline = time.monotonic() + 30
+        while not seen and time.monotonic() < deadline:  # joined and serving
+            time.sleep(0.05)
+        seen.clear()
+        for _ in range(int(rate * seconds)):
+            producer.produce(
+                topic,
+                value=repr(time.time()).encode(),
+                headers=[("message-id", uuid.uuid4().bytes.hex().encode())],
+            )
+            producer.poll(0)
+            time.sleep(1 / rate)
+        producer.flush(10)
+        time.sleep(1.0)
+        consumer.stop()
+        runner.join(30)
+        return sorted(seen)
+
+    print(f"\n== consumer latency at {rate} messages/s, produce call to handler (ms)")
+    for label, options in (
+        ("--batch-size 1                    ", {"batch_size": 1}),
+        ("default (500, --batch-max-wait 0.01)", {}),
+        ("--batch-max-wait 0                 ", {"batch_max_wait": 0.0}),
+    ):
+        lat = one(**options)
+        q = statistics.quantiles(lat, n=100)
+        print(
+            f"  {label} p50 {q[49] * 1000:6.1f}   p99 {q[98] * 1000:6.1f}   ({len(lat)} messages)"
+        )
+
+
 # -- the cost of NOTIFY for concurrent writers -------------------------------------------------
 
 
@@ -899,6 +958,8 @@ def main() -> None:
                 bench_claim(engine)
             elif name == "consumer":
                 bench_consumer(broker, engine)
+            elif name == "consumer-latency":
+                bench_consumer_latency(broker)
             elif name == "notify":
                 bench_notify(engine)
             elif name == "metrics":
