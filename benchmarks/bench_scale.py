@@ -1,0 +1,312 @@
+"""Writers at scale, end to end (issue 11 point 3), measured side by side in one run.
+
+``writers``: N writer processes (1, 4, 16), each running transactions of one order row and
+(with the outbox) one event, for a few seconds, with the relay and an ``outbox consume``-like
+consumer running; prints writer transactions/s with vs without the outbox and the relay's
+largest backlog seen (sampled every 0.1 s).
+
+``e2e``: commit-to-consumer-effect latency at 500 events/s (a paced writer process, the relay
+and the inbox consumer running), p50/p99, against a bare producer -> consumer pair at the same
+rate with the same consumer settings (the control: what this broker and librdkafka's fetch
+settings cost by themselves).
+
+    .venv/bin/python benchmarks/bench_scale.py writers e2e [-C fetch.wait.max.ms=10]
+
+``-C NAME=VALUE``: a consumer setting for both the consumer and the control.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import sqlalchemy as sa
+from confluent_kafka import Consumer as KafkaConsumer
+from confluent_kafka import Producer
+from sqlalchemy.orm import Session
+
+from benchmarks.bench import DB_URL, KEYS, PARTITIONS, fresh_db, payload
+from outbox import Outbox, Relay, RelayConfig
+from outbox.consumer import Consumer, ConsumerConfig
+from outbox.transport.base import IncomingMessage
+from outbox.transport.kafka import KafkaSource, KafkaTransport
+from tests.support.broker import Broker
+
+GROUP_SETTINGS = {"session.timeout.ms": "6000", "heartbeat.interval.ms": "1000"}
+ORDERS = (
+    "CREATE TABLE IF NOT EXISTS scale_orders (id bigserial PRIMARY KEY, customer text NOT NULL, "
+    "body jsonb NOT NULL)"
+)
+EFFECTS = (
+    "CREATE TABLE IF NOT EXISTS scale_effects (message_id text NOT NULL, created float8, "
+    # The effect's own time: its transaction commits within a millisecond of this insert.
+    "effected float8 DEFAULT extract(epoch FROM clock_timestamp()))"
+)
+
+
+def _writer(with_outbox: bool, topic: str, ready: Any, seconds: float, out: Any) -> None:
+    """One writer process: connected and warmed up, it waits for every other writer at the
+    barrier, then runs as many transactions as it can for ``seconds``."""
+    engine = sa.create_engine(DB_URL, pool_size=1)
+    outbox = Outbox()
+    insert = sa.text("INSERT INTO scale_orders (customer, body) VALUES (:c, CAST(:b AS jsonb))")
+    with engine.connect() as c:
+        c.execute(sa.text("SELECT 1"))
+    done = 0
+    i = 0
+    ready.wait()
+    end = time.time() + seconds
+    while time.time() < end:
+        body = payload(i)
+        with Session(engine) as s, s.begin():
+            s.execute(insert, {"c": body["customer"], "b": json.dumps(body)})
+            if with_outbox:
+                # Keyed by the order, as an order's events are: writers do not share keys
+                # (same-key writers wait for each other by design; see docs/design.md).
+                outbox.publish(s, topic, body, key=f"order-{uuid.uuid4()}")
+        done += 1
+        i += 1
+    engine.dispose()
+    out.put(done)
+
+
+def _effect(session: Session, message: IncomingMessage) -> None:
+    created = json.loads(message.value or b"{}").get("created")
+    session.execute(
+        sa.text("INSERT INTO scale_effects (message_id, created) VALUES (:m, :c)"),
+        {"m": (message.header("message-id") or b"").decode(), "c": created},
+    )
+
+
+class _Running:
+    """The relay and the consumer on threads of this process."""
+
+    def __init__(self, broker: Broker, topic: str, consumer_settings: dict[str, str]) -> None:
+        self.relay = Relay(RelayConfig(db_url=DB_URL), lambda: KafkaTransport(broker.bootstrap))
+        group = f"scale-{uuid.uuid4().hex[:8]}"
+        settings = {**GROUP_SETTINGS, **consumer_settings}
+        self.consumer = Consumer(
+            ConsumerConfig(db_url=DB_URL, name=group),
+            _effect,
+            lambda: KafkaSource(broker.bootstrap, group, [topic], settings),
+        )
+        self.threads = [
+            threading.Thread(target=self.relay.run, daemon=True),
+            threading.Thread(target=self.consumer.run, daemon=True),
+        ]
+
+    def __enter__(self) -> _Running:
+        for t in self.threads:
+            t.start()
+        while not self.relay.is_leader:
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.relay.stop()
+        self.consumer.stop()
+        for t in self.threads:
+            t.join(30)
+
+
+def _backlog(engine: sa.Engine) -> int:
+    with engine.connect() as c:
+        return int(
+            c.execute(
+                sa.text("SELECT count(*) FROM outbox_messages WHERE status IN ('pending','retry')")
+            ).scalar()
+            or 0
+        )
+
+
+def bench_writers(broker: Broker, engine: sa.Engine, settings: dict[str, str]) -> None:
+    topic = broker.create_topic(partitions=PARTITIONS)
+    seconds = 5.0
+    ctx = multiprocessing.get_context("spawn")
+    print(
+        f"\n== writers at scale: transactions of one order row (+ one event), {seconds:.0f} s "
+        "each, relay and consumer running"
+    )
+    with _Running(broker, topic, settings):
+        for n in (1, 4, 16):
+            rates: dict[bool, float] = {}
+            most = 0
+            for with_outbox in (False, True, False, True):  # interleaved: two rounds
+                q = ctx.Queue()
+                ready = ctx.Barrier(n + 1)  # every writer imported and connected
+                procs = [
+                    ctx.Process(target=_writer, args=(with_outbox, topic, ready, seconds, q))
+                    for _ in range(n)
+                ]
+                for p in procs:
+                    p.start()
+                ready.wait()
+                start_at = time.time()
+                if with_outbox:
+                    while time.time() < start_at + seconds:
+                        most = max(most, _backlog(engine))
+                        time.sleep(0.1)
+                total = sum(q.get(timeout=seconds + 60) for _ in procs)
+                for p in procs:
+                    p.join()
+                rate = total / seconds
+                rates[with_outbox] = max(rates.get(with_outbox, 0.0), rate)
+            print(
+                f"  {n:2} writers: {rates[False]:>8,.0f} tx/s without, {rates[True]:>8,.0f} with "
+                f"the outbox: ratio {rates[True] / rates[False]:.2f} (target >= 0.85 at 16); "
+                f"largest backlog {most} (a batch is 1000)"
+            )
+
+
+def _paced(topic: str, rate: int, seconds: float) -> None:
+    """A writer process: one order and one event per transaction at ``rate``/s; each event
+    carries its commit-side timestamp (wall clock: the consumer runs in another process)."""
+    engine = sa.create_engine(DB_URL, pool_size=1)
+    outbox = Outbox()
+    start = time.monotonic()
+    for i in range(int(rate * seconds)):
+        delay = start + i / rate - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        with Session(engine) as s, s.begin():
+            outbox.publish(s, topic, {"i": i, "created": time.time()}, key=f"key-{i % KEYS}")
+    engine.dispose()
+
+
+def _percentiles(values: list[float]) -> tuple[float, float]:
+    values.sort()
+    return values[len(values) // 2], values[min(len(values) - 1, int(0.99 * len(values)))]
+
+
+def bench_e2e(
+    broker: Broker,
+    engine: sa.Engine,
+    settings: dict[str, str],
+    rate: int = 500,
+    seconds: float = 10.0,
+) -> None:
+    topic = broker.create_topic(partitions=PARTITIONS)
+    with engine.begin() as c:
+        c.execute(sa.text("TRUNCATE scale_effects"))
+    with _Running(broker, topic, settings):
+        time.sleep(3)  # the consumer joins
+        writer = multiprocessing.get_context("spawn").Process(
+            target=_paced, args=(topic, rate, seconds)
+        )
+        writer.start()
+        writer.join()
+        expected = int(rate * seconds)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            with engine.connect() as c:
+                got = int(c.execute(sa.text("SELECT count(*) FROM scale_effects")).scalar() or 0)
+            if got >= expected:
+                break
+            time.sleep(0.2)
+    lat = _effect_latencies(engine)
+    control = _control(broker, settings, rate, seconds)
+    p50, p99 = _percentiles(lat)
+    c50, c99 = _percentiles(control)
+    print(
+        f"\n== commit-to-consumer-effect latency at {rate}/s for {seconds:.0f} s, consumer "
+        f"settings {settings or 'defaults'}"
+    )
+    print(f"  end to end (writer -> inbox effect): p50 {p50:.1f} ms  p99 {p99:.1f} ms")
+    print(f"  control (bare producer -> consumer): p50 {c50:.1f} ms  p99 {c99:.1f} ms")
+    print(f"  p99 - control p99: {p99 - c99:+.1f} ms   (target <= +25 ms)")
+
+
+def _effect_latencies(engine: sa.Engine) -> list[float]:
+    """Per effect: when it was written (within a millisecond of its commit) minus when the
+    writer created the event (just before its transaction committed), in ms."""
+    with engine.connect() as c:
+        rows = c.execute(sa.text("SELECT created, effected FROM scale_effects")).all()
+    return [(e - cr) * 1000 for cr, e in rows if cr is not None]
+
+
+def _control(broker: Broker, settings: dict[str, str], rate: int, seconds: float) -> list[float]:
+    topic = broker.create_topic(partitions=PARTITIONS)
+    consumer = KafkaConsumer(
+        {
+            "bootstrap.servers": broker.bootstrap,
+            "group.id": f"control-{uuid.uuid4().hex[:8]}",
+            "auto.offset.reset": "earliest",
+            **GROUP_SETTINGS,
+            **settings,
+        }
+    )
+    consumer.subscribe([topic])
+    while not consumer.assignment():
+        consumer.poll(0.1)
+    producer = Producer(
+        {"bootstrap.servers": broker.bootstrap, "linger.ms": "5", "enable.idempotence": True}
+    )
+    lat: list[float] = []
+    stop = threading.Event()
+
+    def read() -> None:
+        while not stop.is_set():
+            m = consumer.poll(0.1)
+            if m is not None and m.error() is None:
+                lat.append((time.time() - json.loads(m.value() or b"{}")["created"]) * 1000)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    start = time.monotonic()
+    for i in range(int(rate * seconds)):
+        delay = start + i / rate - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        producer.produce(
+            topic, json.dumps({"i": i, "created": time.time()}).encode(), f"key-{i % KEYS}"
+        )
+        producer.poll(0)
+    producer.flush(30)
+    deadline = time.monotonic() + 30
+    while len(lat) < int(rate * seconds) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    stop.set()
+    reader.join(5)
+    consumer.close()
+    return lat
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("which", nargs="*", default=["writers", "e2e"])
+    parser.add_argument("-C", action="append", default=[], help="consumer setting NAME=VALUE")
+    args = parser.parse_args()
+    settings = dict(x.split("=", 1) for x in args.C)
+    fresh_db()
+    engine = sa.create_engine(DB_URL)
+    with engine.begin() as c:
+        c.execute(sa.text(ORDERS))
+        c.execute(sa.text(EFFECTS))
+    broker = Broker()
+    broker.start()
+    try:
+        for name in args.which:
+            if name == "writers":
+                bench_writers(broker, engine, settings)
+            elif name == "e2e":
+                bench_e2e(broker, engine, settings)
+            else:
+                parser.error(f"unknown benchmark {name}")
+    finally:
+        broker.stop()
+        engine.dispose()
+
+
+if __name__ == "__main__":
+    main()
