@@ -179,24 +179,20 @@ class _StateGauge:
 
 
 class TableGauges:
-    """Backlog, oldest pending age and dead count of the outbox table, read with SQL at most
-    every ``interval`` seconds on a connection of their own (``connect``); the last good
-    values are kept while the database cannot be read."""
+    """Backlog, oldest pending age and dead count of the outbox table, read with ``sql``
+    (:func:`outbox.statements.table_gauges`, for the driver) at most every ``interval``
+    seconds on a connection of their own (``connect``); the last good values are kept while
+    the database cannot be read."""
 
     def __init__(
         self,
         connect: Callable[[], Any],
-        qualified_table: str,
+        sql: str,
         interval: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._connect = connect
-        self._sql = (
-            f"SELECT (SELECT count(*) FROM {qualified_table} WHERE status IN ('pending', 'retry')),"
-            f" (SELECT extract(epoch FROM now() - created_at) FROM {qualified_table}"
-            "   WHERE status IN ('pending', 'retry') ORDER BY id LIMIT 1),"
-            f" (SELECT count(*) FROM {qualified_table} WHERE status = 'dead')"
-        )
+        self._sql = sql
         self._interval = interval
         self._clock = clock
         self._lock = threading.Lock()
@@ -467,11 +463,13 @@ def relay_table_gauges(config: RelayConfig, interval: float = 5.0) -> TableGauge
     ``<name>-metrics``), statements limited to 5 s."""
     import psycopg
 
+    from outbox import statements
     from outbox.config import relay_conninfo
     from outbox.schema import define_tables
 
     conninfo = relay_conninfo(config)
-    table = define_tables(table=config.table, schema=config.schema).qualified_name
+    tables = define_tables(table=config.table, schema=config.schema)
+    sql = statements.to_driver_sql(statements.table_gauges(tables))
 
     def connect() -> Any:
         return psycopg.connect(
@@ -481,4 +479,4 @@ def relay_table_gauges(config: RelayConfig, interval: float = 5.0) -> TableGauge
             options="-c statement_timeout=5000",
         )
 
-    return TableGauges(connect, table, interval)
+    return TableGauges(connect, sql, interval)

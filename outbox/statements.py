@@ -403,6 +403,20 @@ def count_by_status(tables: OutboxTables) -> sa.TextClause:
 
 
 @functools.lru_cache(maxsize=64)
+def table_gauges(tables: OutboxTables) -> sa.TextClause:
+    """The metrics' table gauges in one round trip: pending and retrying rows, the age in
+    seconds of the oldest of them (by id, through the partial index of unsent rows), and
+    parked rows (through the partial index of held keys)."""
+    t = _table(tables)
+    return sa.text(
+        f"SELECT (SELECT count(*) FROM {t} WHERE status IN ('{PENDING}', '{RETRY}')), "
+        f"(SELECT extract(epoch FROM now() - created_at) FROM {t} "
+        f"WHERE status IN ('{PENDING}', '{RETRY}') ORDER BY id LIMIT 1), "
+        f"(SELECT count(*) FROM {t} WHERE status = '{DEAD}')"
+    )
+
+
+@functools.lru_cache(maxsize=64)
 def probe_tables(tables: OutboxTables) -> sa.TextClause:
     """Fails with UndefinedTable when the tables are not installed, and with UndefinedColumn
     when they are older than revision ``outbox_0004`` (run ``outbox db upgrade``)."""
