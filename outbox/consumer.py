@@ -438,12 +438,9 @@ class Consumer:
 
     @property
     def breaker(self) -> Breaker:
+        """The circuit breaker: ``.state`` is ``closed``, ``open`` or ``half_open`` (the
+        readiness endpoint's "degraded")."""
         return self._breaker
-
-    @property
-    def breaker_state(self) -> str:
-        """``closed``, ``open`` or ``half_open`` (the readiness endpoint's "degraded")."""
-        return self._breaker.state
 
     def _wait_open(self, source: Source) -> None:
         """While the breaker is open: keep the group membership (the source is paused), and
