@@ -17,14 +17,11 @@ is not handled: it is dead-lettered with reason ``expired``, or given to ``on_ex
 Batches (``batch_size`` > 1, or a batch handler): the messages of a batch share that one
 transaction, with one claim statement for all their keys; a message that fails takes the
 per-message path above on its own, after the messages before it commit (see
-:meth:`Consumer._segment` and docs/design.md, "Batches").
+:mod:`outbox.consumer_batch` and docs/design.md, "Batches").
 """
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import datetime
 import importlib
 import json
 import logging
@@ -33,18 +30,19 @@ import random
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
-import psycopg
 import sqlalchemy as sa
 import sqlalchemy.exc
 from sqlalchemy.orm import Session
 
 from outbox import deadletter, statements, tracing
-from outbox.backoff import Backoff, Retrying
-from outbox.breaker import Breaker, BreakerPolicy, Transition
+from outbox.backoff import Retrying
+from outbox.breaker import Breaker, Transition
 from outbox.config import parse_db_url
+from outbox.consumer_batch import Batches
+from outbox.consumer_config import ConsumerConfig, ConsumerStats
 from outbox.exceptions import (
     ConfigurationError,
     DatabaseAccessError,
@@ -59,12 +57,33 @@ from outbox.exceptions import (
     first_line,
     translate_db_errors,
 )
+from outbox.handler_session import HandlerSession, backend_pid, counting, undone_message
 from outbox.inbox import Inbox
 from outbox.message import HEADER_DEADLINE, HEADER_MESSAGE_ID, parse_deadline
 from outbox.observe import ConsumerObserver, LogConsumer, Outcome, fanout, message_fields
 from outbox.outbox import Outbox
-from outbox.schema import DEFAULT_INBOX_TABLE, DEFAULT_TABLE, validate_identifier
 from outbox.transport.base import IncomingMessage, Source
+from outbox.watchdog import EXIT_HANDLER_HUNG, Watchdog
+
+__all__ = [
+    "BATCH_BUDGET",
+    "EXIT_HANDLER_HUNG",
+    "BatchHandler",
+    "Consumer",
+    "ConsumerConfig",
+    "ConsumerStats",
+    "DownstreamUnavailable",
+    "Handler",
+    "KeyExtractor",
+    "PoisonMessage",
+    "json_value",
+    "load_exception",
+    "load_handler",
+    "message_id_key",
+]
+
+# The watchdog's old name here (tests replace its ``exit``).
+_Watchdog = Watchdog
 
 logger = logging.getLogger(__name__)
 
@@ -77,9 +96,6 @@ BatchHandler = Callable[[Session, list[IncomingMessage]], Any]
 #: as without batches. Batching pays off when messages take milliseconds, not seconds.
 BATCH_BUDGET = 5.0
 
-#: Exit status of ``outbox consume`` after a handler hung past its time limit (its message
-#: was dead-lettered first): restart the process.
-EXIT_HANDLER_HUNG = 3
 KeyExtractor = Callable[[IncomingMessage], "str | None"]
 
 
@@ -141,122 +157,6 @@ def load_exception(path: str, app_dir: str | None = None) -> type[BaseException]
     return kind
 
 
-class _HandlerSession(Session):
-    """The handler's session, joined to the runner's transaction (``rollback_only``): its
-    ``commit()`` flushes but leaves the transaction to the runner, so the writes commit with
-    the inbox key or not at all. ``rollback()`` rolls the whole transaction back, the key's
-    claim included, and fails the attempt at once; ``close()`` would drop unflushed writes
-    while the flushed ones commit (a half-applied message): it fails the attempt too."""
-
-    undone: str | None = None
-
-    def rollback(self) -> None:
-        self.undone = "rollback"
-        super().rollback()
-        raise HandlerUndidItsWork(_undone_message("rollback"))
-
-    def close(self) -> None:
-        if self.undone is None and self.in_transaction():
-            self.undone = "close"
-        super().close()
-
-
-def _undone_message(call: str) -> str:
-    return (
-        f"the handler called session.{call}(), which would undo its writes; raise an exception "
-        "to fail the message (the consumer rolls back and retries), or use "
-        "session.begin_nested() for a partial undo"
-    )
-
-
-@dataclasses.dataclass(frozen=True)
-class ConsumerConfig:
-    db_url: str
-    #: The inbox's consumer name: keys are deduplicated per name (usually the group id).
-    name: str
-    #: Where poison messages go; default ``<topic>.dlq`` of each message.
-    dead_letter_topic: str | None = None
-    max_attempts: int = 5
-    #: Backoff between a handler's attempts at one message.
-    retry_backoff_base: float = 0.2
-    retry_backoff_max: float = 30.0
-    #: Backoff between tries while the database is unreachable (no attempt is counted).
-    db_backoff_base: float = 0.5
-    db_backoff_max: float = 30.0
-    #: How long one attempt of the handler may take, in seconds (None: no limit). Its database
-    #: statements are cancelled past it (``statement_timeout``: a failed attempt); a handler
-    #: stuck outside the database is dead-lettered and the process exits with status
-    #: :data:`EXIT_HANDLER_HUNG` for its supervisor to restart it (a Python thread cannot be
-    #: stopped from outside). Keep it below Kafka's ``max.poll.interval.ms``.
-    handler_timeout: float | None = 60.0
-    table: str = DEFAULT_TABLE
-    schema: str | None = None
-    inbox_table: str = DEFAULT_INBOX_TABLE
-    #: How long processed keys are remembered; must exceed how long a message can come back.
-    retention: datetime.timedelta = datetime.timedelta(days=7)
-    #: How long a message can come back (e.g. the topics' retention), if known: a shorter
-    #: ``retention`` gets a warning at start-up.
-    redelivery_horizon: datetime.timedelta | None = None
-    #: When transient failures open the circuit breaker, and the retry budget.
-    breaker: BreakerPolicy = dataclasses.field(default_factory=BreakerPolicy)
-    #: A message counts as expired only this many seconds past its deadline: the tolerance
-    #: for the publisher's clock running ahead of the consumer's.
-    clock_skew: float = 1.0
-    #: Messages handled in one database transaction (one inbox claim statement, one commit);
-    #: 1: one transaction per message. See "Batches" in :class:`Consumer`.
-    batch_size: int = 500
-    #: Seconds a batch may wait for more messages once it has one (what is fetched already
-    #: comes at once): adds up to this much to a message's latency when traffic is light.
-    batch_max_wait: float = 0.01
-
-    def __post_init__(self) -> None:
-        parse_db_url(self.db_url)
-        if not self.name:
-            raise ConfigurationError("the consumer needs a name (the inbox's consumer)")
-        if self.max_attempts < 1:
-            raise ConfigurationError("max_attempts must be at least 1")
-        for name in (
-            "retry_backoff_base",
-            "retry_backoff_max",
-            "db_backoff_base",
-            "db_backoff_max",
-        ):
-            if not getattr(self, name) > 0:
-                raise ConfigurationError(f"{name} must be positive")
-        validate_identifier(self.table, "table name")
-        if self.handler_timeout is not None and not self.handler_timeout > 0:
-            raise ConfigurationError("handler_timeout must be positive (or None: no limit)")
-        if not 0 <= self.clock_skew < 86400:
-            raise ConfigurationError("clock_skew must be at least 0 seconds (and under a day)")
-        if not 1 <= self.batch_size <= 100_000:
-            raise ConfigurationError("batch_size must be between 1 and 100000")
-        if not 0 <= self.batch_max_wait <= 60:
-            raise ConfigurationError("batch_max_wait must be between 0 and 60 seconds")
-
-    @property
-    def retry_backoff(self) -> Backoff:
-        return Backoff(self.retry_backoff_base, self.retry_backoff_max)
-
-    @property
-    def db_backoff(self) -> Backoff:
-        return Backoff(self.db_backoff_base, self.db_backoff_max)
-
-
-@dataclasses.dataclass
-class ConsumerStats:
-    processed: int = 0
-    duplicates: int = 0
-    dead_lettered: int = 0
-    failed_attempts: int = 0
-    #: Failures of the handler's dependencies (no attempt counted).
-    transient_failures: int = 0
-    #: Messages past their deadline (dead-lettered, or given to ``on_expired``).
-    expired: int = 0
-    #: Times the circuit breaker opened, and seconds it kept the partitions paused.
-    breaker_opened: int = 0
-    paused_seconds: float = 0.0
-
-
 class Consumer:
     """Runs ``handler(session, message)`` once per message, with the inbox. Not thread-safe;
     :meth:`stop` may be called from any thread or a signal handler.
@@ -299,8 +199,6 @@ class Consumer:
         assert handler is not None
         self.handler: Handler = handler
         self._batching = batch_handler is not None or config.batch_size > 1
-        #: Set when a batch was cut short: its unfinished messages are rewound.
-        self._put_back = False
         self.on_expired = on_expired
         self.stats = ConsumerStats()
         self._transient: tuple[type[BaseException], ...] = (DownstreamUnavailable, *transient)
@@ -324,8 +222,9 @@ class Consumer:
         # refuses or drops the options startup parameter).
         connect_args: dict[str, Any] = {"prepare_threshold": None}
         self._engine = sa.create_engine(url, pool_pre_ping=True, connect_args=connect_args)
-        sa.event.listen(self._engine, "connect", _counting)
-        self._watchdog = _Watchdog(self, config.handler_timeout)
+        sa.event.listen(self._engine, "connect", counting)
+        self._watchdog = Watchdog(self, config.handler_timeout)
+        self._batches = Batches(self)
 
     def stop(self) -> None:
         """Finish the current message (or batch), commit offsets, leave the group."""
@@ -605,10 +504,10 @@ class Consumer:
     ) -> bool:
         """Claim ``key`` and run the handler in one transaction that this runner owns; False
         if the key was claimed before (a duplicate). The handler's session joins that
-        transaction (see :class:`_HandlerSession`): its own ``commit()`` only flushes, and
-        nothing commits before the whole handler has run. (Not a savepoint per message: two
-        round trips that cost the consumer a quarter of its throughput.) The whole attempt is
-        the ``process`` span when tracing is on (see :mod:`outbox.tracing`)."""
+        transaction (see :class:`~outbox.handler_session.HandlerSession`): its own ``commit()``
+        only flushes, and nothing commits before the whole handler has run. (Not a savepoint per
+        message: two round trips that cost the consumer a quarter of its throughput.) The whole
+        attempt is the ``process`` span when tracing is on (see :mod:`outbox.tracing`)."""
         with (
             tracing.processing(message, self.config.name),
             self._engine.connect() as conn,
@@ -624,262 +523,22 @@ class Consumer:
             ):
                 return False
             with (
-                _HandlerSession(bind=conn, join_transaction_mode="rollback_only") as session,
-                self._watchdog.watching(message, key, attempts, _backend_pid(conn)),
+                HandlerSession(bind=conn, join_transaction_mode="rollback_only") as session,
+                self._watchdog.watching(message, key, attempts, backend_pid(conn)),
             ):
                 handler(session, message)
                 if session.undone is not None:
-                    raise HandlerUndidItsWork(_undone_message(session.undone))
+                    raise HandlerUndidItsWork(undone_message(session.undone))
                 session.commit()  # flushes; the claim and the writes commit together below
         return True
 
     # -- batches --------------------------------------------------------------------------------
 
     def _consume_batch(self, batch: list[IncomingMessage], started: float) -> int:
-        """Handle a polled batch in order: how many of its messages are finished (their
-        offsets stored). Runs of messages that need nothing special go in one transaction each
-        (:meth:`_segment`); a message without a key, expired, sent back by the breaker, or
-        polled while the breaker is not closed goes through :meth:`_handle` on its own. When
-        the breaker opens, the rest of the batch is rewound, in order, with the failed message."""
-        i, n = 0, len(batch)
-        while i < n and not self._stop.is_set():
-            segment: list[tuple[IncomingMessage, str]] = []
-            while i + len(segment) < n:
-                key = self._batch_key(batch[i + len(segment)])
-                if key is None:
-                    break
-                segment.append((batch[i + len(segment)], key))
-            if segment:
-                done = self._segment(segment, started)
-                i += done
-                if done < len(segment):
-                    break
-            elif self._one(batch[i], started, None):
-                i += 1
-            else:
-                break
-        if i < n and (self._breaker.state == "open" or self._put_back):
-            for message in batch[i:]:
-                self._source.rewind(message)
-        self._put_back = False
-        return i
-
-    def _batch_key(self, message: IncomingMessage) -> str | None:
-        """The key of a message that may share a transaction with others; None if it takes
-        the per-message path."""
-        if self._breaker.state != "closed":
-            return None  # a half-open probe is one message
-        carried = self._carried
-        if carried is not None and carried[:3] == (
-            message.topic,
-            message.partition,
-            message.offset,
-        ):
-            return None  # its attempts so far count on
-        key = self._key(message)
-        if key is None:
-            return None
-        try:
-            if self._expired(message) is not None:
-                return None
-        except PoisonMessage:
-            return None
-        return key
-
-    def _one(self, message: IncomingMessage, started: float, failed: BaseException | None) -> bool:
-        """One message through the per-message path; False if it was not finished."""
-        outcome = self._handle(message, failed)
-        if outcome is None:
-            return False
-        self._source.processed(message)
-        self._observe.message_finished(message, outcome, time.monotonic() - started)
-        return True
-
-    def _segment(self, segment: list[tuple[IncomingMessage, str]], started: float) -> int:
-        """Handle ``segment`` in order, optimistically in one transaction: how many of its
-        messages are finished. If the transaction fails at message k, the messages before k
-        are handled again in a fresh transaction, k takes the per-message path with its
-        failure (retries, breaker, dead letter), and the rest go on as a new segment. A batch
-        handler's failure names no message: the segment is split in halves instead, down to
-        the one that fails."""
-        if not segment or self._stop.is_set():
-            return 0
-        failure = self._attempt(segment, started)
-        if failure is None:
-            return len(segment)
-        at, exc, committed = failure
-        if at is None:
-            if len(segment) > 1:
-                half = len(segment) // 2
-                done = self._segment(segment[:half], started)
-                if done < half:
-                    return done
-                return half + self._segment(segment[half:], started)
-            at = 0
-        if committed < at:
-            done = self._segment(segment[:at], started)
-            if done < at:
-                return done
-        if isinstance(exc, _Cut):
-            self._put_back = True  # the rest comes again after the next poll
-            return at
-        if not self._one(segment[at][0], started, exc):
-            return at
-        return at + 1 + self._segment(segment[at + 1 :], started)
-
-    def _attempt(
-        self, segment: list[tuple[IncomingMessage, str]], started: float
-    ) -> tuple[int | None, Exception | None, int] | None:
-        """One transaction for ``segment``: claim all its keys in one statement, run the
-        handler on each fresh message in order (or the batch handler once), commit. None when
-        it committed (offsets stored, observers told); else where it failed (None: at the
-        commit, or in the batch handler), why (None: a message expired meanwhile), and how
-        many messages before it are committed already (see :meth:`_cut`)."""
-        name = self.config.name
-        claims = [deadletter.inbox_key(key) or key for _, key in segment]
-        outcomes: list[Outcome] = []
-        at = 0
-        try:
-            with self._engine.connect() as conn, conn.begin() as transaction:
-                fresh = self._inbox.claim_batch(
-                    conn, name, claims, statement_timeout=self.config.handler_timeout
-                )
-                seen: set[str] = set()
-                for claim in claims:
-                    if claim in fresh and claim not in seen:
-                        seen.add(claim)
-                        outcomes.append("processed")
-                    else:
-                        outcomes.append("duplicate")
-                pid = _backend_pid(conn) if self._watchdog.on else None
-                if self.batch_handler is not None:
-                    at = -1  # a failure from here on names no message
-                    self._run_batch_handler(conn, segment, outcomes, pid)
-                else:
-                    driver = conn.connection.driver_connection
-                    first: set[tuple[str, int]] = set()
-                    begun = time.monotonic()
-                    for at, (message, key) in enumerate(segment):
-                        tp = (message.topic, message.partition)
-                        alone = tp not in first  # nothing pending before it in its partition
-                        first.add(tp)
-                        if outcomes[at] == "duplicate":
-                            continue
-                        mark = _sent(driver)
-                        try:
-                            if at and time.monotonic() - begun > BATCH_BUDGET:
-                                raise _Cut  # poll again soon: see BATCH_BUDGET
-                            if self._expired(message) is not None:
-                                raise _Expired  # the per-message path dead-letters it
-                            with (
-                                tracing.processing(message, name),
-                                _HandlerSession(
-                                    bind=conn, join_transaction_mode="rollback_only"
-                                ) as s,
-                                self._watchdog.watching(message, key, 1, pid, alone),
-                            ):
-                                self.handler(s, message)
-                                if s.undone is not None:
-                                    raise HandlerUndidItsWork(_undone_message(s.undone))
-                                s.commit()  # flushes: a failing write is this message's
-                        except Exception as exc:
-                            if self._cut(conn, transaction, mark, claims, outcomes, at):
-                                self._finished(segment[:at], outcomes[:at], started)
-                                return at, (None if isinstance(exc, _Expired) else exc), at
-                            if isinstance(exc, _Cut):
-                                raise _CutFailed from None
-                            raise
-                at = -1  # the commit names no message
-        except _Expired:
-            return at, None, 0
-        except _CutFailed:
-            return at, _Cut(), 0
-        except Exception as exc:
-            return (None if at < 0 else at), exc, 0
-        self._finished(segment, outcomes, started)
-        return None
-
-    def _cut(
-        self,
-        conn: sa.Connection,
-        transaction: sa.RootTransaction,
-        mark: int | None,
-        claims: list[str],
-        outcomes: list[Outcome],
-        at: int,
-    ) -> bool:
-        """The handler failed at message ``at`` without sending a statement (it failed before
-        writing, as when the dependency it calls first is down): the transaction holds just
-        the work of the messages before it. Commit that, less the claims of ``at`` and after,
-        so those messages' handlers do not run twice. False (the caller rolls back and the
-        messages before ``at`` run again) if the handler did send something, or the
-        transaction is no longer usable."""
-        driver = conn.connection.driver_connection
-        if at == 0 or mark is None or _sent(driver) != mark or not transaction.is_active:
-            return False
-        info = getattr(driver, "info", None)
-        if getattr(info, "transaction_status", None) != psycopg.pq.TransactionStatus.INTRANS:
-            return False  # rolled back, or failed
-        unclaim = [c for c, o in zip(claims[at:], outcomes[at:], strict=True) if o == "processed"]
-        try:
-            if unclaim:
-                self._inbox.unclaim(conn, self.config.name, unclaim)
-            transaction.commit()
-        except Exception:
-            logger.debug("batch cut failed", exc_info=True, extra={"event": "consumer.cut_failed"})
-            return False
-        return True
-
-    def _run_batch_handler(
-        self,
-        conn: sa.Connection,
-        segment: list[tuple[IncomingMessage, str]],
-        outcomes: list[Outcome],
-        pid: int | None,
-    ) -> None:
-        assert self.batch_handler is not None
-        letters = [pair for pair, o in zip(segment, outcomes, strict=True) if o == "processed"]
-        if not letters:
-            return
-        fresh = [m for m, _ in letters]
-        with (
-            _HandlerSession(bind=conn, join_transaction_mode="rollback_only") as session,
-            self._watchdog.watching_all(letters, [m for m, _ in segment], pid),
-        ):
-            self.batch_handler(session, fresh)
-            if session.undone is not None:
-                raise HandlerUndidItsWork(_undone_message(session.undone))
-            session.commit()
-
-    def _finished(
-        self,
-        segment: list[tuple[IncomingMessage, str]],
-        outcomes: list[Outcome],
-        started: float,
-    ) -> None:
-        """After a segment's commit: the stats, the breaker, the offsets, the observers."""
-        processed = 0
-        for (message, key), outcome in zip(segment, outcomes, strict=True):
-            self._breaker.attempt()
-            if outcome == "processed":
-                processed += 1
-            elif logger.isEnabledFor(logging.DEBUG):
-                logger.debug(
-                    "duplicate skipped",
-                    extra={"event": "consumer.duplicate", "key": key, **message_fields(message)},
-                )
-        self.stats.processed += processed
-        self.stats.duplicates += len(segment) - processed
-        if processed:
-            self._breaker.succeeded()  # closed: resets the failures in a row
-        last: dict[tuple[str, int], IncomingMessage] = {}
-        for message, _ in segment:
-            last[(message.topic, message.partition)] = message
-        for message in last.values():
-            self._source.processed(message)  # the last of each partition stores them all
-        now = time.monotonic()
-        for (message, _), outcome in zip(segment, outcomes, strict=True):
-            self._observe.message_finished(message, outcome, now - started)
+        """Handle a polled batch (see :class:`outbox.consumer_batch.Batches`): how many of its
+        messages are finished."""
+        # The budget is read here, at each batch, so that tests can shorten it.
+        return self._batches.consume(batch, started, BATCH_BUDGET)
 
     def _wait_for_database(self, exc: BaseException, outage: Retrying) -> bool:
         """Back off after a database failure; False when asked to stop meanwhile."""
@@ -963,214 +622,3 @@ class Consumer:
             },
         )
         return "dead_lettered"
-
-
-def _backend_pid(conn: sa.Connection) -> int | None:
-    driver = conn.connection.driver_connection
-    info = getattr(driver, "info", None)
-    return getattr(info, "backend_pid", None)
-
-
-def _sent(driver: Any) -> int | None:
-    """Statements sent on a driver connection so far (None: not counted)."""
-    sent: int | None = getattr(driver, "outbox_statements", None)
-    return sent
-
-
-class _CountingCursor(psycopg.Cursor[Any]):
-    """Counts the statements sent on its connection, so that a batch can tell a handler that
-    failed before writing anything (see :meth:`Consumer._cut`). Everything psycopg sends
-    goes through a cursor: SQLAlchemy's statements, ``Connection.execute`` (the outbox's fast
-    path), COPY, pipelines."""
-
-    def execute(self, *args: Any, **kwargs: Any) -> Any:
-        _count(self.connection)
-        return super().execute(*args, **kwargs)
-
-    def executemany(self, *args: Any, **kwargs: Any) -> None:
-        _count(self.connection)
-        super().executemany(*args, **kwargs)
-
-    def stream(self, *args: Any, **kwargs: Any) -> Any:
-        _count(self.connection)
-        return super().stream(*args, **kwargs)
-
-    def copy(self, *args: Any, **kwargs: Any) -> Any:
-        _count(self.connection)
-        return super().copy(*args, **kwargs)
-
-
-class _CountingServerCursor(psycopg.ServerCursor[Any]):
-    def execute(self, *args: Any, **kwargs: Any) -> Any:
-        _count(self.connection)
-        return super().execute(*args, **kwargs)
-
-
-def _count(connection: Any) -> None:
-    connection.outbox_statements = getattr(connection, "outbox_statements", 0) + 1
-
-
-def _counting(dbapi_connection: Any, _record: Any) -> None:
-    """On each new database connection of the consumer: count its statements."""
-    if isinstance(dbapi_connection, psycopg.Connection):
-        dbapi_connection.outbox_statements = 0  # type: ignore[attr-defined]
-        dbapi_connection.cursor_factory = _CountingCursor
-        dbapi_connection.server_cursor_factory = _CountingServerCursor
-
-
-class _Cut(Exception):
-    """A batch ran :data:`BATCH_BUDGET` seconds: the rest of it goes back to the source."""
-
-
-class _CutFailed(Exception):
-    pass
-
-
-class _Expired(Exception):
-    """A message of a batch expired before its handler started (the batch is cut there)."""
-
-
-class _Watchdog:
-    """Notices a handler attempt that outlives its time limit. Its database statements are
-    cancelled by ``statement_timeout`` at the limit; past the limit and a grace period the
-    handler is stuck outside the database, where Python cannot stop it. Then the watchdog
-    ends the handler's session (rolling back its claim), dead-letters the message, commits
-    its offset and exits the process (:data:`EXIT_HANDLER_HUNG`) for the supervisor to start a
-    fresh one -- which skips the message, so a message that always hangs does not crash-loop.
-
-    In a batch each handler call has its own limit, so the hung message is the one running.
-    Its offset is stored only if no message before it in its partition waits uncommitted in
-    the batch's transaction (rolled back with it); otherwise the redelivery finds its dead
-    letter's key and skips it. A batch handler's limit is per call: a batch handler that
-    hangs gets every fresh message of its call dead-lettered (the watchdog cannot tell which).
-    """
-
-    #: Replaced in tests.
-    exit: Callable[[int], None] = staticmethod(os._exit)
-
-    def __init__(self, consumer: Consumer, limit: float | None) -> None:
-        self._consumer = consumer
-        self._limit = limit
-        self._cond = threading.Condition()
-        #: What to dead-letter, which offsets to store then, attempts, backend pid, deadline.
-        self._current: _Watched | None = None
-        self._idle = False
-        self._thread: threading.Thread | None = None
-
-    @property
-    def on(self) -> bool:
-        return self._limit is not None
-
-    @contextlib.contextmanager
-    def watching(
-        self,
-        message: IncomingMessage,
-        key: str,
-        attempts: int,
-        pid: int | None,
-        store: bool = True,
-    ) -> Iterator[None]:
-        """Around one handler call. ``store``: the message's offset may be stored if it hangs."""
-        with self._watching(([(message, key)], [message] if store else [], attempts, pid)):
-            yield
-
-    @contextlib.contextmanager
-    def watching_all(
-        self,
-        letters: list[tuple[IncomingMessage, str]],
-        offsets: list[IncomingMessage],
-        pid: int | None,
-    ) -> Iterator[None]:
-        """Around one batch handler call: ``letters`` are dead-lettered if it hangs, then the
-        ``offsets`` stored."""
-        with self._watching((letters, offsets, 1, pid)):
-            yield
-
-    @contextlib.contextmanager
-    def _watching(
-        self, what: tuple[list[tuple[IncomingMessage, str]], list[IncomingMessage], int, int | None]
-    ) -> Iterator[None]:
-        if self._limit is None:
-            yield
-            return
-        grace = min(5.0, 0.5 + self._limit / 4)
-        with self._cond:
-            self._current = (*what, time.monotonic() + self._limit + grace)
-            if self._thread is None:
-                self._thread = threading.Thread(
-                    target=self._watch, name="outbox-handler-watchdog", daemon=True
-                )
-                self._thread.start()
-            # A watchdog waiting for an earlier deadline wakes by itself and reads the new one:
-            # waking it only when it waits for nothing saves two thread switches per message.
-            if self._idle:
-                self._cond.notify()
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._current = None
-
-    def _watch(self) -> None:
-        while True:
-            with self._cond:
-                while self._current is None:
-                    self._idle = True
-                    self._cond.wait()
-                self._idle = False
-                letters, offsets, attempts, pid, deadline = self._current
-                remaining = deadline - time.monotonic()
-                if remaining > 0:
-                    self._cond.wait(remaining)
-                    continue
-                self._current = None
-            self._hung(letters, offsets, attempts, pid)
-
-    def _hung(
-        self,
-        letters: list[tuple[IncomingMessage, str]],
-        offsets: list[IncomingMessage],
-        attempts: int,
-        pid: int | None,
-    ) -> None:
-        consumer = self._consumer
-        reason = f"the handler ran longer than its time limit ({self._limit} s)"
-        if consumer.batch_handler is not None and len(letters) > 1:
-            reason = (
-                f"the batch handler ran longer than its time limit ({self._limit} s) on a "
-                f"batch of {len(letters)} messages, this one among them"
-            )
-        message, key = letters[0]
-        logger.error(
-            "handler hung, dead-lettering and exiting",
-            extra={
-                "event": "consumer.handler_hung",
-                "key": key,
-                "limit_s": self._limit,
-                "messages": len(letters),
-                **message_fields(message),
-            },
-        )
-        try:
-            if pid is not None:
-                with consumer._engine.connect() as conn:
-                    conn.execute(statements.terminate_backend(), {"pid": pid})
-                    conn.commit()
-            if all(
-                consumer._dead_letter(m, k, reason, attempts, kind="hung") is not None
-                for m, k in letters
-            ):
-                for done in offsets:
-                    consumer._source.processed(done)
-                consumer._source.commit()
-        except Exception:
-            # Exiting anyway: the message is redelivered and the watchdog tries again.
-            logger.exception(
-                "could not dead-letter the hung message",
-                extra={"event": "consumer.hang_unrecorded"},
-            )
-        sys.stderr.flush()
-        self.exit(EXIT_HANDLER_HUNG)
-
-
-_Watched = tuple[list[tuple[IncomingMessage, str]], list[IncomingMessage], int, "int | None", float]
