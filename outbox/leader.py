@@ -155,6 +155,12 @@ class LeaderSession:
         self._wait_lock = statements.to_driver_sql(statements.wait_leader_lock())
         self._lock_timeout = statements.to_driver_sql(statements.local_lock_timeout())
         self._purge_sql = sql(statements.purge_sent)
+        self._doze = statements.to_driver_sql(statements.doze())
+        self._lock_free = statements.to_driver_sql(statements.session_lock())
+        self._unlock = statements.to_driver_sql(statements.session_unlock())
+        #: Holding the dozing lock: writers notify (see ``statements.wake_if_asleep``).
+        self.dozing = False
+        self._leading = False
 
     def connect(self) -> psycopg.Connection[Any]:
         """A new connection on which the tables were found and the role may do all the relay
@@ -335,6 +341,39 @@ class LeaderSession:
             )
         return purge.running
 
+    def doze(self, wait: float) -> bool:
+        """Take the dozing lock, waiting up to ``wait`` seconds for the writers in flight
+        (between their insert and their commit) to commit. Once it is taken, every writer
+        notifies; the caller claims once more, then sleeps. True if taken."""
+        conn = self.require()
+        with translate_db_errors("doze"):
+            if not self._leading:
+                # Once per session; until then (a writer in flight took it shared first)
+                # writers notify at every commit, as for a relay of an older version.
+                row = conn.execute(self._lock_free, {"lock_id": self._tables.leading_lock_id})
+                self._leading = bool((row.fetchone() or (False,))[0])
+            try:
+                conn.execute(
+                    self._doze,
+                    {"ms": f"{max(1, int(wait * 1000))}ms", "lock_id": self._tables.dozing_lock_id},
+                )
+            except (psycopg.errors.LockNotAvailable, psycopg.errors.QueryCanceled):
+                return False  # a writer is still in flight: claim again, then retry
+            # Drop the notifications received so far: their commits came before the lock
+            # was taken, so the claim that follows sees their rows. Left, each would cut a
+            # sleep short for nothing.
+            for _ in conn.notifies(timeout=0):
+                pass
+        self.dozing = True
+        return True
+
+    def wake(self) -> None:
+        """Release the dozing lock: from now on writers do not notify."""
+        if self.dozing:
+            with translate_db_errors("wake"):
+                self.require().execute(self._unlock, {"lock_id": self._tables.dozing_lock_id})
+            self.dozing = False
+
     def wait_for_notify(self, deadline: float, stop: threading.Event) -> bool:
         """Wait until a writer's commit notifies, ``deadline`` (monotonic) passes or
         ``stop`` is set. Issues no statement. True if notified."""
@@ -356,6 +395,7 @@ class LeaderSession:
     def close(self) -> None:
         """Close the session (which releases the leader lock)."""
         conn, self.conn = self.conn, None
+        self.dozing = self._leading = False  # session locks end with the session
         if conn is not None:
             with contextlib.suppress(psycopg.Error):
                 conn.close()

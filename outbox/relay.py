@@ -61,6 +61,10 @@ from outbox.transport.base import FailureKind, OutgoingMessage, Transport
 logger = logging.getLogger(__name__)
 
 _ONCE_BROKER_FAILURES = 3
+# How long the relay waits for writers in flight before it may sleep (doubling while one
+# keeps it awake): a commit that does not notify meanwhile is found up to this much later.
+_DOZE_WAIT = 0.005
+_DOZE_WAIT_MAX = 0.05
 _TOPIC = operator.attrgetter("topic")
 _CREATED = operator.attrgetter("created")
 
@@ -257,6 +261,7 @@ class Relay:
         self._gate = KeyGate()
         self._stop = threading.Event()
         self._woken = False
+        self._doze_wait = _DOZE_WAIT
         # When retries fall due: the relay wakes for each.
         self._retry_due = DueTimes()
         self._headers = HeaderCache()
@@ -294,7 +299,10 @@ class Relay:
                 try:
                     if not self._ensure_leader(wait=self.config.leader_retry_interval):
                         continue  # it waited on the lock; stop is checked between waits
-                    if not self._step():
+                    if self._step():
+                        if self._session.dozing:
+                            self._session.wake()  # the last claim found work
+                    else:
                         self._wait_for_work()
                 except ConfigurationError:
                     raise  # missing tables, privileges, a refused role: retrying cannot help
@@ -531,9 +539,22 @@ class Relay:
             deadline = min(deadline, due)
         if self._broker.health.failing:
             deadline = min(deadline, self._broker.health.retry_at)
-        if not self._woken:
-            self._session.wait_for_notify(deadline, self._stop)
-        self._woken = False
+        if self._woken:
+            self._woken = False
+            return
+        if not self._session.dozing:
+            # Announce the sleep (writers notify from now on), then claim once more: rows
+            # committed before the announcement are found by that claim, later ones notify.
+            if self._session.doze(self._doze_wait):
+                self._doze_wait = _DOZE_WAIT
+            else:
+                # A writer held the relay awake past the wait (an open transaction that
+                # published): claim again, and wait longer next time. Others' commits are
+                # found by those claims meanwhile (they may not notify).
+                self._doze_wait = min(self._doze_wait * 2, _DOZE_WAIT_MAX)
+            return
+        self._session.wait_for_notify(deadline, self._stop)
+        self._session.wake()
 
     def _sleep(self, seconds: float) -> None:
         self._stop.wait(seconds)

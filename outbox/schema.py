@@ -132,6 +132,17 @@ class OutboxTables:
             h.update(part)
         return int.from_bytes(h.digest(), "big", signed=True)
 
+    @property
+    def dozing_lock_id(self) -> int:
+        """Held by the leader relay while it dozes (see ``statements.wake_if_asleep``)."""
+        return self.lock_id(b"relay-dozing")
+
+    @property
+    def leading_lock_id(self) -> int:
+        """Held by a leader relay that dozes under the dozing lock: writers that find it free
+        notify at every commit, for older relays."""
+        return self.lock_id(b"relay-leading")
+
     def leader_lock_id(self, epoch: int) -> int:
         """The advisory lock that the active relay holds for as long as its session lives, in
         leader epoch ``epoch`` (see :attr:`leader`)."""

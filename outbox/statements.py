@@ -36,8 +36,9 @@ def insert_messages(tables: OutboxTables) -> sa.TextClause:
     distinct (topic, key) (ids pre-sorted by the caller, so two writers never deadlock on each
     other's keys). The lock is held until commit, so a later writer of the same key only gets
     its ids after the earlier one committed or rolled back: per key, id order is commit order,
-    and a row that the relay sees is never overtaken by a lower id of the same key. The
-    ``pg_notify`` fires only on commit, waking the relay.
+    and a row that the relay sees is never overtaken by a lower id of the same key. It
+    notifies the relay (delivered on commit) only when the relay may be asleep: see
+    :func:`wake_if_asleep`.
 
     Headers travel as two flat arrays (every message's names, then values, in order);
     message ``i`` owns the slice ``header_from[i]:header_to[i]`` (empty when from > to): arrays
@@ -53,9 +54,9 @@ FROM unnest(
      ) WITH ORDINALITY AS m(message_id, topic, key, payload, hfrom, hto, ord),
      (SELECT CAST(:header_names AS text[]) AS names,
              CAST(:header_values AS bytea[]) AS vals) AS h,
-     (SELECT count(pg_advisory_xact_lock(l)) AS n
-        FROM unnest(CAST(:lock_ids AS bigint[])) AS l) AS locks,
-     (SELECT pg_notify({_literal(tables.channel)}, '')) AS wake
+     (SELECT count(pg_advisory_xact_lock(l)) AS n,
+             {wake_if_asleep(tables)} AS wake
+        FROM unnest(CAST(:lock_ids AS bigint[])) AS l) AS locks
 ORDER BY m.ord
 """
     return sa.text(sql)
@@ -71,9 +72,47 @@ INSERT INTO {_table(tables)} (message_id, topic, key, payload, header_names, hea
 SELECT :message_id, :topic, :key, :payload,
        CAST(:header_names AS text[]), CAST(:header_values AS bytea[])
 FROM (SELECT pg_advisory_xact_lock(CAST(:lock_id AS bigint)),
-             pg_notify({_literal(tables.channel)}, '')) AS wake
+             {wake_if_asleep(tables)} AS wake) AS locks
 """
     return sa.text(sql)
+
+
+def wake_if_asleep(tables: OutboxTables) -> str:
+    """The writers' half of the wake-up protocol, an SQL expression: notify the relay (on
+    commit) only if it may be asleep.
+
+    A ``pg_notify`` costs every writer a database-wide lock held through its commit, which
+    serializes concurrent committers. So the relay takes the *dozing* lock (exclusive,
+    session-scoped, :func:`doze`) before it claims one last time and sleeps, and writers take
+    it shared until their commit: a writer that gets it holds the relay awake until it has
+    committed, and the relay's last claim sees its rows; a writer that cannot get it (the
+    relay dozes, or waits to) notifies. A relay of this version also holds the *leading* lock
+    while it leads: a writer that gets that one shared knows of no such relay (an older one,
+    during an upgrade, or none yet) and notifies as before.
+    """
+    notify = f"pg_notify({_literal(tables.channel)}, '')"
+    return (
+        f"CASE WHEN NOT pg_try_advisory_xact_lock_shared({tables.dozing_lock_id}) "
+        f"THEN {notify} "
+        f"WHEN pg_try_advisory_xact_lock_shared({tables.leading_lock_id}) THEN {notify} END"
+    )
+
+
+def doze() -> sa.TextClause:
+    """The relay's half (see :func:`wake_if_asleep`): take the dozing lock, waiting at most
+    ``lock_timeout`` (``:ms``, for this statement only) for the writers that hold it shared
+    to commit."""
+    return sa.text("SELECT set_config('lock_timeout', :ms, true), pg_advisory_lock(:lock_id)")
+
+
+def session_lock() -> sa.TextClause:
+    """Take a session-scoped advisory lock if it is free (the relay's leading lock)."""
+    return sa.text("SELECT pg_try_advisory_lock(:lock_id)")
+
+
+def session_unlock() -> sa.TextClause:
+    """Release a session-scoped advisory lock (the relay waking from a doze)."""
+    return sa.text("SELECT pg_advisory_unlock(:lock_id)")
 
 
 def insert(

@@ -56,13 +56,19 @@ def advisory_waiters(engine: sa.Engine, lock_id: int) -> list[int]:
 
 
 def advisory_locks_held(engine: sa.Engine) -> int:
+    """Per-key locks held by other sessions (not the relay wake-up's two locks, which a
+    writer takes shared too)."""
+    tables = define_tables()
+    wake = [split_lock_id(i) for i in (tables.dozing_lock_id, tables.leading_lock_id)]
     with engine.connect() as conn:
         n = conn.execute(
             sa.text(
                 "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
                 "AND pid <> pg_backend_pid() AND database = "
-                "(SELECT oid FROM pg_database WHERE datname = current_database())"
-            )
+                "(SELECT oid FROM pg_database WHERE datname = current_database()) "
+                "AND (classid, objid) NOT IN ((:c1, :o1), (:c2, :o2))"
+            ),
+            {"c1": wake[0][0], "o1": wake[0][1], "c2": wake[1][0], "o2": wake[1][1]},
         ).scalar_one()
     return int(n)
 
