@@ -17,7 +17,6 @@ import json
 import multiprocessing
 import os
 import random
-import re
 import statistics
 import sys
 import threading
