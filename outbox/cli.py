@@ -346,14 +346,16 @@ def purge(db_url: str, table: str, schema: str | None, inbox_table: str, batch_s
         "--handler",
         envvar="OUTBOX_HANDLER",
         default=None,
-        help="package.module:function called as handler(session, message) [OUTBOX_HANDLER]",
+        help="package.module:function called as handler(session, message); an async def one "
+        "is awaited with an AsyncSession [OUTBOX_HANDLER]",
     ),
     click.option(
         "--batch-handler",
         envvar="OUTBOX_BATCH_HANDLER",
         default=None,
         help="package.module:function called as function(session, messages) once per batch, "
-        "with the messages not seen before; instead of --handler [OUTBOX_BATCH_HANDLER]",
+        "with the messages not seen before (or awaited, if async def); instead of --handler "
+        "[OUTBOX_BATCH_HANDLER]",
     ),
     click.option(
         "--batch-size",

@@ -18,6 +18,9 @@ Batches (``batch_size`` > 1, or a batch handler): the messages of a batch share 
 transaction, with one claim statement for all their keys; a message that fails takes the
 per-message path above on its own, after the messages before it commit (see
 :mod:`outbox.consumer_batch` and docs/design.md, "Batches").
+
+An ``async def`` handler is awaited with an ``AsyncSession`` in that same transaction (see
+:mod:`outbox.consumer_async`); everything above holds for it alike.
 """
 
 from __future__ import annotations
@@ -30,8 +33,8 @@ import random
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 import sqlalchemy.exc
@@ -41,6 +44,7 @@ from outbox import deadletter, statements, tracing
 from outbox.backoff import Retrying
 from outbox.breaker import Breaker, Transition
 from outbox.config import parse_db_url
+from outbox.consumer_async import AsyncHandlers, is_async
 from outbox.consumer_batch import Batches
 from outbox.consumer_config import ConsumerConfig, ConsumerStats
 from outbox.exceptions import (
@@ -48,7 +52,6 @@ from outbox.exceptions import (
     DatabaseAccessError,
     DatabaseUnavailableError,
     DownstreamUnavailable,
-    HandlerUndidItsWork,
     MissingTablesError,
     PoisonMessage,
     TransactionConflict,
@@ -57,7 +60,7 @@ from outbox.exceptions import (
     first_line,
     translate_db_errors,
 )
-from outbox.handler_session import HandlerSession, backend_pid, counting, undone_message
+from outbox.handler_session import Call, backend_pid, counting, in_session
 from outbox.inbox import Inbox
 from outbox.message import HEADER_DEADLINE, HEADER_MESSAGE_ID, parse_deadline
 from outbox.observe import ConsumerObserver, LogConsumer, Outcome, fanout, message_fields
@@ -65,9 +68,14 @@ from outbox.outbox import Outbox
 from outbox.transport.base import IncomingMessage, Source
 from outbox.watchdog import EXIT_HANDLER_HUNG, Watchdog
 
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncSession
+
 __all__ = [
     "BATCH_BUDGET",
     "EXIT_HANDLER_HUNG",
+    "AsyncBatchHandler",
+    "AsyncHandler",
     "BatchHandler",
     "Consumer",
     "ConsumerConfig",
@@ -89,6 +97,9 @@ logger = logging.getLogger(__name__)
 
 Handler = Callable[[Session, IncomingMessage], Any]
 BatchHandler = Callable[[Session, list[IncomingMessage]], Any]
+#: ``async def`` handlers: awaited with an ``AsyncSession`` in the same transaction.
+AsyncHandler = Callable[["AsyncSession", IncomingMessage], Awaitable[Any]]
+AsyncBatchHandler = Callable[["AsyncSession", list[IncomingMessage]], Awaitable[Any]]
 
 #: Seconds of handlers after which a batch is cut short (the messages done commit, the rest
 #: is rewound and comes again after the next poll): so that the consumer still polls Kafka
@@ -131,6 +142,12 @@ def load_handler(path: str, app_dir: str | None = None, what: str = "handler") -
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
+        if exc.name == "greenlet" or "greenlet" in str(exc):
+            # sqlalchemy.ext.asyncio (an async handler's AsyncSession) without greenlet.
+            raise ConfigurationError(
+                f"cannot import {what} module {module_name!r}, which needs greenlet: "
+                "install sqlalchemy-outbox[asyncio]"
+            ) from exc
         raise ConfigurationError(f"cannot import {what} module {module_name!r}: {exc}") from exc
     target: Any = module
     for part in attr.split("."):
@@ -169,20 +186,26 @@ class Consumer:
     as ``batch_handler(session, messages)`` once per batch with the messages not seen before
     (a failing batch is halved down to the failing message, which is then retried and
     dead-lettered on its own as ``batch_handler(session, [message])``).
+
+    Any of the three may be an ``async def`` function (or a ``functools.partial`` of one, or
+    an object with an ``async def __call__``): it is then awaited with an ``AsyncSession``
+    (``expire_on_commit=False``) bound to the same connection and transaction, which needs
+    greenlet (``sqlalchemy-outbox[asyncio]``). :meth:`run` then runs an event loop of its own
+    and must be called from a thread without one.
     """
 
     def __init__(
         self,
         config: ConsumerConfig,
-        handler: Handler | None,
+        handler: Handler | AsyncHandler | None,
         source_factory: Callable[[], Source],
         *,
         key: KeyExtractor = message_id_key,
         rng: random.Random | None = None,
         observers: Sequence[ConsumerObserver] = (),
         transient: Sequence[type[BaseException]] = (),
-        on_expired: Handler | None = None,
-        batch_handler: BatchHandler | None = None,
+        on_expired: Handler | AsyncHandler | None = None,
+        batch_handler: BatchHandler | AsyncBatchHandler | None = None,
     ) -> None:
         for kind in transient:
             if not (isinstance(kind, type) and issubclass(kind, BaseException)):
@@ -190,14 +213,8 @@ class Consumer:
         if (handler is None) == (batch_handler is None):
             raise ConfigurationError("pass exactly one of handler and batch_handler")
         self.config = config
+        self.handler = handler
         self.batch_handler = batch_handler
-        if batch_handler is not None:
-            # A message on its own (the per-message path: retries, dead letters) is a batch of one.
-            def handler(session: Session, message: IncomingMessage) -> Any:
-                return batch_handler(session, [message])
-
-        assert handler is not None
-        self.handler: Handler = handler
         self._batching = batch_handler is not None or config.batch_size > 1
         self.on_expired = on_expired
         self.stats = ConsumerStats()
@@ -223,6 +240,32 @@ class Consumer:
         connect_args: dict[str, Any] = {"prepare_threshold": None}
         self._engine = sa.create_engine(url, pool_pre_ping=True, connect_args=connect_args)
         sa.event.listen(self._engine, "connect", counting)
+        #: With an async handler, the transactions that run handlers take their connections
+        #: from an async engine (inside AsyncHandlers.run); without, nothing async is made.
+        self._async: AsyncHandlers | None = None
+        self._handler_engine = self._engine
+        caller: Callable[[Callable[..., Any]], Call] = in_session
+        handlers = {"handler": handler, "batch handler": batch_handler, "on_expired": on_expired}
+        for what, fn in handlers.items():
+            if fn is not None and is_async(fn):
+                self._async = AsyncHandlers(url, connect_args, what)
+                self._handler_engine = self._async.sync_engine
+                caller = self._async.caller
+                break
+        self._call: Call
+        self._call_batch: Call | None = None
+        if batch_handler is not None:
+            call_batch = self._call_batch = caller(batch_handler)
+
+            # A message on its own (the per-message path: retries, dead letters) is a batch of one.
+            def call(conn: sa.Connection, message: Any, watch: Any) -> None:
+                call_batch(conn, [message], watch)
+
+            self._call = call
+        else:
+            assert handler is not None
+            self._call = caller(handler)
+        self._call_expired = caller(on_expired) if on_expired is not None else None
         self._watchdog = Watchdog(self, config.handler_timeout)
         self._batches = Batches(self)
 
@@ -267,6 +310,8 @@ class Consumer:
         """Consume until :meth:`stop`, or ``max_messages`` handled, or no message for
         ``idle_timeout`` seconds once the source has joined its group (for scripts and tests)."""
         self.check()
+        if self._async is not None:
+            self._async.start()
         source = self._source = self._source_factory()
         handled = 0
         last = time.monotonic()
@@ -327,6 +372,8 @@ class Consumer:
                 self.stats.paused_seconds = self._breaker.paused_seconds + self._breaker.open_for()
             source.close()
             self._engine.dispose()
+            if self._async is not None:
+                self._async.close()
             self._observe.stopped(self.stats)
         return self.stats
 
@@ -389,17 +436,22 @@ class Consumer:
                     first, failed = failed, None
                     self._breaker.attempt()
                     raise first
-                handler = self.handler
+                call = self._call
                 expired = self._expired(message)
                 if expired is not None:
-                    if self.on_expired is None:
+                    if self._call_expired is None:
                         self.stats.expired += 1
                         return self._dead_letter(
                             message, key, expired, attempts.failures, kind="expired"
                         )
-                    handler = self.on_expired
+                    call = self._call_expired
                 self._breaker.attempt()
-                if not self._run_handler(message, key, attempts.failures + 1, handler):
+                n = attempts.failures + 1
+                if self._async is None:
+                    fresh = self._run_handler(message, key, n, call)
+                else:
+                    fresh = self._async.run(self._run_handler, message, key, n, call)
+                if not fresh:
                     self.stats.duplicates += 1
                     logger.debug(
                         "duplicate skipped",
@@ -499,9 +551,7 @@ class Consumer:
             return None
         return f"expired: {raw.decode()} passed {late:.3f} s ago"
 
-    def _run_handler(
-        self, message: IncomingMessage, key: str, attempts: int, handler: Handler
-    ) -> bool:
+    def _run_handler(self, message: IncomingMessage, key: str, attempts: int, call: Call) -> bool:
         """Claim ``key`` and run the handler in one transaction that this runner owns; False
         if the key was claimed before (a duplicate). The handler's session joins that
         transaction (see :class:`~outbox.handler_session.HandlerSession`): its own ``commit()``
@@ -510,7 +560,7 @@ class Consumer:
         attempt is the ``process`` span when tracing is on (see :mod:`outbox.tracing`)."""
         with (
             tracing.processing(message, self.config.name),
-            self._engine.connect() as conn,
+            self._handler_engine.connect() as conn,
             conn.begin(),
         ):
             # A key the inbox cannot hold (too long, a NUL) is claimed by its digest, as its
@@ -522,14 +572,9 @@ class Consumer:
                 statement_timeout=self.config.handler_timeout,
             ):
                 return False
-            with (
-                HandlerSession(bind=conn, join_transaction_mode="rollback_only") as session,
-                self._watchdog.watching(message, key, attempts, backend_pid(conn)),
-            ):
-                handler(session, message)
-                if session.undone is not None:
-                    raise HandlerUndidItsWork(undone_message(session.undone))
-                session.commit()  # flushes; the claim and the writes commit together below
+            # The handler in its session; its writes are flushed, and the claim and the
+            # writes commit together below.
+            call(conn, message, self._watchdog.watching(message, key, attempts, backend_pid(conn)))
         return True
 
     # -- batches --------------------------------------------------------------------------------

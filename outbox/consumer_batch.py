@@ -14,8 +14,8 @@ import psycopg
 import sqlalchemy as sa
 
 from outbox import deadletter, tracing
-from outbox.exceptions import HandlerUndidItsWork, PoisonMessage
-from outbox.handler_session import HandlerSession, backend_pid, sent, undone_message
+from outbox.exceptions import PoisonMessage
+from outbox.handler_session import backend_pid, sent
 from outbox.observe import Outcome, message_fields
 from outbox.transport.base import IncomingMessage
 
@@ -111,7 +111,11 @@ class Batches:
         the one that fails."""
         if not segment or self._consumer._stop.is_set():
             return 0
-        failure = self.attempt(segment, started)
+        c = self._consumer
+        if c._async is None:
+            failure = self.attempt(segment, started)
+        else:
+            failure = c._async.run(self.attempt, segment, started)
         if failure is None:
             return len(segment)
         at, exc, committed = failure
@@ -148,7 +152,7 @@ class Batches:
         outcomes: list[Outcome] = []
         at = 0
         try:
-            with c._engine.connect() as conn, conn.begin() as transaction:
+            with c._handler_engine.connect() as conn, conn.begin() as transaction:
                 fresh = c._inbox.claim_batch(
                     conn, name, claims, statement_timeout=c.config.handler_timeout
                 )
@@ -179,17 +183,11 @@ class Batches:
                                 raise _Cut  # poll again soon: see BATCH_BUDGET
                             if c._expired(message) is not None:
                                 raise _Expired  # the per-message path dead-letters it
-                            with (
-                                tracing.processing(message, name),
-                                HandlerSession(
-                                    bind=conn, join_transaction_mode="rollback_only"
-                                ) as s,
-                                c._watchdog.watching(message, key, 1, pid, alone),
-                            ):
-                                c.handler(s, message)
-                                if s.undone is not None:
-                                    raise HandlerUndidItsWork(undone_message(s.undone))
-                                s.commit()  # flushes: a failing write is this message's
+                            with tracing.processing(message, name):
+                                # Flushes after the handler: a failing write is this message's.
+                                c._call(
+                                    conn, message, c._watchdog.watching(message, key, 1, pid, alone)
+                                )
                         except Exception as exc:
                             if self.cut(conn, transaction, mark, claims, outcomes, at):
                                 self.finished(segment[:at], outcomes[:at], started)
@@ -246,19 +244,12 @@ class Batches:
         pid: int | None,
     ) -> None:
         c = self._consumer
-        assert c.batch_handler is not None
+        assert c._call_batch is not None
         letters = [pair for pair, o in zip(segment, outcomes, strict=True) if o == "processed"]
         if not letters:
             return
         fresh = [m for m, _ in letters]
-        with (
-            HandlerSession(bind=conn, join_transaction_mode="rollback_only") as session,
-            c._watchdog.watching_all(letters, [m for m, _ in segment], pid),
-        ):
-            c.batch_handler(session, fresh)
-            if session.undone is not None:
-                raise HandlerUndidItsWork(undone_message(session.undone))
-            session.commit()
+        c._call_batch(conn, fresh, c._watchdog.watching_all(letters, [m for m, _ in segment], pid))
 
     def finished(
         self,
