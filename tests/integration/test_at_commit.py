@@ -335,3 +335,101 @@ def test_an_unmatched_savepoint_rollback_fails_the_commit(
         deferred._on_rollback_savepoint(session.connection(), "not_a_known_name", None)
     assert orders(business) == []
     assert rows(business) == []
+
+
+# -- the commit pipeline: prepared statements, errors, lost connections ------------------------
+
+
+def prepared_here(session: Session) -> list[str]:
+    return list(
+        session.execute(
+            sa.text("SELECT name FROM pg_prepared_statements WHERE name LIKE 'outbox%' ORDER BY 1")
+        ).scalars()
+    )
+
+
+def test_the_insert_is_prepared_once_per_connection(db_url: str, outbox: Outbox) -> None:
+    engine = sa.create_engine(db_url, pool_size=1, max_overflow=0)
+    try:
+        for i in range(5):
+            with Session(engine) as session, session.begin():
+                outbox.publish(session, "t", {"i": i}, key="k")
+        with Session(engine) as session:
+            names = prepared_here(session)
+        assert len(names) == 1  # one statement, same parameter types: prepared and reused
+        assert len(rows(engine)) == 5
+    finally:
+        engine.dispose()
+
+
+def test_no_prepared_statements_when_the_connection_wants_none(db_url: str, outbox: Outbox) -> None:
+    """prepare_threshold=None (psycopg's switch, e.g. behind PgBouncer in transaction mode):
+    the commit pipeline prepares nothing either."""
+    engine = sa.create_engine(
+        db_url, pool_size=1, max_overflow=0, connect_args={"prepare_threshold": None}
+    )
+    try:
+        for i in range(3):
+            with Session(engine) as session, session.begin():
+                outbox.publish_many(
+                    session, [Message("t", {"i": i}, key="k"), Message("t", "b", key="j")]
+                )
+        with Session(engine) as session:
+            assert prepared_here(session) == []
+        assert len(rows(engine)) == 6
+    finally:
+        engine.dispose()
+
+
+def test_statements_deallocated_behind_its_back_fail_one_commit_then_recover(
+    business: sa.Engine, outbox: Outbox
+) -> None:
+    """DEALLOCATE ALL (a user's, or a pooler's reset) drops the prepared insert: the next
+    commit fails whole -- business row included, never half -- and the one after prepares
+    again."""
+    engine = sa.create_engine(business.url, pool_size=1, max_overflow=0)
+    try:
+        with Session(engine) as session, session.begin():
+            outbox.publish(session, "t", "first")
+        with Session(engine) as session, session.begin():
+            session.execute(sa.text("DEALLOCATE ALL"))
+        with (
+            pytest.raises(DatabaseError, match="does not exist"),
+            Session(engine) as session,
+            session.begin(),
+        ):
+            session.execute(sa.text("INSERT INTO orders VALUES (7)"))
+            outbox.publish(session, "t", "lost with its order")
+        assert orders(engine) == []
+        with Session(engine) as session, session.begin():
+            session.execute(sa.text("INSERT INTO orders VALUES (8)"))
+            outbox.publish(session, "t", "after")
+        assert orders(engine) == [8]
+        assert sorted(r.payload for r in rows(engine)) == [b"after", b"first"]  # str payloads: text
+    finally:
+        engine.dispose()
+
+
+def test_a_connection_lost_before_the_commit_fails_it_and_the_pool_recovers(
+    business: sa.Engine, outbox: Outbox
+) -> None:
+    engine = sa.create_engine(business.url, pool_size=1, max_overflow=0, pool_pre_ping=True)
+    try:
+        with (
+            pytest.raises(DatabaseError),
+            Session(engine) as session,
+            session.begin(),
+        ):
+            session.execute(sa.text("INSERT INTO orders VALUES (9)"))
+            outbox.publish(session, "t", "never")
+            with business.connect() as killer:
+                pid = session.execute(sa.text("SELECT pg_backend_pid()")).scalar_one()
+                killer.execute(sa.text("SELECT pg_terminate_backend(:p)"), {"p": pid})
+        assert orders(engine) == []
+        assert rows(engine) == []
+        with Session(engine) as session, session.begin():
+            session.execute(sa.text("INSERT INTO orders VALUES (10)"))
+            outbox.publish(session, "t", "after")
+        assert orders(engine) == [10]
+    finally:
+        engine.dispose()
