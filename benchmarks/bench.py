@@ -149,9 +149,11 @@ def bare_drain() -> float:
 
 def limit_settings(bootstrap: str, extra: dict[str, str]) -> dict[str, Any]:
     """The hand-written producers' settings: the relay's own client defaults (linger, socket
-    options), idempotent with acks=all like the relay's, and the same -X overrides."""
+    options; not its gapless flag, which only adds a warning), idempotent with acks=all like
+    the relay's, and the same -X overrides."""
+    defaults = {k: v for k, v in PRODUCER_DEFAULTS.items() if k != "enable.gapless.guarantee"}
     return {
-        **PRODUCER_DEFAULTS,
+        **defaults,
         "bootstrap.servers": bootstrap,
         "enable.idempotence": True,
         "acks": "all",

@@ -20,6 +20,9 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import os
+import signal
+import subprocess
 import sys
 import threading
 import time
@@ -35,10 +38,9 @@ from confluent_kafka import Producer
 from sqlalchemy.orm import Session
 
 from benchmarks.bench import DB_URL, KEYS, PARTITIONS, fresh_db, payload
-from outbox import Outbox, Relay, RelayConfig
-from outbox.consumer import Consumer, ConsumerConfig
+from outbox import Outbox
 from outbox.transport.base import IncomingMessage
-from outbox.transport.kafka import KafkaSource, KafkaTransport
+from outbox.transport.kafka import KafkaSource
 from tests.support.broker import Broker
 
 GROUP_SETTINGS = {"session.timeout.ms": "6000", "heartbeat.interval.ms": "1000"}
@@ -57,7 +59,7 @@ def _writer(with_outbox: bool, topic: str, ready: Any, seconds: float, out: Any)
     """One writer process: connected and warmed up, it waits for every other writer at the
     barrier, then runs as many transactions as it can for ``seconds``."""
     engine = sa.create_engine(DB_URL, pool_size=1)
-    outbox = Outbox()
+    outbox = Outbox(at_commit=os.environ.get("SCALE_AT_COMMIT") == "1")
     insert = sa.text("INSERT INTO scale_orders (customer, body) VALUES (:c, CAST(:b AS jsonb))")
     with engine.connect() as c:
         c.execute(sa.text("SELECT 1"))
@@ -88,34 +90,64 @@ def _effect(session: Session, message: IncomingMessage) -> None:
 
 
 class _Running:
-    """The relay and the consumer on threads of this process."""
+    """``outbox-relay`` and ``outbox consume`` (handler :func:`_effect`) as deployed: two
+    processes of their own, not threads of this one (they would share its GIL)."""
 
     def __init__(self, broker: Broker, topic: str, consumer_settings: dict[str, str]) -> None:
-        self.relay = Relay(RelayConfig(db_url=DB_URL), lambda: KafkaTransport(broker.bootstrap))
+        root = str(Path(__file__).resolve().parents[1])
+        bin_dir = Path(sys.executable).parent
         group = f"scale-{uuid.uuid4().hex[:8]}"
         settings = {**GROUP_SETTINGS, **consumer_settings}
-        self.consumer = Consumer(
-            ConsumerConfig(db_url=DB_URL, name=group),
-            _effect,
-            lambda: KafkaSource(broker.bootstrap, group, [topic], settings),
-        )
-        self.threads = [
-            threading.Thread(target=self.relay.run, daemon=True),
-            threading.Thread(target=self.consumer.run, daemon=True),
+        common = ["--db-url", DB_URL, "--bootstrap-servers", broker.bootstrap]
+        self.commands = [
+            [str(bin_dir / "outbox-relay"), *common, "--log-level", "warning"],
+            [
+                str(bin_dir / "outbox"),
+                "consume",
+                *common,
+                "--group",
+                group,
+                "--topic",
+                topic,
+                "--handler",
+                "benchmarks.bench_scale:_effect",
+                "--app-dir",
+                root,
+                "--log-level",
+                "warning",
+                *(arg for k, v in settings.items() for arg in ("-X", f"{k}={v}")),
+            ],
         ]
+        self.procs: list[subprocess.Popen[bytes]] = []
 
     def __enter__(self) -> _Running:
-        for t in self.threads:
-            t.start()
-        while not self.relay.is_leader:
-            time.sleep(0.01)
+        self.procs = [subprocess.Popen(c) for c in self.commands]
+        engine = sa.create_engine(DB_URL)
+        try:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and not _relay_leads(engine):
+                time.sleep(0.05)
+        finally:
+            engine.dispose()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.relay.stop()
-        self.consumer.stop()
-        for t in self.threads:
-            t.join(30)
+        for p in self.procs:
+            p.send_signal(signal.SIGTERM)
+        for p in self.procs:
+            p.wait(30)
+
+
+def _relay_leads(engine: sa.Engine) -> bool:
+    with engine.connect() as c:
+        return bool(
+            c.execute(
+                sa.text(
+                    "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a USING (pid) "
+                    "WHERE a.application_name = 'outbox-relay' AND l.locktype = 'advisory'"
+                )
+            ).scalar()
+        )
 
 
 def _backlog(engine: sa.Engine) -> int:
@@ -257,10 +289,18 @@ def _control(broker: Broker, settings: dict[str, str], rate: int, seconds: float
         while not stop.is_set():
             m = consumer.poll(0.1)
             if m is not None and m.error() is None:
-                lat.append((time.time() - json.loads(m.value() or b"{}")["created"]) * 1000)
+                created = json.loads(m.value() or b"{}").get("created")
+                if created is not None:  # not a warm-up message
+                    lat.append((time.time() - created) * 1000)
 
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
+    # Warm up as the relay's producer is (connected, metadata, producer id): otherwise the
+    # first messages' connection set-up is the control's p99.
+    for i in range(KEYS):
+        producer.produce(topic, b"{}", f"key-{i}")
+    producer.flush(30)
+    time.sleep(1)
     start = time.monotonic()
     for i in range(int(rate * seconds)):
         delay = start + i / rate - time.monotonic()
@@ -278,6 +318,44 @@ def _control(broker: Broker, settings: dict[str, str], rate: int, seconds: float
     reader.join(5)
     consumer.close()
     return lat
+
+
+def _cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def bench_fetch(broker: Broker, engine: sa.Engine, seconds: float = 10.0) -> None:
+    """The consumer's fetch wait, on purpose: for each ``fetch.wait.max.ms``, the broker's
+    CPU while one idle consumer (8 partitions) polls it, and the end-to-end latency at
+    500/s against the bare control with the same setting."""
+    assert broker.proc is not None
+    print("\n== fetch.wait.max.ms: idle broker cost vs latency")
+    for wait in ("500", "100", "25", "10"):
+        settings = {"fetch.wait.max.ms": wait}
+        topic = broker.create_topic(partitions=PARTITIONS)
+        source = KafkaSource(
+            broker.bootstrap,
+            f"idle-{uuid.uuid4().hex[:8]}",
+            [topic],
+            {**GROUP_SETTINGS, **settings},
+        )
+        try:
+            joined = time.monotonic() + 30
+            while not source.assignments and time.monotonic() < joined:
+                source.poll(0.1)
+            before = _cpu_seconds(broker.proc.pid)
+            until = time.monotonic() + seconds
+            while time.monotonic() < until:
+                source.poll(0.5)
+            idle = (_cpu_seconds(broker.proc.pid) - before) / seconds * 100
+        finally:
+            source.close()
+        print(
+            f"  fetch.wait.max.ms={wait:>3}: idle consumer costs the broker {idle:4.1f} % of a core"
+        )
+        bench_e2e(broker, engine, settings)
 
 
 def main() -> None:
@@ -301,6 +379,8 @@ def main() -> None:
                 bench_writers(broker, engine, settings)
             elif name == "e2e":
                 bench_e2e(broker, engine, settings)
+            elif name == "fetch":
+                bench_fetch(broker, engine)
             else:
                 parser.error(f"unknown benchmark {name}")
     finally:
