@@ -120,3 +120,11 @@ def test_a_refused_setting_does_not_echo_its_value() -> None:
         KafkaTransport("127.0.0.1:9", {"security.protocol": "hunter2-secret"})
     assert "hunter2" not in str(info.value) and "security.protocol" in str(info.value)
     assert info.value.__cause__ is None
+
+
+def test_the_consumer_fetch_wait_is_chosen_not_librdkafka_s() -> None:
+    """100 ms, not 500: the latency/broker-load trade-off of docs/performance.md. An -X
+    override still wins (KafkaSource puts overrides after the defaults)."""
+    from outbox.transport.kafka import CONSUMER_DEFAULTS
+
+    assert CONSUMER_DEFAULTS["fetch.wait.max.ms"] == "100"
