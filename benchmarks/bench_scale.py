@@ -13,6 +13,8 @@ settings cost by themselves).
     .venv/bin/python benchmarks/bench_scale.py writers e2e [-C fetch.wait.max.ms=10]
 
 ``-C NAME=VALUE``: a consumer setting for both the consumer and the control.
+``SCALE_AT_COMMIT=1``: writers use ``Outbox(at_commit=True)``; ``SCALE_CONSUMER_ARGS``:
+more ``outbox consume`` options (e.g. ``--batch-max-wait 0``).
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from sqlalchemy.orm import Session
 from benchmarks.bench import DB_URL, KEYS, PARTITIONS, fresh_db, payload
 from outbox import Outbox
 from outbox.transport.base import IncomingMessage
-from outbox.transport.kafka import KafkaSource
+from outbox.transport.kafka import CONSUMER_DEFAULTS, KafkaSource
 from tests.support.broker import Broker
 
 GROUP_SETTINGS = {"session.timeout.ms": "6000", "heartbeat.interval.ms": "1000"}
@@ -116,6 +118,7 @@ class _Running:
                 "--log-level",
                 "warning",
                 *(arg for k, v in settings.items() for arg in ("-X", f"{k}={v}")),
+                *os.environ.get("SCALE_CONSUMER_ARGS", "").split(),
             ],
         ]
         self.procs: list[subprocess.Popen[bytes]] = []
@@ -273,6 +276,9 @@ def _control(broker: Broker, settings: dict[str, str], rate: int, seconds: float
             "group.id": f"control-{uuid.uuid4().hex[:8]}",
             "auto.offset.reset": "earliest",
             **GROUP_SETTINGS,
+            # The same fetch wait as outbox consume's default: the control is the same
+            # consumer without the outbox.
+            "fetch.wait.max.ms": CONSUMER_DEFAULTS["fetch.wait.max.ms"],
             **settings,
         }
     )
