@@ -163,42 +163,61 @@ def _backlog(engine: sa.Engine) -> int:
         )
 
 
+def _round(
+    n: int, with_outbox: bool, topic: str, seconds: float, engine: sa.Engine
+) -> tuple[float, int]:
+    """``n`` writer processes for ``seconds``: transactions/s, and the largest backlog seen."""
+    ctx = multiprocessing.get_context("spawn")
+    q = ctx.Queue()
+    ready = ctx.Barrier(n + 1)  # every writer imported and connected
+    procs = [
+        ctx.Process(target=_writer, args=(with_outbox, topic, ready, seconds, q)) for _ in range(n)
+    ]
+    for p in procs:
+        p.start()
+    ready.wait()
+    start_at = time.time()
+    most = 0
+    if with_outbox:
+        while time.time() < start_at + seconds:
+            most = max(most, _backlog(engine))
+            time.sleep(0.1)
+    total = sum(q.get(timeout=seconds + 60) for _ in procs)
+    for p in procs:
+        p.join()
+    return total / seconds, most
+
+
 def bench_writers(broker: Broker, engine: sa.Engine, settings: dict[str, str]) -> None:
+    """Writer transactions/s with vs without the outbox, the relay and the consumer running
+    (the target); and, for where the cost lies, with the outbox but nothing running (the
+    writers' own cost: the publish, its insert; rows pile up unsent)."""
     topic = broker.create_topic(partitions=PARTITIONS)
     seconds = 5.0
-    ctx = multiprocessing.get_context("spawn")
+    sizes = (1, 4, 16)
+    alone: dict[int, float] = {}
+    for n in sizes:
+        alone[n] = max(_round(n, True, topic, seconds, engine)[0] for _ in range(2))
+    with engine.begin() as c:
+        c.execute(sa.text("DELETE FROM outbox_messages"))
+    mode = "Outbox(at_commit=True)" if os.environ.get("SCALE_AT_COMMIT") == "1" else "Outbox()"
     print(
-        f"\n== writers at scale: transactions of one order row (+ one event), {seconds:.0f} s "
-        "each, relay and consumer running"
+        f"\n== writers at scale: transactions of one order row (+ one event, {mode}), "
+        f"{seconds:.0f} s each, relay and consumer running"
     )
     with _Running(broker, topic, settings):
-        for n in (1, 4, 16):
+        for n in sizes:
             rates: dict[bool, float] = {}
             most = 0
             for with_outbox in (False, True, False, True):  # interleaved: two rounds
-                q = ctx.Queue()
-                ready = ctx.Barrier(n + 1)  # every writer imported and connected
-                procs = [
-                    ctx.Process(target=_writer, args=(with_outbox, topic, ready, seconds, q))
-                    for _ in range(n)
-                ]
-                for p in procs:
-                    p.start()
-                ready.wait()
-                start_at = time.time()
-                if with_outbox:
-                    while time.time() < start_at + seconds:
-                        most = max(most, _backlog(engine))
-                        time.sleep(0.1)
-                total = sum(q.get(timeout=seconds + 60) for _ in procs)
-                for p in procs:
-                    p.join()
-                rate = total / seconds
+                rate, backlog = _round(n, with_outbox, topic, seconds, engine)
+                most = max(most, backlog)
                 rates[with_outbox] = max(rates.get(with_outbox, 0.0), rate)
             print(
-                f"  {n:2} writers: {rates[False]:>8,.0f} tx/s without, {rates[True]:>8,.0f} with "
+                f"  {n:2} writers: {rates[False]:>6,.0f} tx/s without, {rates[True]:>6,.0f} with "
                 f"the outbox: ratio {rates[True] / rates[False]:.2f} (target >= 0.85 at 16); "
-                f"largest backlog {most} (a batch is 1000)"
+                f"largest backlog {most} (a batch is 1000); nothing running: "
+                f"{alone[n]:,.0f} ({alone[n] / rates[False]:.2f})"
             )
 
 
