@@ -212,6 +212,12 @@ class Consumer:
                 raise ConfigurationError(f"transient={kind!r}: expected exception types")
         if (handler is None) == (batch_handler is None):
             raise ConfigurationError("pass exactly one of handler and batch_handler")
+        if is_async(key):
+            # It runs outside the handler's transaction, on the consumer's own thread.
+            raise ConfigurationError(
+                "the key extractor must be a plain function (not async def): it only reads "
+                "the message"
+            )
         self.config = config
         self.handler = handler
         self.batch_handler = batch_handler

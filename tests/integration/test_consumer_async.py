@@ -472,6 +472,14 @@ def test_an_async_handler_without_greenlet_is_a_configuration_error(
     Consumer(ConsumerConfig(db_url=db_url, name="c"), lambda s, m: None, MemorySource)  # sync: fine
 
 
+def test_an_async_key_extractor_is_refused_in_one_line(db_url: str) -> None:
+    async def key(message: Any) -> str:
+        return "k"
+
+    with pytest.raises(ConfigurationError, match="key extractor must be a plain function"):
+        Consumer(ConsumerConfig(db_url=db_url, name="c"), record, MemorySource, key=key)  # type: ignore[arg-type]
+
+
 def test_an_async_consumer_runs_in_a_thread_without_an_event_loop(db_url: str) -> None:
     consumer = Consumer(ConsumerConfig(db_url=db_url, name="c"), record, lambda: MemorySource([]))
 
