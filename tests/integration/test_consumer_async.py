@@ -40,12 +40,11 @@ from outbox.consumer import (
 )
 from outbox.exceptions import ConfigurationError
 from outbox.message import HEADER_DEADLINE, format_deadline
-from outbox.observe import ConsumerObserver, Outcome
 from outbox.transport.base import IncomingMessage
 from outbox.transport.memory import MemorySource
 from tests.support.broker import Broker
 from tests.support.cli import ROOT, run_cli
-from tests.support.handlers import create_effects_table
+from tests.support.handlers import Finished, create_effects_table
 from tests.support.incoming import message
 from tests.support.otel import install, named
 from tests.support.waits import wait_until
@@ -71,14 +70,6 @@ def n_of(m: IncomingMessage) -> int:
 async def record(session: AsyncSession, m: IncomingMessage) -> None:
     """The async twin of ``tests.support.handlers.record_effect``."""
     await session.execute(INSERT, {"m": (m.header("message-id") or b"").decode(), "n": n_of(m)})
-
-
-class Finished(ConsumerObserver):
-    def __init__(self) -> None:
-        self.outcomes: list[tuple[int, Outcome]] = []
-
-    def message_finished(self, message: IncomingMessage, outcome: Outcome, seconds: float) -> None:
-        self.outcomes.append((message.offset, outcome))
 
 
 class Handed(MemorySource):

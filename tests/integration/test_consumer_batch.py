@@ -23,26 +23,17 @@ from outbox import consumer as consumer_module
 from outbox.breaker import BreakerPolicy
 from outbox.consumer import EXIT_HANDLER_HUNG, Consumer, ConsumerConfig, ConsumerStats, _Watchdog
 from outbox.message import HEADER_DEADLINE, format_deadline
-from outbox.observe import ConsumerObserver, Outcome
 from outbox.transport.base import IncomingMessage
 from outbox.transport.memory import MemorySource
 from tests.support import handlers
 from tests.support.broker import Broker
 from tests.support.cli import run_cli
-from tests.support.handlers import create_effects_table, record_effect
+from tests.support.handlers import Finished, create_effects_table, record_effect
 from tests.support.incoming import message
 from tests.support.waits import wait_until
 
 FAST = BreakerPolicy(failures=3, open_base=0.02, open_max=0.05, min_attempts=1000)
 XID = sa.text("SELECT CAST(pg_current_xact_id() AS text)")
-
-
-class Finished(ConsumerObserver):
-    def __init__(self) -> None:
-        self.outcomes: list[tuple[int, Outcome]] = []
-
-    def message_finished(self, message: IncomingMessage, outcome: Outcome, seconds: float) -> None:
-        self.outcomes.append((message.offset, outcome))
 
 
 class Handed(MemorySource):

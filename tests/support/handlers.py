@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session
 
 from outbox import PoisonMessage
 from outbox.consumer import json_value
+from outbox.observe import ConsumerObserver, Outcome
 from outbox.transport.base import IncomingMessage
 
 #: Messages whose ``n`` is a multiple of this fail twice in :func:`flaky_effect`.
@@ -146,3 +147,13 @@ def hang_in_python(session: Session, message: IncomingMessage) -> None:
     if json_value(message)["n"] == 1:
         release_hang.wait(3600)
     record_effect(session, message)
+
+
+class Finished(ConsumerObserver):
+    """Records each message's outcome, by offset."""
+
+    def __init__(self) -> None:
+        self.outcomes: list[tuple[int, Outcome]] = []
+
+    def message_finished(self, message: IncomingMessage, outcome: Outcome, seconds: float) -> None:
+        self.outcomes.append((message.offset, outcome))
