@@ -46,6 +46,10 @@ def prepare_session(conn: psycopg.Connection[Any]) -> None:
 
 _NO_IDLE_SESSION_TIMEOUT = statements.to_driver_sql(statements.no_idle_session_timeout())
 
+#: How long a relay may queue for the leading lock, at each try until it has it: longer than
+#: the writers' transactions that published (they hold it shared until they commit).
+LEADING_WAIT = 0.05
+
 #: The relay refuses a pool that does not give it a server session of its own.
 SESSION_NEEDED = (
     "the relay needs a session connection (LISTEN and its leader lock): point --db-url at "
@@ -156,7 +160,6 @@ class LeaderSession:
         self._lock_timeout = statements.to_driver_sql(statements.local_lock_timeout())
         self._purge_sql = sql(statements.purge_sent)
         self._doze = statements.to_driver_sql(statements.doze())
-        self._lock_free = statements.to_driver_sql(statements.session_lock())
         self._unlock = statements.to_driver_sql(statements.session_unlock())
         #: Holding the dozing lock: writers notify (see ``statements.wake_if_asleep``).
         self.dozing = False
@@ -348,16 +351,13 @@ class LeaderSession:
         conn = self.require()
         with translate_db_errors("doze"):
             if not self._leading:
-                # Once per session; until then (a writer in flight took it shared first)
-                # writers notify at every commit, as for a relay of an older version.
-                row = conn.execute(self._lock_free, {"lock_id": self._tables.leading_lock_id})
-                self._leading = bool((row.fetchone() or (False,))[0])
-            try:
-                conn.execute(
-                    self._doze,
-                    {"ms": f"{max(1, int(wait * 1000))}ms", "lock_id": self._tables.dozing_lock_id},
+                # Once per session. Until then writers notify at every commit, as for an
+                # older relay, and hold it shared until they commit: queued for it, the relay
+                # gets it when those in flight have committed (later ones cannot take it).
+                self._leading = self._lock_within(
+                    conn, self._tables.leading_lock_id, max(wait, LEADING_WAIT)
                 )
-            except (psycopg.errors.LockNotAvailable, psycopg.errors.QueryCanceled):
+            if not self._lock_within(conn, self._tables.dozing_lock_id, wait):
                 return False  # a writer is still in flight: claim again, then retry
             # Drop the notifications received so far: their commits came before the lock
             # was taken, so the claim that follows sees their rows. Left, each would cut a
@@ -365,6 +365,14 @@ class LeaderSession:
             for _ in conn.notifies(timeout=0):
                 pass
         self.dozing = True
+        return True
+
+    def _lock_within(self, conn: psycopg.Connection[Any], lock_id: int, wait: float) -> bool:
+        """Take session lock ``lock_id``, queued for at most ``wait`` seconds."""
+        try:
+            conn.execute(self._doze, {"ms": f"{max(1, int(wait * 1000))}ms", "lock_id": lock_id})
+        except (psycopg.errors.LockNotAvailable, psycopg.errors.QueryCanceled):
+            return False
         return True
 
     def wake(self) -> None:

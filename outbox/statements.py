@@ -99,15 +99,10 @@ def wake_if_asleep(tables: OutboxTables) -> str:
 
 
 def doze() -> sa.TextClause:
-    """The relay's half (see :func:`wake_if_asleep`): take the dozing lock, waiting at most
-    ``lock_timeout`` (``:ms``, for this statement only) for the writers that hold it shared
-    to commit."""
+    """The relay's half (see :func:`wake_if_asleep`): take the dozing (or leading) lock,
+    waiting at most ``lock_timeout`` (``:ms``, for this statement only) for the writers that
+    hold it shared to commit. Queued, it also keeps new writers from taking it."""
     return sa.text("SELECT set_config('lock_timeout', :ms, true), pg_advisory_lock(:lock_id)")
-
-
-def session_lock() -> sa.TextClause:
-    """Take a session-scoped advisory lock if it is free (the relay's leading lock)."""
-    return sa.text("SELECT pg_try_advisory_lock(:lock_id)")
 
 
 def session_unlock() -> sa.TextClause:

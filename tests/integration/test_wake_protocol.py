@@ -195,3 +195,49 @@ def test_a_leading_relay_holds_the_leading_lock_and_dozes_when_idle(
         10,
         "the relay's locks released",
     )
+
+
+def test_a_relay_takes_the_leading_lock_under_a_steady_stream_of_writers(
+    engine: sa.Engine, db_url: str, relay_locks: psycopg.Connection[Any]
+) -> None:
+    """Writers that find no relay of this version hold the leading lock shared until they
+    commit; with writers always in flight, a relay that only tried the lock would never get
+    it (and writers would notify forever). Queued for it, the relay gets it as soon as those
+    in flight commit: queued requests keep new writers from taking it."""
+    dsn = db_url.replace("postgresql+psycopg://", "postgresql://")
+    stop = threading.Event()
+
+    def writer(offset: float) -> None:
+        with psycopg.connect(dsn) as conn:
+            time.sleep(offset)
+            while not stop.is_set():
+                conn.execute(
+                    "SELECT pg_try_advisory_xact_lock_shared(%s)", (TABLES.leading_lock_id,)
+                )
+                time.sleep(0.04)  # two writers, 40 ms each, 20 ms apart: always one in flight
+                conn.commit()
+
+    writers = [threading.Thread(target=writer, args=(i * 0.02,)) for i in range(2)]
+    for w in writers:
+        w.start()
+    transport = MemoryTransport()
+    relay = make_relay(db_url, transport, poll_interval=60.0)
+    try:
+        with Running(relay):
+
+            def leading() -> bool:
+                with psycopg.connect(dsn, autocommit=True) as c:
+                    row = c.execute(
+                        "SELECT l.pid FROM pg_locks l JOIN pg_stat_activity a USING (pid) "
+                        "WHERE a.application_name = 'outbox-relay' AND l.locktype = 'advisory' "
+                        "AND l.mode = 'ExclusiveLock' AND l.granted "
+                        "AND (l.classid::bigint << 32 | l.objid::bigint) = %s",
+                        (TABLES.leading_lock_id,),  # the shift wraps as the id is signed
+                    ).fetchone()
+                return row is not None
+
+            wait_until(leading, 10, "the relay to take the leading lock")
+    finally:
+        stop.set()
+        for w in writers:
+            w.join(10)
