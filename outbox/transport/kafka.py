@@ -238,8 +238,19 @@ class KafkaTransport:
         )
 
     def check(self, timeout: float) -> None:
+        """Reach the broker, and leave the producer ready to send: connected to a broker it
+        learned of, with its producer id on the way."""
+        deadline = time.monotonic() + timeout
         try:
             self._producer.list_topics(timeout=timeout)
+            # The idempotent producer sends nothing before it has a producer id, and librdkafka
+            # asks for one only when a metadata response arrives or on a 500 ms timer. The
+            # first response comes over the bootstrap connection, which librdkafka then
+            # closes, often before it has connected to the broker it learned of: no broker is
+            # up to ask, and the first batch after a start (or a new client) waited for the
+            # timer, about half the time (0.5 s). A second request goes over a learned
+            # broker's connection, and its response has the id asked for at once.
+            self._producer.list_topics(timeout=max(deadline - time.monotonic(), 0.001))
         except KafkaException as exc:
             raise TransportUnavailable(
                 f"cannot reach Kafka at {self._config['bootstrap.servers']} "
