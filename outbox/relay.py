@@ -112,17 +112,34 @@ class _Batch:
         if row.key is not None:
             self.gate.hold((row.topic, row.key), self.held_keys)
 
-    def send(self, claim: int, headers: HeaderCache) -> None:
-        """Hand the rows of claim number ``claim`` to the transport, in id order, except those
-        whose key the gate holds back for that claim."""
-        transport, gate = self.transport, self.gate
-        unavailable = False
-        for row in self.rows:
-            if row.key is not None and gate.held and gate.blocks((row.topic, row.key), claim):
+    def pick(self, claim: int) -> tuple[list[Row], str]:
+        """The rows of claim number ``claim`` to send, in id order, and their ids joined: all
+        but those whose key the gate holds back for that claim. (The next claim, sent before
+        these rows, excludes those ids.)"""
+        gate = self.gate
+        rows = self.rows
+        if gate.held:
+            rows = [
+                row
+                for row in rows
                 # An earlier message of this key failed or was not sent, and this claim ran
                 # before the table said so: send it later (skipped rows are not in flight:
                 # the next claims may return them).
-                continue
+                if row.key is None or not gate.blocks((row.topic, row.key), claim)
+            ]
+        return rows, ",".join([str(row.id) for row in rows])
+
+    def send(self, rows: list[Row], ids: str, claim: int, headers: HeaderCache) -> None:
+        """Hand ``rows`` (from :meth:`pick`, ``ids`` joined) to the transport, in id order.
+        A row whose key is held back meanwhile (behind a retry or a refused message of its key
+        in this batch, or a failure reported meanwhile) is not sent. The claim sent ahead
+        excluded it although it is not in flight: that claim was numbered before the hold, so
+        the gate lets it send nothing of the key, and the next claims return the row."""
+        transport, gate = self.transport, self.gate
+        unavailable = False
+        for row in rows:
+            if row.key is not None and gate.held and gate.blocks((row.topic, row.key), claim):
+                continue  # held back since pick(): see above
             if unavailable:
                 self.hold(row)
                 continue
@@ -157,7 +174,7 @@ class _Batch:
             self.outstanding += 1
         # Every later claim excludes these ids while in flight, and the delete of a batch
         # acknowledged in full reuses them: join them once.
-        self.sent_text = ",".join(map(str, self.sent))
+        self.sent_text = ids if len(self.sent) == len(rows) else ",".join(map(str, self.sent))
 
     def await_reports(self, deadline: float, *, stop: threading.Event, newest: bool) -> None:
         """Serve delivery reports until every message is reported, ``stop`` is set, or
@@ -362,13 +379,23 @@ class Relay:
             self._observe.claim_finished(len(rows), ahead, time.monotonic() - started)
             if rows:
                 claimed_full = len(rows) == self.config.batch_size
-                self._inflight.append(self._send(rows, claim))
-                progressed = True
+                batch = _Batch(
+                    rows=rows,
+                    transport=self._broker.transport(),
+                    gate=self._gate,
+                    started=time.monotonic(),
+                )
+                sending, ids = batch.pick(claim)
                 if claimed_full and not self._stop.is_set():
-                    # Run the next claim while this thread awaits acknowledgements. It
-                    # excludes what is in flight and takes its number now, so the key gate
-                    # treats it as what it is: a claim that may not see later records.
-                    self._claims.send_ahead(self._in_flight_ids(), self._gate.next_claim())
+                    # Run the next claim while this thread sends this batch and awaits
+                    # acknowledgements. It excludes what is in flight and what is about to
+                    # be, and takes its number now, so the key gate treats it as what it is:
+                    # a claim that may not see later records.
+                    self._claims.send_ahead(self._in_flight_ids(ids), self._gate.next_claim())
+                batch.send(sending, ids, claim, self._headers)
+                batch.trace = tracing.sending(batch.rows, batch.sent, batch.started)
+                self._inflight.append(batch)
+                progressed = True
         if self._inflight and (
             len(self._inflight) >= self.config.max_inflight_batches or not claimed_full
         ):
@@ -390,17 +417,13 @@ class Relay:
         claim = self._gate.next_claim()
         return self._claims.claim(conn, self._in_flight_ids()), claim, False
 
-    def _in_flight_ids(self) -> str:
-        """The ids of the batches in flight, as a bigint[] literal."""
-        return "{" + ",".join(b.sent_text for b in self._inflight if b.sent) + "}"
-
-    def _send(self, rows: list[Row], claim: int) -> _Batch:
-        batch = _Batch(
-            rows=rows, transport=self._broker.transport(), gate=self._gate, started=time.monotonic()
-        )
-        batch.send(claim, self._headers)
-        batch.trace = tracing.sending(batch.rows, batch.sent, batch.started)  # once per batch
-        return batch
+    def _in_flight_ids(self, sending: str = "") -> str:
+        """The ids of the batches in flight, and ``sending`` (ids joined), as a bigint[]
+        literal."""
+        parts = [b.sent_text for b in self._inflight if b.sent]
+        if sending:
+            parts.append(sending)
+        return "{" + ",".join(parts) + "}"
 
     def _await(self, batch: _Batch) -> None:
         # librdkafka reports every message within message.timeout.ms; the margin covers the
