@@ -13,6 +13,7 @@ start a Tansu broker).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import multiprocessing
 import os
@@ -205,6 +206,10 @@ def minimal_relay(bootstrap: str, topic: str, extra: dict[str, str]) -> float:
     """The naive relay, for scale: select a batch, produce it, flush, delete, commit. No
     ordering guarantees across failures, no retries, no parking, no pipelining."""
     producer = Producer(limit_settings(bootstrap, extra))
+    # Twice, as KafkaTransport.check() does: after one metadata request, about every other
+    # new producer waited 0.5 s for its producer id before sending anything (librdkafka's
+    # timer), and this relay's rounds were bimodal for that alone.
+    producer.list_topics(timeout=10)
     producer.list_topics(timeout=10)
     conninfo = f"host={HOST} port={PORT or 5432} user=postgres dbname=outbox_bench"
     n = 0
@@ -286,19 +291,25 @@ def bench_throughput(
     )
     results: dict[str, list[float]] = {"relay": [], "direct": [], "drain": [], "minimal": []}
     cpu: dict[str, list[float]] = {"relay": [], "direct": [], "drain": [], "minimal": []}
+
+    def phase(fn: Callable[[], float], cpu: list[float]) -> float:
+        # A full garbage collection first: the harness's own garbage (fill()'s sessions and
+        # messages, the rows direct_produce() read) otherwise sets one off in whichever phase
+        # next allocates most -- the relay's, in about 2 rounds of 10 (50 ms, a tenth of it).
+        gc.collect()
+        return measured(fn, cpu)
+
     for _ in range(rounds):  # interleaved rounds: noise hits all of a round alike
         fill(engine, topic)
-        results["drain"].append(measured(bare_drain, cpu["drain"]))
+        results["drain"].append(phase(bare_drain, cpu["drain"]))
         fill(engine, topic)
         results["direct"].append(
-            measured(lambda: direct_produce(broker.bootstrap, topic, engine, extra), cpu["direct"])
+            phase(lambda: direct_produce(broker.bootstrap, topic, engine, extra), cpu["direct"])
         )
-        results["relay"].append(
-            measured(lambda: relay_drain(broker.bootstrap, extra), cpu["relay"])
-        )
+        results["relay"].append(phase(lambda: relay_drain(broker.bootstrap, extra), cpu["relay"]))
         fill(engine, topic)
         results["minimal"].append(
-            measured(lambda: minimal_relay(broker.bootstrap, topic, extra), cpu["minimal"])
+            phase(lambda: minimal_relay(broker.bootstrap, topic, extra), cpu["minimal"])
         )
         with engine.begin() as c:
             c.execute(sa.text("DELETE FROM outbox_messages"))
