@@ -285,6 +285,11 @@ CONSUMER_DEFAULTS: dict[str, str] = {
     "auto.commit.interval.ms": "1000",
     "partition.assignment.strategy": "cooperative-sticky",
     "socket.keepalive.enable": "true",
+    # How long the broker may hold a fetch with nothing new: librdkafka's 500 ms default is
+    # most of a message's end-to-end latency (about 180 ms at p50). At 100 ms an idle consumer
+    # costs the broker about 2 % of a core and the latency is 35 ms; at 10-25 ms, 11-14 %
+    # for 10-15 ms (benchmarks/bench_scale.py fetch; docs/performance.md).
+    "fetch.wait.max.ms": "100",
 }
 
 
@@ -296,11 +301,6 @@ class KafkaSource:
     inbox skips what was already done.
     """
 
-    # How long the broker may hold a fetch with nothing new: librdkafka's 500 ms default is
-    # most of a message's end-to-end latency (about 180 ms at p50). At 100 ms an idle consumer
-    # costs the broker about 2 % of a core and the latency is 35 ms; at 10-25 ms, 11-14 %
-    # for 10-15 ms (benchmarks/bench_scale.py fetch; docs/performance.md).
-    "fetch.wait.max.ms": "100",
     def __init__(
         self,
         bootstrap_servers: str,
