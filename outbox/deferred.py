@@ -15,20 +15,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
-import itertools
 import logging
-import select
-import weakref
 from collections.abc import Sequence
 from typing import Any
 
 import psycopg
 import sqlalchemy as sa
-from psycopg import pq
-from psycopg.adapt import PyFormat, Transformer
 from sqlalchemy import event
-from sqlalchemy.dialects.postgresql import psycopg as pg_psycopg
 
 from outbox import statements
 from outbox.exceptions import ConfigurationError, translate_db_errors
@@ -98,11 +91,15 @@ def install() -> None:
 
 def _statements(
     messages: list[tuple[OutboxTables, EncodedMessage]],
-) -> list[tuple[sa.TextClause, dict[str, Any]]]:
+) -> list[tuple[str, dict[str, Any]]]:
     groups: dict[OutboxTables, list[EncodedMessage]] = {}
     for tables, e in messages:
         groups.setdefault(tables, []).append(e)
-    return [statements.insert(tables, encoded) for tables, encoded in groups.items()]
+    out = []
+    for tables, encoded in groups.items():
+        stmt, params = statements.insert(tables, encoded)
+        out.append((statements.to_driver_sql(stmt), params))
+    return out
 
 
 def _on_commit(conn: sa.Connection) -> None:
@@ -117,131 +114,18 @@ def _on_commit(conn: sa.Connection) -> None:
     stmts = _statements(buf.messages)
     driver = conn.connection.driver_connection
     with translate_db_errors("publish at commit"):
-        # INSERT and COMMIT in one round trip. If the INSERT fails, the server skips the
-        # COMMIT and the transaction is rolled back: no business row without its events.
-        # SQLAlchemy's own commit() that follows finds no transaction and does nothing.
         if isinstance(driver, psycopg.Connection):
-            _commit_with(driver, stmts)
+            # INSERT and COMMIT in one round trip. If the INSERT fails, the server skips the
+            # COMMIT and the transaction is rolled back: no business row without its events.
+            # SQLAlchemy's own commit() that follows finds no transaction and does nothing.
+            with driver.pipeline():
+                for sql, params in stmts:
+                    driver.execute(sql, params)
+                driver.execute("COMMIT")
         else:
             conn.connection.dbapi_connection.run_async(  # type: ignore[union-attr]
-                functools.partial(_acommit, [(statements.to_driver_sql(s), p) for s, p in stmts])
+                functools.partial(_acommit, stmts)
             )
-
-
-_NUMBERED = pg_psycopg.dialect(paramstyle="numeric_dollar")  # type: ignore[no-untyped-call]
-
-
-@functools.lru_cache(maxsize=64)
-def _numbered(stmt: sa.TextClause) -> tuple[bytes, tuple[str, ...]]:
-    """``stmt`` with ``$n`` parameters, and the names they stand for, in order."""
-    compiled = stmt.compile(dialect=_NUMBERED)
-    return str(compiled).encode(), tuple(compiled.positiontup or ())
-
-
-class _Prepared:
-    """The statements prepared on one connection. Names carry a generation: after a failed
-    commit, which may have left some prepared and some not, new names are used."""
-
-    __slots__ = ("generation", "names")
-
-    def __init__(self) -> None:
-        self.generation = 0
-        self.names: set[bytes] = set()
-
-
-_prepared: weakref.WeakKeyDictionary[psycopg.Connection[Any], _Prepared] = (
-    weakref.WeakKeyDictionary()
-)
-_generations = itertools.count(1)
-
-
-def _commit_with(
-    driver: psycopg.Connection[Any], stmts: list[tuple[sa.TextClause, dict[str, Any]]]
-) -> None:
-    """Send the inserts and the COMMIT in one libpq pipeline, and wait for them.
-
-    What ``with driver.pipeline()`` does, without its general machinery: that costs about as
-    much again as the insert's own server time (see docs/performance.md). The inserts are
-    prepared once per connection and statement (as psycopg would, unless the connection's
-    ``prepare_threshold`` is None, e.g. behind PgBouncer in transaction mode).
-    """
-    tx = Transformer.from_context(driver)
-    dumped = []
-    for stmt, params in stmts:  # all dumped before anything is sent: a bad value sends nothing
-        sql, names = _numbered(stmt)
-        values = tx.dump_sequence([params[n] for n in names], [PyFormat.AUTO] * len(names))
-        dumped.append((sql, values, tx.types, tx.formats))
-    prepared = None
-    if driver.prepare_threshold is not None:
-        prepared = _prepared.get(driver)
-        if prepared is None:
-            prepared = _prepared[driver] = _Prepared()
-    pg = driver.pgconn
-    new: list[bytes] = []
-    with driver.lock:
-        pg.enter_pipeline_mode()
-        try:
-            for sql, values, types, formats in dumped:
-                if prepared is None:
-                    pg.send_query_params(sql, values, types, formats)
-                    continue
-                digest = hashlib.blake2b(sql + repr(types).encode(), digest_size=8).hexdigest()
-                name = f"outbox_{prepared.generation}_{digest}".encode()
-                if name not in prepared.names:
-                    pg.send_prepare(name, sql, types)
-                    new.append(name)
-                pg.send_query_prepared(name, values, formats)
-            pg.send_query_params(b"COMMIT", None)
-            pg.pipeline_sync()
-            error = _await_sync(pg)
-        except BaseException:
-            # Interrupted or disconnected with results pending: the connection cannot be
-            # used again, and whether the COMMIT happened is unknown (as for any commit
-            # whose answer was lost).
-            pg.finish()
-            raise
-        pg.exit_pipeline_mode()
-    if error is not None:
-        if prepared is not None:
-            prepared.generation = next(_generations)
-            prepared.names.clear()
-        raise psycopg.errors.error_from_result(error, encoding=driver.info.encoding)
-    if prepared is not None:
-        prepared.names.update(new)
-
-
-def _await_sync(pg: pq.abc.PGconn) -> pq.abc.PGresult | None:
-    """Flush the pipeline and read every result up to its sync point; returns the first
-    error, if any (the statements after it are skipped by the server)."""
-    fileno = pg.socket
-    while pg.flush():
-        # Both ways: libpq may need to read before it can write more (docs of PQflush).
-        if _wait(fileno, write=True):
-            pg.consume_input()
-    error = None
-    while True:
-        while pg.is_busy():
-            _wait(fileno, write=False)
-            pg.consume_input()
-        result = pg.get_result()
-        if result is None:
-            continue  # the end of one statement's results
-        if result.status == pq.ExecStatus.PIPELINE_SYNC:
-            return error
-        if result.status == pq.ExecStatus.FATAL_ERROR and error is None:
-            error = result
-
-
-def _wait(fileno: int, *, write: bool) -> bool:
-    """Block until ``fileno`` is readable (or, with ``write``, writable too); True if
-    readable. poll() where there is one: select() fails on descriptors past 1023."""
-    if hasattr(select, "poll"):
-        poller = select.poll()
-        poller.register(fileno, select.POLLIN | (select.POLLOUT if write else 0))
-        events = poller.poll()
-        return any(e & (select.POLLIN | select.POLLERR | select.POLLHUP) for _, e in events)
-    readable, _, _ = select.select([fileno], [fileno] if write else [], [])
-    return bool(readable)
 
 
 async def _acommit(stmts: list[tuple[str, dict[str, Any]]], driver: Any) -> None:
