@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import threading
 import time
+import types
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,7 +16,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from outbox import Outbox, define_tables
+from outbox import Outbox, define_tables, statements
 from outbox.transport.memory import MemoryTransport
 from tests.support.relay import Running, by_key, count_rows, make_relay, publish
 from tests.support.waits import wait_until
@@ -241,3 +242,12 @@ def test_a_relay_takes_the_leading_lock_under_a_steady_stream_of_writers(
         stop.set()
         for w in writers:
             w.join(10)
+
+
+@pytest.mark.parametrize("lock_id", [-(2**63), 2**63 - 1, 0])
+def test_the_wake_expression_takes_any_lock_id(engine: sa.Engine, lock_id: int) -> None:
+    """The ids are derived from the table's name and written into the statement as literals:
+    any signed 64-bit value must work, the extremes included."""
+    fake = types.SimpleNamespace(channel="x", dozing_lock_id=lock_id, leading_lock_id=lock_id)
+    with engine.begin() as conn:
+        conn.execute(sa.text(f"SELECT {statements.wake_if_asleep(fake)}"))  # type: ignore[arg-type]
