@@ -305,7 +305,7 @@ def test_sigkill_with_batches_of_100_and_a_poison_message_in_each(
 def test_rebalance_while_processing_moves_partitions_without_double_effects(
     effects: sa.Engine, db_url: str, broker: Broker, consumers: ConsumerFactory
 ) -> None:
-    n, partitions = 900, 3
+    n, partitions = 2400, 3
     per_partition = n // partitions
     topic = broker.create_topic(partitions=partitions)
     sent = produce(broker, topic, n, partitions=partitions)
@@ -315,8 +315,10 @@ def test_rebalance_while_processing_moves_partitions_without_double_effects(
         return e.n % partitions
 
     # A consumer here works through its partitions one after the other (a fetch returns whole
-    # record batches), and B's join takes about 4-5 s: at 10 ms a message, A is still in the
-    # middle of its second partition when B gets one.
+    # record batches), and B's join takes about 4-5 s (more on a loaded machine): at 10 ms a
+    # message, 8 s a partition, A is still in its first partition when B gets one, so the
+    # partition B gets has work left whichever it is (with 3 s a partition, B once got the
+    # partition A had just finished and waited for work that never came).
     a = consumers(*argv, name="consumer-a", sleep_ms="10")
     wait_until(lambda: count(effects, a.pid) >= 20, 30, "A working", interval=0.05, processes=[a])
     b = consumers(*argv, name="consumer-b", sleep_ms="10")
