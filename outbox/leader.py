@@ -159,8 +159,10 @@ class LeaderSession:
         self._wait_lock = statements.to_driver_sql(statements.wait_leader_lock())
         self._lock_timeout = statements.to_driver_sql(statements.local_lock_timeout())
         self._purge_sql = sql(statements.purge_sent)
-        self._doze = statements.to_driver_sql(statements.doze())
+        self._lock_within_sql = statements.to_driver_sql(statements.session_lock_within())
         self._unlock = statements.to_driver_sql(statements.session_unlock())
+        self._dozing_id = tables.dozing_lock_id
+        self._leading_id = tables.leading_lock_id
         #: Holding the dozing lock: writers notify (see ``statements.wake_if_asleep``).
         self.dozing = False
         self._leading = False
@@ -354,10 +356,8 @@ class LeaderSession:
                 # Once per session. Until then writers notify at every commit, as for an
                 # older relay, and hold it shared until they commit: queued for it, the relay
                 # gets it when those in flight have committed (later ones cannot take it).
-                self._leading = self._lock_within(
-                    conn, self._tables.leading_lock_id, max(wait, LEADING_WAIT)
-                )
-            if not self._lock_within(conn, self._tables.dozing_lock_id, wait):
+                self._leading = self._lock_within(conn, self._leading_id, max(wait, LEADING_WAIT))
+            if not self._lock_within(conn, self._dozing_id, wait):
                 return False  # a writer is still in flight: claim again, then retry
             # Drop the notifications received so far: their commits came before the lock
             # was taken, so the claim that follows sees their rows. Left, each would cut a
@@ -370,7 +370,8 @@ class LeaderSession:
     def _lock_within(self, conn: psycopg.Connection[Any], lock_id: int, wait: float) -> bool:
         """Take session lock ``lock_id``, queued for at most ``wait`` seconds."""
         try:
-            conn.execute(self._doze, {"ms": f"{max(1, int(wait * 1000))}ms", "lock_id": lock_id})
+            ms = f"{max(1, int(wait * 1000))}ms"
+            conn.execute(self._lock_within_sql, {"ms": ms, "lock_id": lock_id})
         except (psycopg.errors.LockNotAvailable, psycopg.errors.QueryCanceled):
             return False
         return True
@@ -379,7 +380,7 @@ class LeaderSession:
         """Release the dozing lock: from now on writers do not notify."""
         if self.dozing:
             with translate_db_errors("wake"):
-                self.require().execute(self._unlock, {"lock_id": self._tables.dozing_lock_id})
+                self.require().execute(self._unlock, {"lock_id": self._dozing_id})
             self.dozing = False
 
     def wait_for_notify(self, deadline: float, stop: threading.Event) -> bool:

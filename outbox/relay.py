@@ -556,12 +556,6 @@ class Relay:
         interval passes. Issues no statements while it waits."""
         if self._session.purge_when_idle():
             return  # a purge of sent rows goes on: look for work first, then purge more
-        deadline = time.monotonic() + self.config.poll_interval
-        due = self._retry_due.next()
-        if due is not None:
-            deadline = min(deadline, due)
-        if self._broker.health.failing:
-            deadline = min(deadline, self._broker.health.retry_at)
         if self._woken:
             self._woken = False
             return
@@ -576,6 +570,12 @@ class Relay:
                 # found by those claims meanwhile (they may not notify).
                 self._doze_wait = min(self._doze_wait * 2, _DOZE_WAIT_MAX)
             return
+        deadline = time.monotonic() + self.config.poll_interval
+        due = self._retry_due.next()
+        if due is not None:
+            deadline = min(deadline, due)
+        if self._broker.health.failing:
+            deadline = min(deadline, self._broker.health.retry_at)
         self._session.wait_for_notify(deadline, self._stop)
         self._session.wake()
 

@@ -83,12 +83,12 @@ def wake_if_asleep(tables: OutboxTables) -> str:
 
     A ``pg_notify`` costs every writer a database-wide lock held through its commit, which
     serializes concurrent committers. So the relay takes the *dozing* lock (exclusive,
-    session-scoped, :func:`doze`) before it claims one last time and sleeps, and writers take
-    it shared until their commit: a writer that gets it holds the relay awake until it has
-    committed, and the relay's last claim sees its rows; a writer that cannot get it (the
-    relay dozes, or waits to) notifies. A relay of this version also holds the *leading* lock
-    while it leads: a writer that gets that one shared knows of no such relay (an older one,
-    during an upgrade, or none yet) and notifies as before.
+    session-scoped, :func:`session_lock_within`) before it claims one last time and sleeps,
+    and writers take it shared until their commit: a writer that gets it holds the relay
+    awake until it has committed, and the relay's last claim sees its rows; a writer that
+    cannot get it (the relay dozes, or waits to) notifies. A relay of this version also
+    holds the *leading* lock while it leads: a writer that gets that one shared knows of no
+    such relay (an older one, during an upgrade, or none yet) and notifies as before.
     """
     notify = f"pg_notify({_literal(tables.channel)}, '')"
     return (
@@ -98,7 +98,7 @@ def wake_if_asleep(tables: OutboxTables) -> str:
     )
 
 
-def doze() -> sa.TextClause:
+def session_lock_within() -> sa.TextClause:
     """The relay's half (see :func:`wake_if_asleep`): take the dozing (or leading) lock,
     waiting at most ``lock_timeout`` (``:ms``, for this statement only) for the writers that
     hold it shared to commit. Queued, it also keeps new writers from taking it."""
