@@ -44,7 +44,7 @@ from outbox.transport.base import IncomingMessage
 from outbox.transport.memory import MemorySource
 from tests.support.broker import Broker
 from tests.support.cli import ROOT, run_cli
-from tests.support.handlers import Finished, create_effects_table
+from tests.support.handlers import Finished, Handed, create_effects_table
 from tests.support.incoming import message
 from tests.support.otel import install, named
 from tests.support.waits import wait_until
@@ -70,20 +70,6 @@ def n_of(m: IncomingMessage) -> int:
 async def record(session: AsyncSession, m: IncomingMessage) -> None:
     """The async twin of ``tests.support.handlers.record_effect``."""
     await session.execute(INSERT, {"m": (m.header("message-id") or b"").decode(), "n": n_of(m)})
-
-
-class Handed(MemorySource):
-    """Records the offsets handed out."""
-
-    def __init__(self, messages: list[IncomingMessage]) -> None:
-        super().__init__(messages)
-        self.handed: list[int] = []
-
-    def poll(self, timeout: float) -> IncomingMessage | None:
-        m = super().poll(timeout)
-        if m is not None:
-            self.handed.append(m.offset)
-        return m
 
 
 def run(

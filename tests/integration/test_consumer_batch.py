@@ -28,31 +28,12 @@ from outbox.transport.memory import MemorySource
 from tests.support import handlers
 from tests.support.broker import Broker
 from tests.support.cli import run_cli
-from tests.support.handlers import Finished, create_effects_table, record_effect
+from tests.support.handlers import Finished, Handed, create_effects_table, record_effect
 from tests.support.incoming import message
 from tests.support.waits import wait_until
 
 FAST = BreakerPolicy(failures=3, open_base=0.02, open_max=0.05, min_attempts=1000)
 XID = sa.text("SELECT CAST(pg_current_xact_id() AS text)")
-
-
-class Handed(MemorySource):
-    """Records the offsets handed out, and pauses."""
-
-    def __init__(self, messages: list[IncomingMessage]) -> None:
-        super().__init__(messages)
-        self.handed: list[int] = []
-        self.pauses = 0
-
-    def pause(self) -> None:
-        self.pauses += 1
-        super().pause()
-
-    def poll(self, timeout: float) -> IncomingMessage | None:
-        m = super().poll(timeout)
-        if m is not None:
-            self.handed.append(m.offset)
-        return m
 
 
 @pytest.fixture

@@ -24,11 +24,15 @@ from tests.support.waits import wait_until
 TABLES = define_tables()
 
 
+def libpq(db_url: str) -> str:
+    """The test database's URL for psycopg itself."""
+    return db_url.replace("postgresql+psycopg://", "postgresql://")
+
+
 @pytest.fixture
 def listener(db_url: str) -> Iterator[psycopg.Connection[Any]]:
     """A session that listens on the relay's channel, as an older relay does."""
-    dsn = db_url.replace("postgresql+psycopg://", "postgresql://")
-    with psycopg.connect(dsn, autocommit=True) as conn:
+    with psycopg.connect(libpq(db_url), autocommit=True) as conn:
         conn.execute(f"LISTEN {TABLES.channel}")
         yield conn
 
@@ -36,8 +40,7 @@ def listener(db_url: str) -> Iterator[psycopg.Connection[Any]]:
 @pytest.fixture
 def relay_locks(db_url: str) -> Iterator[psycopg.Connection[Any]]:
     """A session that takes the relay's locks the way a relay of this version does."""
-    dsn = db_url.replace("postgresql+psycopg://", "postgresql://")
-    with psycopg.connect(dsn, autocommit=True) as conn:
+    with psycopg.connect(libpq(db_url), autocommit=True) as conn:
         yield conn
 
 
@@ -108,7 +111,7 @@ def test_a_relay_claims_once_more_after_it_dozed(engine: sa.Engine, db_url: str)
     takes the lock. Only its last claim can find that row: the fallback poll is a minute."""
     transport = MemoryTransport()
     relay = make_relay(db_url, transport, poll_interval=60.0)
-    dsn = db_url.replace("postgresql+psycopg://", "postgresql://")
+    dsn = libpq(db_url)
     with Running(relay), psycopg.connect(dsn) as awake:
         wait_until(lambda: relay.is_leader, 10, "the relay to lead")
         for i in range(5):
@@ -205,7 +208,7 @@ def test_a_relay_takes_the_leading_lock_under_a_steady_stream_of_writers(
     commit; with writers always in flight, a relay that only tried the lock would never get
     it (and writers would notify forever). Queued for it, the relay gets it as soon as those
     in flight commit: queued requests keep new writers from taking it."""
-    dsn = db_url.replace("postgresql+psycopg://", "postgresql://")
+    dsn = libpq(db_url)
     stop = threading.Event()
 
     def writer(offset: float) -> None:

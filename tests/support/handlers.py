@@ -24,6 +24,7 @@ from outbox import PoisonMessage
 from outbox.consumer import json_value
 from outbox.observe import ConsumerObserver, Outcome
 from outbox.transport.base import IncomingMessage
+from outbox.transport.memory import MemorySource
 
 #: Messages whose ``n`` is a multiple of this fail twice in :func:`flaky_effect`.
 FLAKY_EVERY = 7
@@ -157,3 +158,22 @@ class Finished(ConsumerObserver):
 
     def message_finished(self, message: IncomingMessage, outcome: Outcome, seconds: float) -> None:
         self.outcomes.append((message.offset, outcome))
+
+
+class Handed(MemorySource):
+    """Records the offsets handed out, and the pauses."""
+
+    def __init__(self, messages: list[IncomingMessage]) -> None:
+        super().__init__(messages)
+        self.handed: list[int] = []
+        self.pauses = 0
+
+    def pause(self) -> None:
+        self.pauses += 1
+        super().pause()
+
+    def poll(self, timeout: float) -> IncomingMessage | None:
+        m = super().poll(timeout)
+        if m is not None:
+            self.handed.append(m.offset)
+        return m
