@@ -31,6 +31,7 @@ pytestmark = pytest.mark.slow
 FAST = ("--batch-size", "50", "--delivery-timeout", "3", "--log-level", "debug")
 BACKING_OFF = event("relay.broker_unavailable")
 SEND_FAILED = event("relay.send_failed")
+PROBING = event("relay.breaker_half_open")
 
 
 @pytest.mark.parametrize("fault", ["cut", "blackhole"])
@@ -54,6 +55,10 @@ def test_broker_outage_backs_off_marks_nothing_and_recovers(
     cut_at = time.monotonic()
     getattr(pb.proxy, fault)()
     relay.wait_for(BACKING_OFF, after=before_cut, timeout=20)
+    # Batches sent before the cut may still report acknowledgements they got before it (the
+    # failing batch's own line comes after the backoff line). The relay probes only once none
+    # is in flight, so the quiet window starts there.
+    relay.wait_for(PROBING, after=before_cut, timeout=20)
 
     # While the broker is away: no busy loop (CPU time and log volume stay low) ...
     lines, cpu, started = relay.mark(), relay.cpu_seconds(), time.monotonic()
