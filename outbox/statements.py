@@ -29,7 +29,7 @@ def _literal(value: str) -> str:
 
 
 @functools.lru_cache(maxsize=64)
-def insert_messages(tables: OutboxTables) -> sa.TextClause:
+def insert_messages(tables: OutboxTables, headers: bool = True) -> sa.TextClause:
     """Insert a list of messages in one round trip, in list order.
 
     Before any row gets its id, the statement takes a transaction-scoped advisory lock per
@@ -42,18 +42,27 @@ def insert_messages(tables: OutboxTables) -> sa.TextClause:
 
     Headers travel as two flat arrays (every message's names, then values, in order);
     message ``i`` owns the slice ``header_from[i]:header_to[i]`` (empty when from > to): arrays
-    of arrays must be rectangular in PostgreSQL, header lists are not.
+    of arrays must be rectangular in PostgreSQL, header lists are not. Without ``headers``
+    (no message has any) the columns keep their defaults, empty arrays: sending and checking
+    empty arrays costs about 3 % of a one-row transaction.
     """
+    if headers:
+        columns = ", header_names, header_values"
+        select = ",\n       h.names[m.hfrom:m.hto], h.vals[m.hfrom:m.hto]"
+        ranges = ", CAST(:header_from AS int[]), CAST(:header_to AS int[])"
+        names = ", hfrom, hto"
+        arrays = """
+     (SELECT CAST(:header_names AS text[]) AS names,
+             CAST(:header_values AS bytea[]) AS vals) AS h,"""
+    else:
+        columns = select = ranges = names = arrays = ""
     sql = f"""
-INSERT INTO {_table(tables)} (message_id, topic, key, payload, header_names, header_values)
-SELECT m.message_id, m.topic, m.key, m.payload,
-       h.names[m.hfrom:m.hto], h.vals[m.hfrom:m.hto]
+INSERT INTO {_table(tables)} (message_id, topic, key, payload{columns})
+SELECT m.message_id, m.topic, m.key, m.payload{select}
 FROM unnest(
         CAST(:message_ids AS uuid[]), CAST(:topics AS text[]), CAST(:keys AS bytea[]),
-        CAST(:payloads AS bytea[]), CAST(:header_from AS int[]), CAST(:header_to AS int[])
-     ) WITH ORDINALITY AS m(message_id, topic, key, payload, hfrom, hto, ord),
-     (SELECT CAST(:header_names AS text[]) AS names,
-             CAST(:header_values AS bytea[]) AS vals) AS h,
+        CAST(:payloads AS bytea[]){ranges}
+     ) WITH ORDINALITY AS m(message_id, topic, key, payload{names}, ord),{arrays}
      (SELECT count(pg_advisory_xact_lock(l)) AS n,
              {wake_if_asleep(tables)} AS wake
         FROM unnest(CAST(:lock_ids AS bigint[])) AS l) AS locks
@@ -62,15 +71,33 @@ ORDER BY m.ord
     return sa.text(sql)
 
 
+#: Up to this many headers, :func:`insert_message` takes each as a parameter of its own.
+SCALAR_HEADERS = 8
+
+
 @functools.lru_cache(maxsize=64)
-def insert_message(tables: OutboxTables) -> sa.TextClause:
+def insert_message(tables: OutboxTables, headers: int | None = None) -> sa.TextClause:
     """Insert one message: :func:`insert_messages` for the common case, about half the
     server time (no arrays to unpack). ``lock_id`` NULL (no key) takes no lock: the lock
-    function is strict."""
+    function is strict.
+
+    ``headers``: None, the headers come as two array parameters; a count (at most
+    :data:`SCALAR_HEADERS`), each name and value is a parameter of its own (``hn0``, ``hv0``,
+    ...), which saves about 6 % of a one-row transaction (psycopg dumps a Python list as an
+    array in Python); 0, the header columns keep their defaults, empty arrays."""
+    if headers is None:
+        columns = ", header_names, header_values"
+        values = ",\n       CAST(:header_names AS text[]), CAST(:header_values AS bytea[])"
+    elif headers:
+        columns = ", header_names, header_values"
+        names = ", ".join(f"CAST(:hn{i} AS text)" for i in range(headers))
+        blobs = ", ".join(f"CAST(:hv{i} AS bytea)" for i in range(headers))
+        values = f",\n       ARRAY[{names}], ARRAY[{blobs}]"
+    else:
+        columns = values = ""
     sql = f"""
-INSERT INTO {_table(tables)} (message_id, topic, key, payload, header_names, header_values)
-SELECT :message_id, :topic, :key, :payload,
-       CAST(:header_names AS text[]), CAST(:header_values AS bytea[])
+INSERT INTO {_table(tables)} (message_id, topic, key, payload{columns})
+SELECT :message_id, :topic, :key, :payload{values}
 FROM (SELECT pg_advisory_xact_lock(CAST(:lock_id AS bigint)),
              {wake_if_asleep(tables)} AS wake) AS locks
 """
@@ -110,6 +137,10 @@ def session_unlock() -> sa.TextClause:
     return sa.text("SELECT pg_advisory_unlock(:lock_id)")
 
 
+_HN = tuple(f"hn{i}" for i in range(SCALAR_HEADERS))
+_HV = tuple(f"hv{i}" for i in range(SCALAR_HEADERS))
+
+
 def insert(
     tables: OutboxTables, encoded: Sequence[EncodedMessage]
 ) -> tuple[sa.TextClause, dict[str, Any]]:
@@ -117,18 +148,34 @@ def insert(
     :func:`insert_message` for one, :func:`insert_messages` for several."""
     if len(encoded) == 1:
         e = encoded[0]
-        return insert_message(tables), {
+        one: dict[str, Any] = {
             "message_id": e.message_id,
             "topic": e.topic,
             "key": e.key,
             "payload": e.payload,
-            "header_names": [n for n, _ in e.headers],
-            "header_values": [v for _, v in e.headers],
             "lock_id": None if e.key is None else tables.lock_id(e.topic.encode(), e.key),
         }
+        n = len(e.headers)
+        if n > SCALAR_HEADERS:
+            one["header_names"] = [name for name, _ in e.headers]
+            one["header_values"] = [value for _, value in e.headers]
+            return insert_message(tables), one
+        for i, (name, value) in enumerate(e.headers):
+            one[_HN[i]] = name
+            one[_HV[i]] = value
+        return insert_message(tables, n), one
     lock_ids = sorted(
         {tables.lock_id(e.topic.encode(), e.key) for e in encoded if e.key is not None}
     )
+    params: dict[str, Any] = {
+        "message_ids": [e.message_id for e in encoded],
+        "topics": [e.topic for e in encoded],
+        "keys": [e.key for e in encoded],
+        "payloads": [e.payload for e in encoded],
+        "lock_ids": lock_ids,
+    }
+    if not any(e.headers for e in encoded):
+        return insert_messages(tables, headers=False), params
     names: list[str] = []
     values: list[bytes | None] = []
     starts: list[int] = []
@@ -139,17 +186,7 @@ def insert(
             names.append(name)
             values.append(value)
         ends.append(len(names))
-    params: dict[str, Any] = {
-        "message_ids": [e.message_id for e in encoded],
-        "topics": [e.topic for e in encoded],
-        "keys": [e.key for e in encoded],
-        "payloads": [e.payload for e in encoded],
-        "header_from": starts,
-        "header_to": ends,
-        "header_names": names,
-        "header_values": values,
-        "lock_ids": lock_ids,
-    }
+    params.update(header_from=starts, header_to=ends, header_names=names, header_values=values)
     return insert_messages(tables), params
 
 

@@ -24,6 +24,7 @@ from outbox import (
     define_tables,
     migrate,
 )
+from outbox import statements as st
 from outbox.schema import OutboxTables
 from tests.support.db import rows
 from tests.support.waits import wait_until
@@ -92,6 +93,25 @@ def test_committed_publish_becomes_rows(engine: sa.Engine, outbox: Outbox) -> No
     assert (r1.status, r1.attempts) == ("pending", 0)
     assert r2.message_id == tomb and r2.payload is None and r2.headers == []
     assert mid.version == 7
+
+
+@pytest.mark.parametrize("at_commit", [False, True])
+def test_every_header_count_round_trips(engine: sa.Engine, at_commit: bool) -> None:
+    """One message binds its headers one by one up to SCALAR_HEADERS, as arrays beyond, and
+    none at all without any: each form stores them in order, repeated names kept."""
+    outbox = Outbox(at_commit=at_commit)
+    counts = [0, 1, 2, st.SCALAR_HEADERS, st.SCALAR_HEADERS + 1]
+    sent: list[list[tuple[str, bytes]]] = []
+    for n in counts:
+        headers = [("dup" if i % 3 == 0 else f"h{i}", f"v{i}".encode()) for i in range(n)]
+        with Session(engine) as session, session.begin():
+            # A tombstone: no content-type header, so the counts are exactly these.
+            outbox.publish(session, "t", None, key="k", headers=headers)
+        sent.append(headers)
+    with Session(engine) as session, session.begin():  # several at once, none with headers
+        outbox.publish_many(session, [Message("t", None, key="k"), Message("t", None)])
+    stored = [r.headers for r in rows(engine)]
+    assert stored == [*sent, [], []]
 
 
 def test_rolled_back_publish_leaves_nothing(engine: sa.Engine, outbox: Outbox) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import uuid
 from collections.abc import Callable
 
 import pytest
@@ -10,6 +11,7 @@ import sqlalchemy as sa
 
 from outbox import ConfigurationError, define_tables
 from outbox import statements as st
+from outbox.message import EncodedMessage
 from outbox.schema import OutboxTables
 
 BUILDERS: dict[str, Callable[[OutboxTables], sa.TextClause]] = {
@@ -144,3 +146,37 @@ def test_the_inbox_cannot_share_a_name_with_the_other_tables() -> None:
     for name in ("events", "events_leader"):
         with pytest.raises(ConfigurationError, match="needs a name of its own"):
             define_tables(table="events", inbox_table=name)
+
+
+def encoded(headers: int, key: bytes | None = b"k") -> EncodedMessage:
+    return EncodedMessage(
+        uuid.uuid4(), "t", key, b"{}", tuple((f"h{i}", bytes([i])) for i in range(headers))
+    )
+
+
+@pytest.mark.parametrize("headers", [0, 1, 2, st.SCALAR_HEADERS, st.SCALAR_HEADERS + 1])
+def test_one_message_binds_exactly_its_headers(headers: int) -> None:
+    """Up to SCALAR_HEADERS, each header is a parameter of its own (psycopg dumps lists in
+    Python: a cost per publish); none, and the columns keep their defaults."""
+    stmt, params = st.insert(DEFAULT, [encoded(headers)])
+    sql = st.to_driver_sql(stmt)
+    assert bound_names(sql) == set(params)
+    base = {"message_id", "topic", "key", "payload", "lock_id"}
+    if headers == 0:
+        assert set(params) == base and "header_names" not in sql
+    elif headers <= st.SCALAR_HEADERS:
+        assert set(params) == base | {f"h{x}{i}" for x in "nv" for i in range(headers)}
+        assert [params[f"hn{i}"] for i in range(headers)] == [f"h{i}" for i in range(headers)]
+    else:
+        assert set(params) == base | {"header_names", "header_values"}
+
+
+@pytest.mark.parametrize("headers", [0, 1])
+def test_several_messages_bind_header_arrays_only_when_some_has_headers(headers: int) -> None:
+    stmt, params = st.insert(DEFAULT, [encoded(0), encoded(headers, key=None)])
+    sql = st.to_driver_sql(stmt)
+    assert bound_names(sql) == set(params)
+    assert ("header_names" in params) is bool(headers)
+
+
+DEFAULT = define_tables()
