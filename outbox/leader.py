@@ -33,11 +33,6 @@ from outbox.schema import DEAD, OutboxTables, qualified
 logger = logging.getLogger("outbox.relay")
 
 
-def _int_array(ids: Sequence[int]) -> str:
-    """A bigint[] literal: much cheaper to build than letting the driver adapt a list."""
-    return "{" + ",".join(map(str, ids)) + "}"
-
-
 def prepare_session(conn: psycopg.Connection[Any]) -> None:
     """Settings every relay session needs beyond its connection options."""
     if conn.info.server_version >= 140000:
@@ -306,13 +301,13 @@ class LeaderSession:
             conn.transaction() if failed else contextlib.nullcontext(),
         ):
             if acked:
-                ids = acked if isinstance(acked, str) else _int_array(acked)
+                ids = acked if isinstance(acked, str) else statements.plain_array(acked)
                 conn.execute(self._mark, {"ids": ids})
             if failed:
                 cur = conn.execute(
                     self._fail,
                     {
-                        "ids": _int_array([f[0] for f in failed]),
+                        "ids": statements.plain_array([f[0] for f in failed]),
                         "errors": [f[1][:2000] for f in failed],
                         "delays": list(delays),
                         "max_attempts": max_attempts,

@@ -28,6 +28,30 @@ def _literal(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
+# Array parameters as PostgreSQL array literals (text the server parses in C). psycopg adapts a
+# Python list in Python, element by element: for a 100-message insert, about 2 ms, more than
+# the statement's own server time.
+
+
+def plain_array(values: Sequence[object]) -> str:
+    """An array literal of values whose text needs no quoting: integers, UUIDs."""
+    return "{" + ",".join(map(str, values)) + "}"
+
+
+def _quoted(value: str) -> str:
+    # Inside double quotes a backslash escapes the next character; nothing else is special.
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _text_array(values: Sequence[str]) -> str:
+    return "{" + ",".join(map(_quoted, values)) + "}"
+
+
+def _bytea_array(values: Sequence[bytes | None]) -> str:
+    # Each element in bytea's hex input form, \x..., its backslash escaped: "\\x...".
+    return "{" + ",".join("NULL" if v is None else '"\\\\x' + v.hex() + '"' for v in values) + "}"
+
+
 @functools.lru_cache(maxsize=64)
 def insert_messages(tables: OutboxTables, headers: bool = True) -> sa.TextClause:
     """Insert a list of messages in one round trip, in list order.
@@ -168,11 +192,11 @@ def insert(
         {tables.lock_id(e.topic.encode(), e.key) for e in encoded if e.key is not None}
     )
     params: dict[str, Any] = {
-        "message_ids": [e.message_id for e in encoded],
-        "topics": [e.topic for e in encoded],
-        "keys": [e.key for e in encoded],
-        "payloads": [e.payload for e in encoded],
-        "lock_ids": lock_ids,
+        "message_ids": plain_array([e.message_id for e in encoded]),
+        "topics": _text_array([e.topic for e in encoded]),
+        "keys": _bytea_array([e.key for e in encoded]),
+        "payloads": _bytea_array([e.payload for e in encoded]),
+        "lock_ids": plain_array(lock_ids),
     }
     if not any(e.headers for e in encoded):
         return insert_messages(tables, headers=False), params
@@ -186,7 +210,12 @@ def insert(
             names.append(name)
             values.append(value)
         ends.append(len(names))
-    params.update(header_from=starts, header_to=ends, header_names=names, header_values=values)
+    params.update(
+        header_from=plain_array(starts),
+        header_to=plain_array(ends),
+        header_names=_text_array(names),
+        header_values=_bytea_array(values),
+    )
     return insert_messages(tables), params
 
 

@@ -114,6 +114,28 @@ def test_every_header_count_round_trips(engine: sa.Engine, at_commit: bool) -> N
     assert stored == [*sent, [], []]
 
 
+@pytest.mark.parametrize("at_commit", [False, True])
+def test_several_messages_keep_every_character(engine: sa.Engine, at_commit: bool) -> None:
+    """Several messages travel as array literals the publisher writes itself: whatever a
+    key, payload or header holds comes back as it was."""
+    names = ['a"b', "c\\d", "{x,y}", "NULL", " sp ace ", "é€😀", "new\nline", "\\\\"]
+    blobs = [b"", b"\\", b'"', b"NULL", b"\x00\xff", b"{,}", b" ", b"\\x41"]
+    headers = list(zip(names, blobs, strict=True))
+    msgs = [
+        Message("t.x_y-z", b'\\x00\x00"{}', key=b"\x00\xff", headers=headers),
+        Message("t", None),
+        Message("t", b"", key="é", headers=headers[:1]),
+    ]
+    with Session(engine) as session, session.begin():
+        Outbox(at_commit=at_commit).publish_many(session, msgs)
+    got = rows(engine)
+    assert [r.topic for r in got] == ["t.x_y-z", "t", "t"]
+    assert [r.key for r in got] == [b"\x00\xff", None, "é".encode()]
+    assert [r.payload for r in got] == [b'\\x00\x00"{}', None, b""]
+    content_type = ("content-type", b"application/octet-stream")
+    assert [r.headers for r in got] == [[content_type, *headers], [], [content_type, headers[0]]]
+
+
 def test_rolled_back_publish_leaves_nothing(engine: sa.Engine, outbox: Outbox) -> None:
     with Session(engine) as session:
         with session.begin():
