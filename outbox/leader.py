@@ -341,17 +341,23 @@ class LeaderSession:
             )
         return purge.running
 
+    def lead(self, wait: float) -> None:
+        """Take the leading lock if this session does not hold it yet (once per session).
+        Until then writers notify at every commit, as for an older relay, and hold it shared
+        until they commit: queued for it, the relay gets it when those in flight have
+        committed (later ones cannot take it)."""
+        if not self._leading:
+            conn = self.require()
+            with translate_db_errors("lead"):
+                self._leading = self._lock_within(conn, self._leading_id, max(wait, LEADING_WAIT))
+
     def doze(self, wait: float) -> bool:
         """Take the dozing lock, waiting up to ``wait`` seconds for the writers in flight
         (between their insert and their commit) to commit. Once it is taken, every writer
         notifies; the caller claims once more, then sleeps. True if taken."""
+        self.lead(wait)
         conn = self.require()
         with translate_db_errors("doze"):
-            if not self._leading:
-                # Once per session. Until then writers notify at every commit, as for an
-                # older relay, and hold it shared until they commit: queued for it, the relay
-                # gets it when those in flight have committed (later ones cannot take it).
-                self._leading = self._lock_within(conn, self._leading_id, max(wait, LEADING_WAIT))
             if not self._lock_within(conn, self._dozing_id, wait):
                 return False  # a writer is still in flight: claim again, then retry
             # Drop the notifications received so far: their commits came before the lock

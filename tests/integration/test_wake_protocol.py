@@ -17,6 +17,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from outbox import Outbox, define_tables, statements
+from outbox import relay as relay_module
 from outbox.transport.memory import MemoryTransport
 from tests.support.relay import Running, by_key, count_rows, make_relay, publish
 from tests.support.waits import wait_until
@@ -245,6 +246,29 @@ def test_a_relay_takes_the_leading_lock_under_a_steady_stream_of_writers(
         stop.set()
         for w in writers:
             w.join(10)
+
+
+def test_under_steady_traffic_the_relay_never_dozes_and_writers_do_not_notify(
+    engine: sa.Engine, db_url: str, listener: psycopg.Connection[Any]
+) -> None:
+    """A relay that dozed at every pause between commits would make most writers notify
+    (a dozing relay must be woken), and notifying commits queue behind one lock: under
+    traffic it polls for LINGER after its last work instead."""
+    transport = MemoryTransport()
+    relay = make_relay(db_url, transport, poll_interval=60.0)
+    outbox = Outbox()
+    gap = relay_module.LINGER / 4
+    with Running(relay):
+        wait_until(lambda: relay.is_leader, 10, "the relay to lead")
+        publish_one(engine, outbox, key="first")  # the relay leads and works
+        wait_until(lambda: len(transport.sent) == 1, 10, "the first message")
+        notified(listener, 0.05)  # what came before the traffic
+        for i in range(100):
+            publish_one(engine, outbox, key=f"k{i}")
+            time.sleep(gap)
+        wait_until(lambda: len(transport.sent) == 101, 10, "every message")
+        during = notified(listener, 0)
+    assert during <= 3, f"{during} of 100 commits notified"
 
 
 @pytest.mark.parametrize("lock_id", [-(2**63), 2**63 - 1, 0])
