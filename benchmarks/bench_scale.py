@@ -1,14 +1,16 @@
 """Writers at scale, end to end (issue 11 point 3), measured side by side in one run.
 
 ``writers``: N writer processes (1, 4, 16), each running transactions of one order row and
-(with the outbox) one event, for a few seconds, with the relay and an ``outbox consume``-like
-consumer running; prints writer transactions/s with vs without the outbox and the relay's
-largest backlog seen (sampled every 0.1 s).
+(with the outbox) one event, for a few seconds, with ``outbox-relay`` and ``outbox consume``
+running; prints writer transactions/s with vs without the outbox, with a plain second row
+instead of the event (the floor of any transactional outbox: a row of the outbox row's shape,
+same indexes), and the relay's largest backlog seen (sampled every 0.1 s).
 
 ``e2e``: commit-to-consumer-effect latency at 500 events/s (a paced writer process, the relay
-and the inbox consumer running), p50/p99, against a bare producer -> consumer pair at the same
-rate with the same consumer settings (the control: what this broker and librdkafka's fetch
-settings cost by themselves).
+and ``outbox consume`` running), p50/p99, once with a per-message handler and once with a
+batch handler, each split where the consumer got the message from librdkafka; against a
+bare producer -> consumer pair at the same rate with the same consumer settings (the
+control: what this broker and librdkafka's fetch settings cost by themselves).
 
     .venv/bin/python benchmarks/bench_scale.py writers e2e [-C fetch.wait.max.ms=10]
 
@@ -34,13 +36,14 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import psycopg
 import sqlalchemy as sa
 from confluent_kafka import Consumer as KafkaConsumer
 from confluent_kafka import Producer
 from sqlalchemy.orm import Session
 
-from benchmarks.bench import DB_URL, KEYS, PARTITIONS, fresh_db, payload
-from outbox import Outbox
+from benchmarks.bench import DB_URL, HOST, KEYS, PARTITIONS, PORT, fresh_db, payload
+from outbox import Outbox, define_tables
 from outbox.transport.base import IncomingMessage
 from outbox.transport.kafka import CONSUMER_DEFAULTS, KafkaSource
 from tests.support.broker import Broker
@@ -50,19 +53,36 @@ ORDERS = (
     "CREATE TABLE IF NOT EXISTS scale_orders (id bigserial PRIMARY KEY, customer text NOT NULL, "
     "body jsonb NOT NULL)"
 )
+EVENTS_TABLE = (
+    "CREATE TABLE IF NOT EXISTS scale_events (id bigint GENERATED ALWAYS AS IDENTITY "
+    "PRIMARY KEY, message_id uuid NOT NULL UNIQUE, topic text NOT NULL, key bytea, "
+    "payload bytea, created_at timestamptz NOT NULL DEFAULT now())"
+)
+EVENTS_INDEX = "CREATE INDEX IF NOT EXISTS ix_scale_events ON scale_events (id)"
 EFFECTS = (
     "CREATE TABLE IF NOT EXISTS scale_effects (message_id text NOT NULL, created float8, "
-    # The effect's own time: its transaction commits within a millisecond of this insert.
+    # When the consumer got the message from librdkafka (SCALE_NOTE_POLLED), and the effect's
+    # transaction: its effects become visible together, at about its last one's time.
+    "polled float8, xid bigint DEFAULT txid_current(), "
     "effected float8 DEFAULT extract(epoch FROM clock_timestamp()))"
 )
 
 
-def _writer(with_outbox: bool, topic: str, ready: Any, seconds: float, out: Any) -> None:
+#: What each writer adds to its order row: nothing, an event through the outbox, or (the
+#: floor of any transactional outbox) a plain row of the outbox row's shape in a table with
+#: the same three indexes.
+WITHOUT, OUTBOX, PLAIN_ROW = "without", "outbox", "plain row"
+
+
+def _writer(mode: str, topic: str, ready: Any, seconds: float, out: Any) -> None:
     """One writer process: connected and warmed up, it waits for every other writer at the
     barrier, then runs as many transactions as it can for ``seconds``."""
     engine = sa.create_engine(DB_URL, pool_size=1)
     outbox = Outbox(at_commit=os.environ.get("SCALE_AT_COMMIT") == "1")
     insert = sa.text("INSERT INTO scale_orders (customer, body) VALUES (:c, CAST(:b AS jsonb))")
+    row = sa.text(
+        "INSERT INTO scale_events (message_id, topic, key, payload) VALUES (:m, :t, :k, :p)"
+    )
     with engine.connect() as c:
         c.execute(sa.text("SELECT 1"))
     done = 0
@@ -73,29 +93,67 @@ def _writer(with_outbox: bool, topic: str, ready: Any, seconds: float, out: Any)
         body = payload(i)
         with Session(engine) as s, s.begin():
             s.execute(insert, {"c": body["customer"], "b": json.dumps(body)})
-            if with_outbox:
+            if mode == OUTBOX:
                 # Keyed by the order, as an order's events are: writers do not share keys
                 # (same-key writers wait for each other by design; see docs/design.md).
                 outbox.publish(s, topic, body, key=f"order-{uuid.uuid4()}")
+            elif mode == PLAIN_ROW:
+                key = f"order-{uuid.uuid4()}".encode()
+                s.execute(
+                    row, {"m": uuid.uuid4(), "t": topic, "k": key, "p": json.dumps(body).encode()}
+                )
         done += 1
         i += 1
     engine.dispose()
     out.put(done)
 
 
+_POLLED: dict[tuple[int, int], float] = {}
+
+if os.environ.get("SCALE_NOTE_POLLED") == "1":  # in the outbox consume process only
+    from outbox.transport import kafka as _kafka
+
+    _consume = _kafka.KafkaSource._consume
+
+    def _noting(self: Any, max_messages: int, timeout: float) -> list[Any]:
+        raw = _consume(self, max_messages, timeout)
+        now = time.time()
+        for m in raw:
+            _POLLED[(m.partition(), m.offset())] = now
+        return raw
+
+    _kafka.KafkaSource._consume = _noting  # type: ignore[method-assign]
+
+_EFFECT = sa.text("INSERT INTO scale_effects (message_id, created, polled) VALUES (:m, :c, :p)")
+
+
+def _effect_row(message: IncomingMessage) -> dict[str, Any]:
+    return {
+        "m": (message.header("message-id") or b"").decode(),
+        "c": json.loads(message.value or b"{}").get("created"),
+        "p": _POLLED.pop((message.partition, message.offset), None),
+    }
+
+
 def _effect(session: Session, message: IncomingMessage) -> None:
-    created = json.loads(message.value or b"{}").get("created")
-    session.execute(
-        sa.text("INSERT INTO scale_effects (message_id, created) VALUES (:m, :c)"),
-        {"m": (message.header("message-id") or b"").decode(), "c": created},
-    )
+    session.execute(_EFFECT, _effect_row(message))
+
+
+def _effects(session: Session, messages: list[IncomingMessage]) -> None:
+    session.execute(_EFFECT, [_effect_row(m) for m in messages])
 
 
 class _Running:
     """``outbox-relay`` and ``outbox consume`` (handler :func:`_effect`) as deployed: two
     processes of their own, not threads of this one (they would share its GIL)."""
 
-    def __init__(self, broker: Broker, topic: str, consumer_settings: dict[str, str]) -> None:
+    def __init__(
+        self,
+        broker: Broker,
+        topic: str,
+        consumer_settings: dict[str, str],
+        batch_handler: bool = False,
+    ) -> None:
         root = str(Path(__file__).resolve().parents[1])
         bin_dir = Path(sys.executable).parent
         group = f"scale-{uuid.uuid4().hex[:8]}"
@@ -111,8 +169,11 @@ class _Running:
                 group,
                 "--topic",
                 topic,
-                "--handler",
-                "benchmarks.bench_scale:_effect",
+                *(
+                    ("--batch-handler", "benchmarks.bench_scale:_effects")
+                    if batch_handler
+                    else ("--handler", "benchmarks.bench_scale:_effect")
+                ),
                 "--app-dir",
                 root,
                 "--log-level",
@@ -124,7 +185,11 @@ class _Running:
         self.procs: list[subprocess.Popen[bytes]] = []
 
     def __enter__(self) -> _Running:
-        self.procs = [subprocess.Popen(c) for c in self.commands]
+        relay, consumer = self.commands
+        self.procs = [
+            subprocess.Popen(relay),
+            subprocess.Popen(consumer, env={**os.environ, "SCALE_NOTE_POLLED": "1"}),
+        ]
         engine = sa.create_engine(DB_URL)
         try:
             deadline = time.monotonic() + 30
@@ -163,43 +228,56 @@ def _backlog(engine: sa.Engine) -> int:
         )
 
 
+def _machine_busy() -> tuple[int, int]:
+    """Busy and total jiffies of the whole machine, from ``/proc/stat``."""
+    with open("/proc/stat") as f:
+        ticks = [int(x) for x in f.readline().split()[1:]]
+    return sum(ticks) - ticks[3] - ticks[4], sum(ticks)  # less idle and iowait
+
+
 def _round(
-    n: int, with_outbox: bool, topic: str, seconds: float, engine: sa.Engine
-) -> tuple[float, int]:
-    """``n`` writer processes for ``seconds``: transactions/s, and the largest backlog seen."""
+    n: int, mode: str, topic: str, seconds: float, engine: sa.Engine
+) -> tuple[float, int, float]:
+    """``n`` writer processes for ``seconds``: transactions/s, the largest backlog seen, and
+    the machine's CPU per transaction (ms; every process, the relay's and consumer's too)."""
     ctx = multiprocessing.get_context("spawn")
     q = ctx.Queue()
     ready = ctx.Barrier(n + 1)  # every writer imported and connected
-    procs = [
-        ctx.Process(target=_writer, args=(with_outbox, topic, ready, seconds, q)) for _ in range(n)
-    ]
+    procs = [ctx.Process(target=_writer, args=(mode, topic, ready, seconds, q)) for _ in range(n)]
     for p in procs:
         p.start()
     ready.wait()
+    busy0, _ = _machine_busy()
     start_at = time.time()
     most = 0
-    if with_outbox:
+    if mode == OUTBOX:
         while time.time() < start_at + seconds:
             most = max(most, _backlog(engine))
             time.sleep(0.1)
     total = sum(q.get(timeout=seconds + 60) for _ in procs)
+    busy = (_machine_busy()[0] - busy0) / os.sysconf("SC_CLK_TCK")
     for p in procs:
         p.join()
-    return total / seconds, most
+    return total / seconds, most, busy / max(total, 1) * 1000
 
 
 def bench_writers(broker: Broker, engine: sa.Engine, settings: dict[str, str]) -> None:
     """Writer transactions/s with vs without the outbox, the relay and the consumer running
-    (the target); and, for where the cost lies, with the outbox but nothing running (the
-    writers' own cost: the publish, its insert; rows pile up unsent)."""
+    (the target); with a plain second row instead (the floor: what writing any row in the
+    transaction costs); and, for where the cost lies, with the outbox but nothing running
+    (the writers' own cost: the publish, its insert; rows pile up unsent; a session holds the
+    leading lock as a running relay does, so that writers do not notify)."""
     topic = broker.create_topic(partitions=PARTITIONS)
     seconds = 5.0
     sizes = (1, 4, 16)
     alone: dict[int, float] = {}
-    for n in sizes:
-        alone[n] = max(_round(n, True, topic, seconds, engine)[0] for _ in range(2))
-    with engine.begin() as c:
-        c.execute(sa.text("DELETE FROM outbox_messages"))
+    tables = define_tables()
+    with psycopg.connect(f"host={HOST} port={PORT or 5432} user=postgres dbname=outbox_bench") as c:
+        c.execute("SELECT pg_advisory_lock(%s)", (tables.leading_lock_id,))
+        for n in sizes:
+            alone[n] = max(_round(n, OUTBOX, topic, seconds, engine)[0] for _ in range(2))
+    with engine.begin() as conn:
+        conn.execute(sa.text("DELETE FROM outbox_messages"))
     mode = "Outbox(at_commit=True)" if os.environ.get("SCALE_AT_COMMIT") == "1" else "Outbox()"
     print(
         f"\n== writers at scale: transactions of one order row (+ one event, {mode}), "
@@ -207,17 +285,22 @@ def bench_writers(broker: Broker, engine: sa.Engine, settings: dict[str, str]) -
     )
     with _Running(broker, topic, settings):
         for n in sizes:
-            rates: dict[bool, float] = {}
+            rates: dict[str, float] = {}
+            cpu: dict[str, float] = {}
             most = 0
-            for with_outbox in (False, True, False, True):  # interleaved: two rounds
-                rate, backlog = _round(n, with_outbox, topic, seconds, engine)
+            for m in (WITHOUT, OUTBOX, PLAIN_ROW) * 2:  # interleaved: two rounds
+                rate, backlog, ms = _round(n, m, topic, seconds, engine)
                 most = max(most, backlog)
-                rates[with_outbox] = max(rates.get(with_outbox, 0.0), rate)
+                if rate > rates.get(m, 0.0):
+                    rates[m], cpu[m] = rate, ms
+            base = rates[WITHOUT]
             print(
-                f"  {n:2} writers: {rates[False]:>6,.0f} tx/s without, {rates[True]:>6,.0f} with "
-                f"the outbox: ratio {rates[True] / rates[False]:.2f} (target >= 0.85 at 16); "
+                f"  {n:2} writers: {base:>6,.0f} tx/s without, {rates[OUTBOX]:>6,.0f} with "
+                f"the outbox: ratio {rates[OUTBOX] / base:.2f} (target >= 0.85 at 16); "
+                f"a plain second row {rates[PLAIN_ROW] / base:.2f}; "
                 f"largest backlog {most} (a batch is 1000); nothing running: "
-                f"{alone[n]:,.0f} ({alone[n] / rates[False]:.2f})"
+                f"{alone[n]:,.0f} ({alone[n] / base:.2f}); machine CPU per transaction "
+                f"{cpu[WITHOUT]:.2f} / {cpu[OUTBOX]:.2f} / {cpu[PLAIN_ROW]:.2f} ms"
             )
 
 
@@ -248,10 +331,42 @@ def bench_e2e(
     rate: int = 500,
     seconds: float = 10.0,
 ) -> None:
+    """End to end with each handler shape, then the control."""
+    got = {batch: _e2e(broker, engine, settings, rate, seconds, batch) for batch in (False, True)}
+    control = _control(broker, settings, rate, seconds)
+    c50, c99 = _percentiles(control)
+    print(
+        f"\n== commit-to-consumer-effect latency at {rate}/s for {seconds:.0f} s, consumer "
+        f"settings {settings or 'defaults'}"
+    )
+    for batch, (lat, polled, inside) in got.items():
+        p50, p99 = _percentiles(lat)
+        shape = "batch handler" if batch else "per-message handler"
+        print(
+            f"  end to end, {shape:19} p50 {p50:5.1f} ms  p99 {p99:5.1f} ms   "
+            f"p99 - control p99: {p99 - c99:+.1f} ms (target <= +25 ms)"
+        )
+        print(
+            "      of which commit -> polled by the consumer p50 {:.1f} p99 {:.1f}, "
+            "polled -> effect committed p50 {:.1f} p99 {:.1f}".format(
+                *_percentiles(polled), *_percentiles(inside)
+            )
+        )
+    print(f"  control (bare producer -> consumer):     p50 {c50:5.1f} ms  p99 {c99:5.1f} ms")
+
+
+def _e2e(
+    broker: Broker,
+    engine: sa.Engine,
+    settings: dict[str, str],
+    rate: int,
+    seconds: float,
+    batch_handler: bool,
+) -> tuple[list[float], list[float], list[float]]:
     topic = broker.create_topic(partitions=PARTITIONS)
     with engine.begin() as c:
         c.execute(sa.text("TRUNCATE scale_effects"))
-    with _Running(broker, topic, settings):
+    with _Running(broker, topic, settings, batch_handler):
         time.sleep(3)  # the consumer joins
         writer = multiprocessing.get_context("spawn").Process(
             target=_paced, args=(topic, rate, seconds)
@@ -266,25 +381,25 @@ def bench_e2e(
             if got >= expected:
                 break
             time.sleep(0.2)
-    lat = _effect_latencies(engine)
-    control = _control(broker, settings, rate, seconds)
-    p50, p99 = _percentiles(lat)
-    c50, c99 = _percentiles(control)
-    print(
-        f"\n== commit-to-consumer-effect latency at {rate}/s for {seconds:.0f} s, consumer "
-        f"settings {settings or 'defaults'}"
-    )
-    print(f"  end to end (writer -> inbox effect): p50 {p50:.1f} ms  p99 {p99:.1f} ms")
-    print(f"  control (bare producer -> consumer): p50 {c50:.1f} ms  p99 {c99:.1f} ms")
-    print(f"  p99 - control p99: {p99 - c99:+.1f} ms   (target <= +25 ms)")
+    return _effect_latencies(engine)
 
 
-def _effect_latencies(engine: sa.Engine) -> list[float]:
-    """Per effect: when it was written (within a millisecond of its commit) minus when the
-    writer created the event (just before its transaction committed), in ms."""
+def _effect_latencies(engine: sa.Engine) -> tuple[list[float], list[float], list[float]]:
+    """Per effect, in ms: from when the writer created the event (just before its
+    transaction committed) to when the effect's transaction committed (its last effect's
+    time: the commit follows within about a millisecond); and that split at the moment the
+    consumer got the message from librdkafka."""
     with engine.connect() as c:
-        rows = c.execute(sa.text("SELECT created, effected FROM scale_effects")).all()
-    return [(e - cr) * 1000 for cr, e in rows if cr is not None]
+        rows = c.execute(
+            sa.text(
+                "SELECT created, polled, max(effected) OVER (PARTITION BY xid) "
+                "FROM scale_effects WHERE created IS NOT NULL"
+            )
+        ).all()
+    total = [(done - created) * 1000 for created, _, done in rows]
+    polled = [(p - created) * 1000 for created, p, _ in rows if p is not None]
+    inside = [(done - p) * 1000 for _, p, done in rows if p is not None]
+    return total, polled, inside
 
 
 def _control(broker: Broker, settings: dict[str, str], rate: int, seconds: float) -> list[float]:
@@ -395,6 +510,8 @@ def main() -> None:
     engine = sa.create_engine(DB_URL)
     with engine.begin() as c:
         c.execute(sa.text(ORDERS))
+        c.execute(sa.text(EVENTS_TABLE))
+        c.execute(sa.text(EVENTS_INDEX))
         c.execute(sa.text(EFFECTS))
     broker = Broker()
     broker.start()
