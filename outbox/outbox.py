@@ -114,9 +114,13 @@ class Outbox:
                         conn.begin()  # as a statement would (autobegin): commit() then writes
                 deferred.add(conn, self.tables, encoded)
             else:
-                stmt, params = statements.insert(self.tables, encoded)
                 with translate_db_errors("publish"):
-                    run_first(session, stmt, params)
+                    conn = session.connection() if isinstance(session, Session) else session
+                    driver = conn.connection.driver_connection
+                    stmt, params = statements.insert(
+                        self.tables, encoded, literals=isinstance(driver, psycopg.Connection)
+                    )
+                    run_first(conn, stmt, params)
         return [e.message_id for e in encoded]
 
     async def apublish(
@@ -144,11 +148,7 @@ class Outbox:
         if encoded:
             if self.at_commit:
                 with translate_db_errors("publish"):
-                    # AsyncConnection or AsyncSession (not imported: it needs greenlet).
-                    if hasattr(session, "sync_connection"):
-                        aconn = cast("AsyncConnection", session)
-                    else:
-                        aconn = await cast("AsyncSession", session).connection()  # type: ignore[redundant-cast]
+                    aconn = await _async_connection(session)
                     sync_conn = aconn.sync_connection
                     if sync_conn is None:
                         raise DatabaseUnavailableError("the connection is closed")
@@ -156,7 +156,20 @@ class Outbox:
                         await aconn.begin()  # as a statement would (autobegin)
                 deferred.add(sync_conn, self.tables, encoded)
             else:
-                stmt, params = statements.insert(self.tables, encoded)
                 with translate_db_errors("publish"):
-                    await session.execute(stmt, params)
+                    aconn = await _async_connection(session)
+                    sync_conn = aconn.sync_connection
+                    driver = None if sync_conn is None else sync_conn.connection.driver_connection
+                    stmt, params = statements.insert(
+                        self.tables, encoded, literals=isinstance(driver, psycopg.AsyncConnection)
+                    )
+                    await aconn.execute(stmt, params)
         return [e.message_id for e in encoded]
+
+
+async def _async_connection(session: AsyncTarget) -> AsyncConnection:
+    """The connection of an ``AsyncConnection`` or ``AsyncSession`` (the session's, in its
+    transaction). The classes are not imported: they need greenlet."""
+    if hasattr(session, "sync_connection"):
+        return cast("AsyncConnection", session)
+    return await cast("AsyncSession", session).connection()  # type: ignore[redundant-cast]

@@ -25,6 +25,7 @@ from outbox import (
     migrate,
 )
 from outbox import statements as st
+from outbox.message import EncodedMessage
 from outbox.schema import OutboxTables
 from tests.support.db import rows
 from tests.support.waits import wait_until
@@ -134,6 +135,24 @@ def test_several_messages_keep_every_character(engine: sa.Engine, at_commit: boo
     assert [r.payload for r in got] == [b'\\x00\x00"{}', None, b""]
     content_type = ("content-type", b"application/octet-stream")
     assert [r.headers for r in got] == [[content_type, *headers], [], [content_type, headers[0]]]
+
+
+def test_several_messages_as_lists_for_other_drivers(engine: sa.Engine) -> None:
+    """Drivers other than psycopg get the arrays as lists (they type parameters from the
+    statement, so a str would not do): the same statement stores the same rows."""
+    msgs = [
+        EncodedMessage(uuid.uuid4(), "t", b'k"\\', b"\x00{,}", (("a", b""), ("b\\", b'"'))),
+        EncodedMessage(uuid.uuid4(), "t", None, None, ()),
+    ]
+    stmt, params = st.insert(DEFAULT, msgs, literals=False)
+    assert isinstance(params["message_ids"], list)
+    with engine.begin() as conn:
+        conn.execute(stmt, params)  # through SQLAlchemy: psycopg adapts the lists
+    got = rows(engine)
+    assert [(r.key, r.payload, r.headers) for r in got] == [
+        (b'k"\\', b"\x00{,}", [("a", b""), ("b\\", b'"')]),
+        (None, None, []),
+    ]
 
 
 def test_rolled_back_publish_leaves_nothing(engine: sa.Engine, outbox: Outbox) -> None:
