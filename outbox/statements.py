@@ -47,16 +47,15 @@ def _text_array(values: Sequence[str]) -> str:
     return "{" + ",".join(map(_quoted, values)) + "}"
 
 
-def _array(name: str, element: str) -> str:
-    """Parameter ``name`` as an ``element[]``: a list, or an array literal (psycopg sends a
-    str untyped, so the server parses it as the cast says; a cast through ``text`` made
-    100-message inserts a third slower)."""
-    return f"CAST(:{name} AS {element}[])"
-
-
 def _bytea_array(values: Sequence[bytes | None]) -> str:
     # Each element in bytea's hex input form, \x..., its backslash escaped: "\\x...".
     return "{" + ",".join("NULL" if v is None else '"\\\\x' + v.hex() + '"' for v in values) + "}"
+
+
+def _array(name: str, element: str) -> str:
+    """Parameter ``name`` as an ``element[]``: a list, or a literal that psycopg sends untyped
+    for the cast to parse (not through ``text``: that made the insert a third slower)."""
+    return f"CAST(:{name} AS {element}[])"
 
 
 @functools.lru_cache(maxsize=64)
