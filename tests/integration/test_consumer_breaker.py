@@ -22,7 +22,7 @@ from outbox.observe import ConsumerObserver
 from outbox.transport.base import IncomingMessage
 from outbox.transport.memory import MemorySource
 from tests.support.cli import run_cli
-from tests.support.handlers import create_effects_table, record_effect
+from tests.support.handlers import Handed, create_effects_table, record_effect
 from tests.support.incoming import message
 
 FAST = BreakerPolicy(failures=3, open_base=0.02, open_max=0.05, min_attempts=1000)
@@ -44,25 +44,6 @@ class Watch(ConsumerObserver):
         return [t.state for t in self.transitions]
 
 
-class PausingSource(MemorySource):
-    """Records pauses and resumes, and what was handed out."""
-
-    def __init__(self, messages: list[IncomingMessage]) -> None:
-        super().__init__(messages)
-        self.pauses = 0
-        self.handed: list[int] = []
-
-    def pause(self) -> None:
-        self.pauses += 1
-        super().pause()
-
-    def poll(self, timeout: float) -> IncomingMessage | None:
-        m = super().poll(timeout)
-        if m is not None:
-            self.handed.append(m.offset)
-        return m
-
-
 @pytest.fixture
 def effects(engine: sa.Engine) -> sa.Engine:
     return create_effects_table(engine)
@@ -76,8 +57,8 @@ def run(
     policy: BreakerPolicy = FAST,
     max_attempts: int = 5,
     **kw: Any,
-) -> tuple[ConsumerStats, PausingSource, Watch]:
-    source = PausingSource(messages)
+) -> tuple[ConsumerStats, Handed, Watch]:
+    source = Handed(messages)
     watch = Watch()
     config = ConsumerConfig(
         db_url=db_url,
