@@ -339,7 +339,7 @@ def bench_e2e(
         f"\n== commit-to-consumer-effect latency at {rate}/s for {seconds:.0f} s, consumer "
         f"settings {settings or 'defaults'}"
     )
-    for batch, (lat, polled, inside) in got.items():
+    for batch, (lat, polled, inside, transactions) in got.items():
         p50, p99 = _percentiles(lat)
         shape = "batch handler" if batch else "per-message handler"
         print(
@@ -352,6 +352,11 @@ def bench_e2e(
                 *_percentiles(polled), *_percentiles(inside)
             )
         )
+        # What batching saves the database: a transaction (and a commit) per this many.
+        print(
+            f"      consumer transactions {transactions} for {len(lat)} messages "
+            f"({len(lat) / max(transactions, 1):.1f} per transaction)"
+        )
     print(f"  control (bare producer -> consumer):     p50 {c50:5.1f} ms  p99 {c99:5.1f} ms")
 
 
@@ -362,7 +367,7 @@ def _e2e(
     rate: int,
     seconds: float,
     batch_handler: bool,
-) -> tuple[list[float], list[float], list[float]]:
+) -> tuple[list[float], list[float], list[float], int]:
     topic = broker.create_topic(partitions=PARTITIONS)
     with engine.begin() as c:
         c.execute(sa.text("TRUNCATE scale_effects"))
@@ -384,11 +389,11 @@ def _e2e(
     return _effect_latencies(engine)
 
 
-def _effect_latencies(engine: sa.Engine) -> tuple[list[float], list[float], list[float]]:
+def _effect_latencies(engine: sa.Engine) -> tuple[list[float], list[float], list[float], int]:
     """Per effect, in ms: from when the writer created the event (just before its
     transaction committed) to when the effect's transaction committed (its last effect's
     time: the commit follows within about a millisecond); and that split at the moment the
-    consumer got the message from librdkafka."""
+    consumer got the message from librdkafka. Then how many transactions the consumer ran."""
     with engine.connect() as c:
         rows = c.execute(
             sa.text(
@@ -399,7 +404,14 @@ def _effect_latencies(engine: sa.Engine) -> tuple[list[float], list[float], list
     total = [(done - created) * 1000 for created, _, done in rows]
     polled = [(p - created) * 1000 for created, p, _ in rows if p is not None]
     inside = [(done - p) * 1000 for _, p, done in rows if p is not None]
-    return total, polled, inside
+    with engine.connect() as c:
+        transactions = int(
+            c.execute(
+                sa.text("SELECT count(DISTINCT xid) FROM scale_effects WHERE created IS NOT NULL")
+            ).scalar()
+            or 0
+        )
+    return total, polled, inside, transactions
 
 
 def _control(broker: Broker, settings: dict[str, str], rate: int, seconds: float) -> list[float]:

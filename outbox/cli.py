@@ -372,8 +372,8 @@ def purge(db_url: str, table: str, schema: str | None, inbox_table: str, batch_s
         default=_CONSUMER.batch_max_wait,
         show_default=True,
         envvar="OUTBOX_CONSUMER_BATCH_MAX_WAIT",
-        help="Seconds a batch may wait to fill once it has a message "
-        "[OUTBOX_CONSUMER_BATCH_MAX_WAIT]",
+        help="Seconds a batch may wait to fill once it has a message (0: what is fetched "
+        "already) [OUTBOX_CONSUMER_BATCH_MAX_WAIT]",
     ),
     click.option(
         "--app-dir",

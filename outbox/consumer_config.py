@@ -49,9 +49,11 @@ class ConsumerConfig:
     #: Messages handled in one database transaction (one inbox claim statement, one commit);
     #: 1: one transaction per message. See "Batches" in :class:`Consumer`.
     batch_size: int = 500
-    #: Seconds a batch may wait for more messages once it has one (what is fetched already
-    #: comes at once): adds up to this much to a message's latency when traffic is light.
-    batch_max_wait: float = 0.01
+    #: Seconds a batch may wait for more messages once it has one. 0: a batch is what has
+    #: been fetched already, so batches grow with the load (more arrives while one is
+    #: handled) and no message waits for others. A wait means fewer, larger transactions at
+    #: moderate rates, for up to this much more latency (docs/performance.md).
+    batch_max_wait: float = 0.0
 
     def __post_init__(self) -> None:
         parse_db_url(self.db_url)
