@@ -866,6 +866,48 @@ def bench_consumer(broker: Broker, engine: sa.Engine, n: int = 20_000) -> None:
         f"  ratio batch handler / hand-written multi-row INSERT: {batched / multi:.2f}"
         "   (target >= 0.5)"
     )
+    _session_costs(engine)
+
+
+def _session_costs(engine: sa.Engine, n: int = 3000) -> None:
+    """What the per-message ratio is made of: per message, on one connection in one
+    transaction, the hand-written consumer's Core ``execute`` against what a handler gets (its
+    own session, joined to the transaction, ``execute``, then the runner's ``commit()``, which
+    only flushes), medians of three interleaved rounds."""
+    from outbox.handler_session import HandlerSession
+
+    insert = sa.text("INSERT INTO effects (n) VALUES (1)")
+
+    def core(conn: sa.Connection) -> None:
+        conn.execute(insert)
+
+    def session(conn: sa.Connection) -> None:
+        with HandlerSession(bind=conn, join_transaction_mode="rollback_only") as s:
+            s.execute(insert)
+            s.commit()
+
+    def empty(conn: sa.Connection) -> None:
+        with HandlerSession(bind=conn, join_transaction_mode="rollback_only") as s:
+            s.commit()
+
+    shapes: dict[str, Callable[[sa.Connection], None]] = {
+        "Core conn.execute (hand-written)": core,
+        "handler session: execute + commit()": session,
+        "handler session alone (no statement)": empty,
+    }
+    times: dict[str, list[float]] = {name: [] for name in shapes}
+    for _ in range(3):
+        for name, shape in shapes.items():
+            with engine.connect() as conn, conn.begin():
+                for _ in range(200):
+                    shape(conn)
+                started = time.perf_counter()
+                for _ in range(n):
+                    shape(conn)
+                times[name].append((time.perf_counter() - started) / n * 1e6)
+    print("  per message, one connection, one transaction (µs, median of 3 rounds):")
+    for name, got in times.items():
+        print(f"    {name:38} {statistics.median(got):6.0f}")
 
 
 def bench_consumer_latency(broker: Broker, rate: int = 50, seconds: float = 6.0) -> None:
@@ -916,8 +958,8 @@ def bench_consumer_latency(broker: Broker, rate: int = 50, seconds: float = 6.0)
     print(f"\n== consumer latency at {rate} messages/s, produce call to handler (ms)")
     for label, options in (
         ("--batch-size 1                    ", {"batch_size": 1}),
-        ("default (500, --batch-max-wait 0.01)", {}),
-        ("--batch-max-wait 0                 ", {"batch_max_wait": 0.0}),
+        ("default (500, --batch-max-wait 0)  ", {}),
+        ("--batch-max-wait 0.01              ", {"batch_max_wait": 0.01}),
     ):
         lat = one(**options)
         q = statistics.quantiles(lat, n=100)
