@@ -450,6 +450,9 @@ class KafkaSource:
         raw = self._consume(max_messages, 0)  # what is fetched already
         if not raw:
             raw = self._consume(1, timeout)  # returns as soon as one is there
+            if raw and max_messages > 1:
+                # The rest of its fetch came with it: the same batch, not one of its own.
+                raw += self._consume(max_messages - 1, 0)
         if raw and len(raw) < max_messages and max_wait > 0:
             raw += self._consume(max_messages - len(raw), max_wait)
         batch: list[IncomingMessage] = []
