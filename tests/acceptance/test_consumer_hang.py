@@ -45,7 +45,11 @@ def test_a_hung_handler_exits_3_and_the_restart_skips_its_message(
                 "consume",
                 *("--db-url", db_url, "--bootstrap-servers", broker.bootstrap),
                 *("--group", "hang", "--topic", topic, "--handler", handler),
-                *("--redelivery-horizon-days", "7", "--batch-size", batch_size, *KAFKA, *extra),
+                *("--redelivery-horizon-days", "7", "--batch-size", batch_size, *KAFKA),
+                # All four messages in one batch however they are fetched: the batch shape
+                # asserted below.
+                *("--batch-max-wait", "0.5"),
+                *extra,
             ],
             import_tests=True,
             timeout=90,
