@@ -156,6 +156,7 @@ class LeaderSession:
         self._purge_sql = sql(statements.purge_sent)
         self._lock_within_sql = statements.to_driver_sql(statements.session_lock_within())
         self._unlock = statements.to_driver_sql(statements.session_unlock())
+        self._lock_held = statements.to_driver_sql(statements.session_lock_held())
         self._dozing_id = tables.dozing_lock_id
         self._leading_id = tables.leading_lock_id
         #: Holding the dozing lock: writers notify (see ``statements.wake_if_asleep``).
@@ -374,7 +375,11 @@ class LeaderSession:
             ms = f"{max(1, int(wait * 1000))}ms"
             conn.execute(self._lock_within_sql, {"ms": ms, "lock_id": lock_id})
         except (psycopg.errors.LockNotAvailable, psycopg.errors.QueryCanceled):
-            return False
+            # Granted as the timeout fired, the lock is held all the same. Untracked, a held
+            # dozing lock would make every writer notify, and the next doze would take it a
+            # second time, which one unlock does not undo.
+            row = conn.execute(self._lock_held, {"lock_id": lock_id}).fetchone()
+            return bool(row and row[0])
         return True
 
     def wake(self) -> None:

@@ -162,6 +162,18 @@ def session_lock_within() -> sa.TextClause:
     return sa.text("SELECT set_config('lock_timeout', :ms, true), pg_advisory_lock(:lock_id)")
 
 
+def session_lock_held() -> sa.TextClause:
+    """Whether this session holds advisory lock ``:lock_id`` exclusively. A lock granted just
+    as ``lock_timeout`` fires is kept, though the statement fails with the timeout: a
+    session-scoped advisory lock outlives the statement's error. (classid holds the id's high
+    32 bits, objid the low ones; the shift wraps as the id is signed.)"""
+    return sa.text(
+        "SELECT EXISTS (SELECT FROM pg_locks WHERE locktype = 'advisory' "
+        "AND pid = pg_backend_pid() AND mode = 'ExclusiveLock' AND granted AND objsubid = 1 "
+        "AND (CAST(classid AS bigint) << 32 | CAST(objid AS bigint)) = :lock_id)"
+    )
+
+
 def session_unlock() -> sa.TextClause:
     """Release a session-scoped advisory lock (the relay waking from a doze)."""
     return sa.text("SELECT pg_advisory_unlock(:lock_id)")

@@ -125,6 +125,9 @@ def test_a_relay_claims_once_more_after_it_dozed(engine: sa.Engine, db_url: str)
             grabbed.start()
             publish(engine, [("wake", f"w{i}")])
             grabbed.join(10)
+            # Not woken, the relay would keep the lock: fail here rather than hang in commit()
+            # below, which waits for the connection the thread still uses.
+            assert not grabbed.is_alive(), "the relay kept the dozing lock though notified"
             with Session(engine) as s, s.begin():
                 Outbox().publish(s, "t", f"m{i}", key="k")
                 awake.commit()  # now only this writer keeps the relay awake
@@ -286,3 +289,40 @@ def test_the_wake_expression_takes_any_lock_id(engine: sa.Engine, lock_id: int) 
     fake = types.SimpleNamespace(channel="x", dozing_lock_id=lock_id, leading_lock_id=lock_id)
     with engine.begin() as conn:
         conn.execute(sa.text(f"SELECT {statements.wake_if_asleep(fake)}"))  # type: ignore[arg-type]
+
+
+def test_a_lock_granted_as_its_timeout_fires_is_known_held_and_released_on_waking(
+    engine: sa.Engine, db_url: str
+) -> None:
+    """PostgreSQL can grant the dozing lock just as lock_timeout fires: the statement fails,
+    the session-scoped lock stays. Taken for a failure, it was held untracked (every writer
+    notified from then on), and the next doze took it twice, which one unlock did not undo:
+    a writer waiting for it shared waited forever. The race, staged: a statement that takes
+    the lock, then fails as the timeout does."""
+    from outbox.config import RelayConfig, relay_conninfo
+    from outbox.leader import LeaderSession
+
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                "CREATE FUNCTION lock_then_time_out(ms text, lock_id bigint) RETURNS void "
+                "LANGUAGE plpgsql AS $$ BEGIN PERFORM pg_advisory_lock(lock_id); "
+                "RAISE EXCEPTION 'canceling statement due to lock timeout' "
+                "USING ERRCODE = '55P03'; END $$"
+            )
+        )
+    session = LeaderSession(relay_conninfo(RelayConfig(db_url=db_url)), TABLES, retain_sent=False)
+    try:
+        assert session.try_lead()
+        session.lead(0.1)
+        session._lock_within_sql = "SELECT lock_then_time_out(%(ms)s, %(lock_id)s)"
+        assert session.doze(0.01)  # held: dozing, as writers will see it
+        assert session.dozing
+        session.wake()
+        with psycopg.connect(libpq(db_url), autocommit=True) as writer:
+            row = writer.execute(
+                "SELECT pg_try_advisory_lock_shared(%s)", (TABLES.dozing_lock_id,)
+            ).fetchone()
+        assert row == (True,), "the relay still holds the dozing lock after waking"
+    finally:
+        session.close()
