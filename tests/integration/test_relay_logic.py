@@ -249,6 +249,8 @@ def check_parked_then_replayed(
     # Other keys keep flowing while the key is parked.
     publish(engine, [("other", "o1")])
     wait_until(lambda: by_key(transport.sent).get("other") == ["o1"], what="o1 sent")
+    # Handed to the transport comes before its row is marked (deleted): wait for that too.
+    wait_until(lambda: all(r.value != "o1" for r in db_rows(engine)), what="o1 marked sent")
     sent = by_key(transport.sent)
     assert sent["k"] == ["k1"]
     assert sent[None] == ["n1"]
