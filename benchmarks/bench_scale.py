@@ -397,21 +397,14 @@ def _effect_latencies(engine: sa.Engine) -> tuple[list[float], list[float], list
     with engine.connect() as c:
         rows = c.execute(
             sa.text(
-                "SELECT created, polled, max(effected) OVER (PARTITION BY xid) "
+                "SELECT created, polled, max(effected) OVER (PARTITION BY xid), xid "
                 "FROM scale_effects WHERE created IS NOT NULL"
             )
         ).all()
-    total = [(done - created) * 1000 for created, _, done in rows]
-    polled = [(p - created) * 1000 for created, p, _ in rows if p is not None]
-    inside = [(done - p) * 1000 for _, p, done in rows if p is not None]
-    with engine.connect() as c:
-        transactions = int(
-            c.execute(
-                sa.text("SELECT count(DISTINCT xid) FROM scale_effects WHERE created IS NOT NULL")
-            ).scalar()
-            or 0
-        )
-    return total, polled, inside, transactions
+    total = [(done - created) * 1000 for created, _, done, _ in rows]
+    polled = [(p - created) * 1000 for created, p, _, _ in rows if p is not None]
+    inside = [(done - p) * 1000 for _, p, done, _ in rows if p is not None]
+    return total, polled, inside, len({xid for *_, xid in rows})
 
 
 def _control(broker: Broker, settings: dict[str, str], rate: int, seconds: float) -> list[float]:

@@ -1,10 +1,12 @@
 """KafkaSource's pause, resume and rewind on the real broker, which the consumer's circuit
 breaker rests on: paused, the member stays in its group and gets nothing; the rewound message
-comes back first; partitions assigned while paused start paused."""
+comes back first; partitions assigned while paused start paused. And what a polled batch
+holds: what librdkafka has fetched."""
 
 from __future__ import annotations
 
 import collections
+import threading
 import time
 
 from confluent_kafka import Producer
@@ -149,5 +151,27 @@ def test_poll_batch_then_several_rewinds_in_one_partition_come_back_first_in_ord
         assert sorted(int(x.value or b"") for x in everything) == list(range(60))
         assert in_partition_order(everything)
         assert source.assignments == 1
+    finally:
+        source.close()
+
+
+def test_a_batch_that_waited_for_its_first_message_takes_the_rest_of_its_fetch(
+    broker: Broker,
+) -> None:
+    """With no wait to fill (the default), a poll that found nothing fetched waits for one
+    message; the others of the same fetch arrived with it and go in the same batch, rather
+    than in a batch of one followed by the rest (two transactions for one clump)."""
+    topic = broker.create_topic(partitions=1)
+    source = KafkaSource(broker.bootstrap, f"g-{topic}", [topic], GROUP_SETTINGS)
+    try:
+        wait_until(lambda: source.poll(0.1) is None and source.joined, 30, "the group joined")
+        got: list[IncomingMessage] = []
+        waiting = threading.Thread(target=lambda: got.extend(source.poll_batch(500, 15.0, 0.0)))
+        waiting.start()
+        time.sleep(0.3)  # the poll waits for a first message
+        produce(broker, topic, 20)  # one produce request, so one fetch
+        waiting.join(20)
+        assert len(got) == 20, [m.offset for m in got]
+        assert in_partition_order(got)
     finally:
         source.close()
